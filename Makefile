@@ -1,0 +1,31 @@
+# Everything a fresh machine needs comes from here: `make test`, `make demo`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: test lint typecheck unit demo bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check celery_leader tests benchmarks example_project
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy --strict celery_leader
+
+test: lint typecheck
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(PY) -m example_project.demo $(DEMO_ARGS)
+
+bench: $(STAMP)
+	$(PY) benchmarks/failover.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,103 @@
+"""Configuration of one election, validated as client-go does, plus one rule more.
+
+client-go lets a follower take over while the old leader still believes it
+leads.  Here the leader stops acting at ``renew_deadline`` after the *start* of
+its last successful renew request, and no follower can judge the lease expired
+before ``lease_duration`` after it saw that renew, so ``lease_duration >
+renew_deadline`` is enough for every valid combination.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from .resourcelock import ResourceLock
+
+if TYPE_CHECKING:
+    from .healthz import HealthzAdaptor
+
+JITTER_FACTOR = 1.2
+
+Seconds = float | int | timedelta
+
+
+class ConfigurationError(ValueError):
+    """A setting is invalid; the message names it and its value."""
+
+
+@dataclass
+class LeaderCallbacks:
+    # Runs in its own thread for the whole leadership; ``stop`` is set when it ends.
+    on_started_leading: Callable[[threading.Event], None]
+    # Called exactly once per leadership, as soon as this replica stops acting.
+    on_stopped_leading: Callable[[], None]
+    # Called whenever the observed holder changes (this replica included).
+    on_new_leader: Callable[[str], None] | None = None
+
+
+@dataclass
+class LeaderElectionConfig:
+    lock: ResourceLock
+    callbacks: LeaderCallbacks
+    lease_duration: Seconds = 15.0
+    renew_deadline: Seconds = 10.0
+    retry_period: Seconds = 2.0
+    release_on_cancel: bool = False
+    name: str = ""
+    watchdog: HealthzAdaptor | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.lease_duration = to_seconds("lease_duration", self.lease_duration)
+        self.renew_deadline = to_seconds("renew_deadline", self.renew_deadline)
+        self.retry_period = to_seconds("retry_period", self.retry_period)
+        self.validate()
+
+    def validate(self) -> None:
+        lease = to_seconds("lease_duration", self.lease_duration)
+        renew = to_seconds("renew_deadline", self.renew_deadline)
+        retry = to_seconds("retry_period", self.retry_period)
+        for name, value in (("lease_duration", lease), ("renew_deadline", renew),
+                            ("retry_period", retry)):
+            if value <= 0:
+                raise ConfigurationError(f"{name} must be greater than zero, got {value!r}")
+        if lease <= renew:
+            raise ConfigurationError(
+                f"lease_duration ({lease!r}) must be greater than renew_deadline ({renew!r})"
+            )
+        if renew <= JITTER_FACTOR * retry:
+            raise ConfigurationError(
+                f"renew_deadline ({renew!r}) must be greater than "
+                f"{JITTER_FACTOR} x retry_period ({retry!r})"
+            )
+        callbacks = self.callbacks
+        if callbacks is None or not callable(getattr(callbacks, "on_started_leading", None)):
+            raise ConfigurationError("callbacks.on_started_leading must be a callable")
+        if not callable(getattr(callbacks, "on_stopped_leading", None)):
+            raise ConfigurationError("callbacks.on_stopped_leading must be a callable")
+        if callbacks.on_new_leader is not None and not callable(callbacks.on_new_leader):
+            raise ConfigurationError("callbacks.on_new_leader must be a callable or None")
+        if self.lock is None:
+            raise ConfigurationError("lock must not be None")
+        if not self.lock.identity():
+            raise ConfigurationError("lock identity must not be empty")
+
+
+def to_seconds(name: str, value: object) -> float:
+    """Accept seconds as int/float or a timedelta; reject anything else by name."""
+    if isinstance(value, timedelta):
+        seconds = value.total_seconds()
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        raise ConfigurationError(
+            f"{name} must be a number of seconds or a timedelta, got {value!r}"
+        )
+    if not math.isfinite(seconds):
+        raise ConfigurationError(f"{name} must be finite, got {value!r}")
+    return seconds

@@ -1,0 +1,269 @@
+"""A resource lock on one Redis primary (or Cluster slot), fenced by a counter.
+
+Keys of one election share the hash tag ``{name}``, so every multi-key script
+runs in one Cluster slot, and two elections land in different slots:
+
+- ``<prefix>:{<name>}:lease``: the JSON record, with a server-side TTL of one lease.
+- ``<prefix>:{<name>}:counter``: a hash without TTL; ``version`` is bumped on
+  every write and ``acquisitions`` on every change of holder.  Terms and CAS
+  versions both come from ``version``, so neither ever repeats (no ABA after
+  the lease key expires).
+- ``<prefix>:{<name>}:<anything>``: claims made through :meth:`RedisLock.claim`.
+- channel ``<prefix>:{<name>}:events``: wakes followers on release/acquire.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import redis
+
+from .record import LeaderElectionRecord, MalformedRecordError
+from .resourcelock import ClaimResult, LockConflictError, Observation, ResourceLock
+
+log = logging.getLogger(__name__)
+events_log = logging.getLogger("celery_leader.events")
+
+# Shared by every script: reads the lease as a string; a key of another type
+# reads as a marker so the ordinary CAS path can replace it.
+READ_LEASE_LUA = """
+local function read_lease(key)
+  local kind = redis.call('TYPE', key)['ok']
+  if kind == 'none' then return false end
+  if kind ~= 'string' then return '<wrongtype:' .. kind .. '>' end
+  return redis.call('GET', key)
+end
+local function holds_term(key, identity, term)
+  local current = read_lease(key)
+  if not current then return false end
+  local ok, rec = pcall(cjson.decode, current)
+  return ok and type(rec) == 'table' and rec.holderIdentity == identity
+     and rec.term == tonumber(term)
+end
+"""
+
+# Guarantees one consistent read of the record together with its remaining TTL.
+GET_LUA = READ_LEASE_LUA + """
+local raw = read_lease(KEYS[1])
+if not raw then return {'', -2} end
+return {raw, redis.call('PTTL', KEYS[1])}
+"""
+
+# Guarantees compare-and-swap on the exact stored bytes ('' = must be absent);
+# a new holder, or a term the caller does not present, takes a fresh term from
+# the counter, so a term names exactly one leadership.
+WRITE_LUA = READ_LEASE_LUA + """
+local current = read_lease(KEYS[1])
+local expected = ARGV[1]
+if (expected == '' and current) or (expected ~= '' and current ~= expected) then
+  if not current then return {0, '', -2} end
+  return {0, current, redis.call('PTTL', KEYS[1])}
+end
+local holder, lease_ms, want_term = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local prev = nil
+if current then
+  local ok, rec = pcall(cjson.decode, current)
+  if ok and type(rec) == 'table' then prev = rec end
+end
+local now = redis.call('TIME')
+local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local version = redis.call('HINCRBY', KEYS[2], 'version', 1)
+local term, acquire_ms, transitions
+if want_term ~= 0 and prev and prev.holderIdentity == holder and prev.term == want_term then
+  term = want_term
+  acquire_ms = tonumber(prev.acquireTimeMs) or now_ms
+  transitions = tonumber(prev.leaderTransitions) or 0
+else
+  term = version
+  acquire_ms = now_ms
+  transitions = redis.call('HINCRBY', KEYS[2], 'acquisitions', 1) - 1
+end
+local raw = cjson.encode({holderIdentity = holder, leaseDurationMs = lease_ms,
+  acquireTimeMs = acquire_ms, renewTimeMs = now_ms, leaderTransitions = transitions,
+  term = term, version = version})
+redis.call('SET', KEYS[1], raw, 'PX', lease_ms)
+if term == version then redis.call('PUBLISH', ARGV[5], 'acquired') end
+return {1, raw, lease_ms}
+"""
+
+# Guarantees the lease is deleted only while it names this holder and term, so
+# a stale leader can never clear a newer holder's lease; then wakes followers.
+RELEASE_LUA = READ_LEASE_LUA + """
+if not holds_term(KEYS[1], ARGV[1], ARGV[2]) then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('PUBLISH', ARGV[3], 'released')
+return 1
+"""
+
+# Prepended to every fenced script: nothing after it runs unless KEYS[1] names
+# ARGV[1] as holder with term ARGV[2], checked in the same atomic step.
+FENCE_LUA = READ_LEASE_LUA + """
+if not holds_term(KEYS[1], ARGV[1], ARGV[2]) then return -1 end
+"""
+
+# Guarantees a claim key is written once (SET NX), and only inside the term.
+CLAIM_LUA = FENCE_LUA + """
+local set
+if tonumber(ARGV[4]) > 0 then
+  set = redis.call('SET', KEYS[2], ARGV[3], 'NX', 'PX', ARGV[4])
+else
+  set = redis.call('SET', KEYS[2], ARGV[3], 'NX')
+end
+if set then return 1 end
+return 0
+"""
+
+FENCED = -1
+"""What a fenced script returns when the caller's term is not current."""
+
+
+class FencedScript:
+    """A Lua script that runs only while the caller holds a given term.
+
+    The body sees KEYS[1] = lease, ARGV[1] = identity, ARGV[2] = term; the
+    caller's own keys and arguments follow.  It returns :data:`FENCED` (-1)
+    when the term is not current; the body must never return -1 itself.
+    """
+
+    def __init__(self, lock: RedisLock, body: str) -> None:
+        self._lock = lock
+        self._script = lock.client.register_script(FENCE_LUA + body)
+
+    def __call__(self, term: int, keys: Sequence[str] = (), args: Sequence[Any] = ()) -> Any:
+        lock = self._lock
+        return self._script(
+            keys=[lock.lease_key, *keys], args=[lock.identity(), term, *args]
+        )
+
+
+class RedisLock(ResourceLock):
+    def __init__(
+        self,
+        client: redis.Redis | Any,
+        name: str,
+        identity: str,
+        key_prefix: str = "celery-leader",
+    ) -> None:
+        if not name or "{" in name or "}" in name:
+            raise ValueError(f"name must be non-empty and free of braces, got {name!r}")
+        self.client = client
+        self.name = name
+        self._identity = identity
+        self.key_prefix = key_prefix
+        self.lease_key = self.key("lease")
+        self.counter_key = self.key("counter")
+        self.channel = self.key("events")
+        self._get = client.register_script(GET_LUA)
+        self._write = client.register_script(WRITE_LUA)
+        self._release = client.register_script(RELEASE_LUA)
+        self._claim = client.register_script(CLAIM_LUA)
+
+    def key(self, suffix: str) -> str:
+        """A key in this election's hash slot."""
+        return f"{self.key_prefix}:{{{self.name}}}:{suffix}"
+
+    def fenced_script(self, body: str) -> FencedScript:
+        return FencedScript(self, body)
+
+    def identity(self) -> str:
+        return self._identity
+
+    def describe(self) -> str:
+        return f"redis:{self.lease_key}"
+
+    def get(self) -> Observation:
+        raw, ttl_ms = self._get(keys=[self.lease_key])
+        return _observation(raw, ttl_ms)
+
+    def create(self, record: LeaderElectionRecord) -> Observation:
+        return self._write_record(record, b"")
+
+    def update(self, record: LeaderElectionRecord, expected_raw: bytes) -> Observation:
+        if not expected_raw:
+            raise ValueError("update needs the bytes last read; use create() for an absent record")
+        return self._write_record(record, expected_raw)
+
+    def _write_record(self, record: LeaderElectionRecord, expected: bytes) -> Observation:
+        lease_ms = max(1, round(record.lease_duration * 1000))
+        written, raw, ttl_ms = self._write(
+            keys=[self.lease_key, self.counter_key],
+            args=[expected, record.holder_identity, lease_ms, record.term, self.channel],
+        )
+        observation = _observation(raw, ttl_ms)
+        if not written:
+            raise LockConflictError(observation)
+        return observation
+
+    def release(self, term: int) -> bool:
+        return bool(self._release(keys=[self.lease_key], args=[self._identity, term, self.channel]))
+
+    def claim(
+        self, key: str, term: int, value: str = "1", ttl: float | None = None
+    ) -> ClaimResult:
+        ttl_ms = 0 if ttl is None else max(1, round(ttl * 1000))
+        result = self._claim(
+            keys=[self.lease_key, self.key(key)], args=[self._identity, term, value, ttl_ms]
+        )
+        if result == FENCED:
+            return ClaimResult.FENCED
+        return ClaimResult.CLAIMED if result == 1 else ClaimResult.ALREADY_CLAIMED
+
+    def record_event(self, message: str) -> None:
+        events_log.info("%s: %s", self.describe(), message)
+
+    def subscribe(self, on_change: Callable[[], None]) -> Callable[[], None]:
+        stopped = threading.Event()
+        thread = threading.Thread(
+            target=self._listen,
+            args=(on_change, stopped),
+            name=f"celery-leader-pubsub-{self.name}",
+            daemon=True,
+        )
+        thread.start()
+
+        def unsubscribe() -> None:
+            stopped.set()
+            thread.join(timeout=2.0)
+
+        return unsubscribe
+
+    def _listen(self, on_change: Callable[[], None], stopped: threading.Event) -> None:
+        backoff = 0.1
+        while not stopped.is_set():
+            pubsub = None
+            try:
+                pubsub = self.client.pubsub()
+                pubsub.subscribe(self.channel)
+                while not stopped.is_set():
+                    message = pubsub.get_message(timeout=0.5)
+                    if message is None:
+                        continue
+                    # The subscribe confirmation after every (re)connect wakes the
+                    # elector too: messages published while disconnected are lost.
+                    on_change()
+                    backoff = 0.1
+            except Exception as exc:  # never let the listener die
+                log.debug("pub/sub on %s failed (%s); retrying in %.1fs",
+                          self.channel, exc, backoff)
+                stopped.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+            finally:
+                if pubsub is not None:
+                    with contextlib.suppress(Exception):
+                        pubsub.close()
+
+
+def _observation(raw: bytes | str, ttl_ms: int) -> Observation:
+    if isinstance(raw, str):
+        raw = raw.encode()
+    if not raw:
+        return Observation(raw=None, record=None, ttl=None)
+    ttl = ttl_ms / 1000.0 if ttl_ms >= 0 else None
+    try:
+        return Observation(raw=raw, record=LeaderElectionRecord.from_json(raw), ttl=ttl)
+    except MalformedRecordError as exc:
+        return Observation(raw=raw, record=None, ttl=ttl, error=str(exc))

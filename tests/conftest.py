@@ -1,0 +1,57 @@
+"""Shared fixtures: one real redis-server per test session (or REDIS_URL).
+
+Each test gets its own database number (flushed first) and a unique election
+name, so tests never see each other's keys.  The server is stopped by PID.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from celery_leader.embedded import EmbeddedRedis
+
+DATABASES = 256
+_db_numbers = itertools.cycle(range(1, DATABASES))
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[str]:
+    """Base URL (without db) of the Redis the tests use."""
+    explicit = os.environ.get("REDIS_URL")
+    if explicit:
+        yield explicit.rsplit("/", 1)[0] if explicit.count("/") > 2 else explicit
+        return
+    server = EmbeddedRedis(extra_args=["--databases", str(DATABASES)])
+    server.start()
+    try:
+        yield f"redis://127.0.0.1:{server.port}"
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture
+def redis_url(redis_server: str) -> str:
+    """A flushed database of its own for this test."""
+    url = f"{redis_server}/{next(_db_numbers)}"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    client.close()
+    return url
+
+
+@pytest.fixture
+def redis_client(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def election_name() -> str:
+    return f"test-{uuid.uuid4().hex[:8]}"
