@@ -74,6 +74,7 @@ class LeaderElector:
         self._stop: threading.Event | None = None
         self._last_conflict = False  # the last attempt found someone else's bytes
         self.last_stop_reason = ""
+        self._lease_listeners: list[Callable[[int, float], None]] = []
         if config.watchdog is not None:
             config.watchdog.set_leader_election(self)
 
@@ -101,6 +102,28 @@ class LeaderElector:
 
     def observed_record(self) -> LeaderElectionRecord | None:
         return self._observed.record
+
+    def valid_until(self) -> float:
+        """Monotonic instant at which this replica stops acting (0.0 when not leading).
+
+        CLOCK_MONOTONIC is system-wide, so other processes on this host may
+        compare it with their own ``time.monotonic()``.
+        """
+        with self._state:
+            leadership = self._leadership
+            if leadership is None or leadership.ended.is_set():
+                return 0.0
+            return self._renewed_at + self._renew_deadline
+
+    def add_lease_listener(self, listener: Callable[[int, float], None]) -> None:
+        """Call ``listener(term, valid_until)`` on every acquire and renew, and
+        ``listener(0, 0.0)`` when leadership ends; for sharing leadership with
+        other processes.  Runs on elector threads: keep it fast."""
+        self._lease_listeners.append(listener)
+
+    def _notify_lease(self, term: int, valid_until: float) -> None:
+        for listener in self._lease_listeners:
+            _call_safely("lease listener", listener, term, valid_until)
 
     def check(self, max_tolerable_expired_lease: float = 0.0) -> None:
         """client-go ``Check``: raise when a leader has not renewed for a lease +
@@ -191,10 +214,14 @@ class LeaderElector:
             log.warning("leader election %s: lock %s failed: %r", self._name,
                         self.lock.describe(), exc)
             return False
+        self._observe(written, started)
         with self._state:
-            self._observe(written, started)
             self._own_raw = written.raw
             self._renewed_at = started  # INVARIANT: the request's start, not its end
+            # Under the state lock, so a renew can never be announced after the
+            # end of its leadership.
+            if renewing and leadership is not None and not leadership.ended.is_set():
+                self._notify_lease(leadership.term, started + self._renew_deadline)
         return True
 
     def _may_take(self, current: Observation, now: float) -> bool:
@@ -268,6 +295,7 @@ class LeaderElector:
             record = self._observed.record
             leadership = _Leadership(term=record.term if record else 0)
             self._leadership = leadership
+            self._notify_lease(leadership.term, self._renewed_at + self._renew_deadline)
         log.info("leader election %s: %s became leader (term %d)", self._name, self._identity,
                  leadership.term)
         self.lock.record_event(f"{self._identity} became leader (term {leadership.term})")
@@ -365,6 +393,7 @@ class LeaderElector:
                 return
             leadership.ended.set()
             self._own_raw = None
+            self._notify_lease(0, 0.0)
         leadership.stop.set()
         log.info("leader election %s: %s stopped leading (term %d): %s", self._name,
                  self._identity, leadership.term, reason)
