@@ -1,8 +1,12 @@
 """celery-leader: highly available leader election and periodic work for Celery.
 
-The elector modules (config, record, resourcelock, redislock, elector, healthz,
-metrics) import nothing from Celery; the Celery glue depends on them.
+The elector modules (clock, config, record, resourcelock, redislock, elector,
+healthz, metrics) import nothing from Celery; the Celery glue (settings,
+signals, worker, decorators, integration, cli) depends on them, never the
+other way round.
 """
+
+from typing import Any
 
 from .clock import Clock, FakeClock, SystemClock
 from .config import ConfigurationError, LeaderCallbacks, LeaderElectionConfig
@@ -11,8 +15,30 @@ from .healthz import HealthzAdaptor, HealthzServer, serve_healthz
 from .record import LeaderElectionRecord, MalformedRecordError
 from .redislock import FencedScript, RedisLock
 from .resourcelock import ClaimResult, LockConflictError, Observation, ResourceLock
+from .state import current_term, is_leader
 
 __version__ = "0.1.0"
+
+
+def install(app: Any) -> Any:
+    """Run the elector in every worker of ``app``; behaviour comes from ``leader_*`` settings."""
+    from .integration import install as _install
+
+    return _install(app)
+
+
+def __getattr__(name: str) -> Any:
+    # Celery-dependent names load lazily so the elector stays usable without Celery.
+    if name in ("leader_only", "NotLeaderError"):
+        from . import decorators
+
+        return getattr(decorators, name)
+    if name == "cron":
+        from .cron import cron
+
+        return cron
+    raise AttributeError(f"module 'celery_leader' has no attribute {name!r}")
+
 
 __all__ = [
     "ClaimResult",
@@ -29,10 +55,16 @@ __all__ = [
     "LeaderElector",
     "LockConflictError",
     "MalformedRecordError",
+    "NotLeaderError",
     "Observation",
     "RedisLock",
     "ResourceLock",
     "SystemClock",
     "__version__",
+    "cron",
+    "current_term",
+    "install",
+    "is_leader",
+    "leader_only",
     "serve_healthz",
 ]

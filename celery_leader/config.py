@@ -12,9 +12,9 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from .resourcelock import ResourceLock
 
@@ -50,7 +50,6 @@ class LeaderElectionConfig:
     release_on_cancel: bool = False
     name: str = ""
     watchdog: HealthzAdaptor | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.lease_duration = to_seconds("lease_duration", self.lease_duration)
@@ -59,22 +58,7 @@ class LeaderElectionConfig:
         self.validate()
 
     def validate(self) -> None:
-        lease = to_seconds("lease_duration", self.lease_duration)
-        renew = to_seconds("renew_deadline", self.renew_deadline)
-        retry = to_seconds("retry_period", self.retry_period)
-        for name, value in (("lease_duration", lease), ("renew_deadline", renew),
-                            ("retry_period", retry)):
-            if value <= 0:
-                raise ConfigurationError(f"{name} must be greater than zero, got {value!r}")
-        if lease <= renew:
-            raise ConfigurationError(
-                f"lease_duration ({lease!r}) must be greater than renew_deadline ({renew!r})"
-            )
-        if renew <= JITTER_FACTOR * retry:
-            raise ConfigurationError(
-                f"renew_deadline ({renew!r}) must be greater than "
-                f"{JITTER_FACTOR} x retry_period ({retry!r})"
-            )
+        validate_timings(self.lease_duration, self.renew_deadline, self.retry_period)
         callbacks = self.callbacks
         if callbacks is None or not callable(getattr(callbacks, "on_started_leading", None)):
             raise ConfigurationError("callbacks.on_started_leading must be a callable")
@@ -86,6 +70,32 @@ class LeaderElectionConfig:
             raise ConfigurationError("lock must not be None")
         if not self.lock.identity():
             raise ConfigurationError("lock identity must not be empty")
+
+
+def validate_timings(
+    lease_duration: object,
+    renew_deadline: object,
+    retry_period: object,
+    names: tuple[str, str, str] = ("lease_duration", "renew_deadline", "retry_period"),
+) -> tuple[float, float, float]:
+    """client-go's rules, with errors naming ``names`` (Celery passes its setting names)."""
+    lease_name, renew_name, retry_name = names
+    lease = to_seconds(lease_name, lease_duration)
+    renew = to_seconds(renew_name, renew_deadline)
+    retry = to_seconds(retry_name, retry_period)
+    for name, value in ((lease_name, lease), (renew_name, renew), (retry_name, retry)):
+        if value <= 0:
+            raise ConfigurationError(f"{name} must be greater than zero, got {value!r}")
+    if lease <= renew:
+        raise ConfigurationError(
+            f"{lease_name} ({lease!r}) must be greater than {renew_name} ({renew!r})"
+        )
+    if renew <= JITTER_FACTOR * retry:
+        raise ConfigurationError(
+            f"{renew_name} ({renew!r}) must be greater than "
+            f"{JITTER_FACTOR} x {retry_name} ({retry!r})"
+        )
+    return lease, renew, retry
 
 
 def to_seconds(name: str, value: object) -> float:

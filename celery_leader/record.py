@@ -47,7 +47,7 @@ class LeaderElectionRecord:
     def from_json(cls, raw: bytes | str) -> LeaderElectionRecord:
         try:
             data = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # deep nesting
             raise MalformedRecordError(f"lease record is not JSON: {raw!r:.200}") from exc
         if not isinstance(data, dict):
             raise MalformedRecordError(f"lease record is not a JSON object: {raw!r:.200}")
@@ -64,7 +64,8 @@ class LeaderElectionRecord:
                 term=_int(data, "term"),
                 version=_int(data, "version", 0),
             )
-        except (KeyError, TypeError) as exc:
+        # ValueError/OverflowError: NaN, Infinity or a huge integer in a number field.
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise MalformedRecordError(
                 f"lease record has a bad field ({exc}): {raw!r:.200}"
             ) from exc

@@ -1,0 +1,195 @@
+"""``@leader_only``: tasks (and plain functions) that only the leader runs.
+
+A leader-only task is routed to ``leader_queue``, which only the current leader
+consumes, so a message waits there while nobody leads.  The check that matters
+is made again in the pool child when the body is about to run, against the
+shared leadership page, and the run is claimed in Redis under the current term
+so a redelivered message never runs twice within one leadership.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar, overload
+
+from celery.exceptions import Ignore, Reject
+
+from .state import current_term
+
+log = logging.getLogger(__name__)
+
+POLICIES = ("requeue", "skip", "raise")
+
+# Task name -> policy, for the router installed by celery_leader.install().
+LEADER_ONLY_TASKS: dict[str, str] = {}
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# Fenced (see redislock.FENCE_LUA): claims a task id for this term.  Returns 1
+# to run, 0 for a duplicate (finished, or running in this same term).  A run
+# left 'running' by an older term is taken over: its leader is gone.
+TASK_START_LUA = """
+local current = redis.call('GET', KEYS[2])
+if current == 'done' then return 0 end
+if current then
+  local term = tonumber(string.match(current, '^running:(%d+)$') or '0')
+  if term >= tonumber(ARGV[2]) then return 0 end
+end
+redis.call('SET', KEYS[2], 'running:' .. ARGV[2], 'PX', ARGV[3])
+return 1
+"""
+
+TASK_CLAIM_TTL_MS = 24 * 3600 * 1000
+
+
+class NotLeaderError(RuntimeError):
+    """A leader-only body was asked to run on a replica that does not lead."""
+
+
+@overload
+def leader_only(target: F, *, on_follower: str = "requeue") -> F: ...
+@overload
+def leader_only(target: None = None, *, on_follower: str = "requeue") -> Callable[[F], F]: ...
+
+
+def leader_only(target: Any = None, *, on_follower: str = "requeue") -> Any:
+    """Restrict a Celery task (put it above ``@app.task``) or a function to the leader.
+
+    ``on_follower``: ``"requeue"`` puts the message back for the leader (tasks),
+    ``"skip"`` ends it as ignored (returns None for functions), ``"raise"``
+    raises NotLeaderError.
+    """
+    if on_follower not in POLICIES:
+        raise ValueError(f"leader_only(on_follower=...) must be one of {', '.join(POLICIES)}, "
+                         f"got {on_follower!r}")
+
+    def decorate(obj: Any) -> Any:
+        if _is_task(obj):
+            then = getattr(obj, "__then__", None)
+            if then is not None and not getattr(obj, "__evaluated__", lambda: True)():
+                then(_guard_task, obj, on_follower)  # a PromiseProxy: wrap once it exists
+            else:
+                _guard_task(obj, on_follower)
+            return obj
+        if callable(obj):
+            return _guard_function(obj, on_follower)
+        raise TypeError(f"leader_only needs a Celery task or a function, got {obj!r}")
+
+    return decorate(target) if target is not None else decorate
+
+
+def _is_task(obj: Any) -> bool:
+    from celery.local import PromiseProxy
+
+    return isinstance(obj, PromiseProxy) or (
+        hasattr(obj, "apply_async") and hasattr(obj, "run") and hasattr(obj, "request"))
+
+
+def _guard_function(fun: F, policy: str) -> F:
+    @functools.wraps(fun)
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        if current_term():
+            return fun(*args, **kwargs)
+        if policy == "raise":
+            raise NotLeaderError(f"{fun.__qualname__} runs only on the leader")
+        return None
+
+    return guarded  # type: ignore[return-value]
+
+
+def _guard_task(task: Any, policy: str) -> None:
+    if getattr(task, "_leader_only_policy", None) is not None:
+        return
+    original_run = task.run
+    task._leader_only_policy = policy
+    LEADER_ONLY_TASKS[task.name] = policy
+
+    @functools.wraps(original_run)
+    def guarded_run(*args: Any, **kwargs: Any) -> Any:
+        request = task.request
+        term = current_term()
+        started = term and _start_run(request.id, term)
+        if started is None:  # a duplicate delivery: it ran or runs under this term
+            log.info("leader-only task %s[%s] already ran; skipping duplicate",
+                     task.name, request.id)
+            raise Ignore()
+        if not started:
+            return _on_follower(task, request, policy, args, kwargs)
+        request.leader_term = term
+        try:
+            result = original_run(*args, **kwargs)
+        except BaseException:
+            _finish_run(request.id, done=False)  # a retry or redelivery may run it again
+            raise
+        _finish_run(request.id, done=True)
+        return result
+
+    task.run = guarded_run
+
+
+def _start_run(task_id: str | None, term: int) -> bool | None:
+    """True: run it.  False: not the leader (fenced).  None: duplicate."""
+    from .redislock import FENCED
+    from .worker import current_controller
+
+    controller = current_controller()
+    if controller is None or task_id is None:
+        return True  # no election here (e.g. a test harness): the term check suffices
+    try:
+        outcome = _task_start_script(controller)(
+            term, keys=[controller.lock.key(f"task:{task_id}")], args=[TASK_CLAIM_TTL_MS])
+    except Exception:
+        log.exception("could not claim leader-only task %s; treating this worker as follower",
+                      task_id)
+        return False
+    if outcome == FENCED:
+        return False
+    return True if outcome == 1 else None
+
+
+def _finish_run(task_id: str | None, done: bool) -> None:
+    from .worker import current_controller
+
+    controller = current_controller()
+    if controller is None or task_id is None:
+        return
+    key = controller.lock.key(f"task:{task_id}")
+    try:
+        if done:
+            controller.lock.client.set(key, "done", px=TASK_CLAIM_TTL_MS)
+        else:
+            controller.lock.client.delete(key)
+    except Exception:
+        log.exception("could not record the outcome of leader-only task %s", task_id)
+
+
+_scripts: dict[int, Any] = {}
+
+
+def _task_start_script(controller: Any) -> Any:
+    script = _scripts.get(id(controller))
+    if script is None:
+        script = _scripts[id(controller)] = controller.lock.fenced_script(TASK_START_LUA)
+    return script
+
+
+def _on_follower(task: Any, request: Any, policy: str, args: Any, kwargs: Any) -> Any:
+    if policy == "raise":
+        raise NotLeaderError(f"task {task.name}[{request.id}] runs only on the leader")
+    if policy == "skip":
+        log.info("leader-only task %s[%s] skipped: this worker does not lead",
+                 task.name, request.id)
+        raise Ignore()
+    log.info("leader-only task %s[%s] requeued for the leader", task.name, request.id)
+    if getattr(request, "acks_late", None) or (task.acks_late and not request.called_directly):
+        raise Reject("not the leader", requeue=True)
+    # Already acknowledged: publish the same task again (same id) for the leader.
+    from .worker import current_controller
+
+    controller = current_controller()
+    queue = controller.settings.queue if controller else None
+    task.apply_async(args=args, kwargs=kwargs, task_id=request.id, queue=queue,
+                     headers=getattr(request, "headers", None) or None)
+    raise Ignore()

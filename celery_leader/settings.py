@@ -1,0 +1,222 @@
+"""``leader_*`` Celery settings, read and validated in one place at start-up.
+
+Read through ``app.conf.get`` (so the Django ``CELERY_`` namespace works) and
+never written back with defaults, which would shadow the user's config module.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+import redis
+
+from .config import ConfigurationError, to_seconds, validate_timings
+
+REDIS_SCHEMES = ("redis", "rediss", "unix", "sentinel", "sentinels")
+CATCH_UP_POLICIES = ("latest", "all", "none")
+_UNSET = object()
+
+
+@dataclass(frozen=True)
+class LeaderSettings:
+    redis_url: str
+    redis_options: dict[str, Any] = field(default_factory=dict)
+    name: str = "celery"
+    key_prefix: str = "celery-leader"
+    lease_duration: float = 15.0
+    renew_deadline: float = 10.0
+    retry_period: float = 2.0
+    release_on_cancel: bool = True
+    identity: str | None = None
+    beat: bool = True
+    queue: str = "celery_leader"
+    healthz_port: int | None = None
+    catch_up: str = "latest"
+    misfire_grace: float | None = None
+    transport_options: dict[str, Any] = field(default_factory=dict)
+
+    def default_identity(self, hostname: str | None = None) -> str:
+        return self.identity or f"{hostname or socket.gethostname()}:{os.getpid()}"
+
+    def redis_client(self) -> Any:
+        return redis_client_from_url(self.redis_url, self.redis_options,
+                                     self.retry_period, self.transport_options)
+
+
+def setting(app: Any, name: str, default: Any = _UNSET) -> Any:
+    """``app.conf[name]``, also found as ``CELERY_<NAME>`` (Django namespace)."""
+    conf = app.conf
+    for key in (name, f"CELERY_{name.upper()}"):
+        value = conf.get(key, _UNSET)
+        if value is not _UNSET:
+            return value
+    return default
+
+
+def read_settings(app: Any) -> LeaderSettings:
+    """Validate every ``leader_*`` setting; raise ConfigurationError naming the
+    first bad one and its value, before anything is started."""
+
+    def get(name: str, default: Any, check: Callable[[str, Any], Any]) -> Any:
+        value = setting(app, name, default)
+        return check(name, value) if value is not default or default is None else value
+
+    url = setting(app, "leader_redis_url", None)
+    if url is None:
+        broker = setting(app, "broker_url", None) or ""
+        broker = broker[0] if isinstance(broker, (list, tuple)) and broker else broker
+        if isinstance(broker, str) and broker.split("://", 1)[0] in REDIS_SCHEMES:
+            url = broker
+        else:
+            raise ConfigurationError(
+                f"leader_redis_url is not set and broker_url ({broker!r}) is not a Redis URL; "
+                "set leader_redis_url to redis://, rediss://, unix:// or sentinel://"
+            )
+    _check_url("leader_redis_url", url)
+
+    lease, renew, retry = validate_timings(
+        get("leader_lease_duration", 15.0, _seconds),
+        get("leader_renew_deadline", 10.0, _seconds),
+        get("leader_retry_period", 2.0, _seconds),
+        names=("leader_lease_duration", "leader_renew_deadline", "leader_retry_period"),
+    )
+    settings = LeaderSettings(
+        redis_url=url,
+        redis_options=get("leader_redis_options", {}, _mapping),
+        name=get("leader_name", getattr(app, "main", None) or "celery", _name),
+        key_prefix=get("leader_key_prefix", "celery-leader", _name),
+        lease_duration=lease,
+        renew_deadline=renew,
+        retry_period=retry,
+        release_on_cancel=get("leader_release_on_cancel", True, _bool),
+        identity=get("leader_identity", None, _optional_name),
+        beat=get("leader_beat", True, _bool),
+        queue=get("leader_queue", "celery_leader", _name),
+        healthz_port=get("leader_healthz_port", None, _optional_port),
+        catch_up=get("leader_catch_up", "latest", _catch_up),
+        misfire_grace=get("leader_misfire_grace", None, _optional_seconds),
+        transport_options=dict(setting(app, "broker_transport_options", None) or {}),
+    )
+    return settings
+
+
+def _seconds(name: str, value: Any) -> float:
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise ConfigurationError(f"{name} must be a number of seconds, got {value!r}") from None
+    return to_seconds(name, value)
+
+
+def _optional_seconds(name: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    seconds = _seconds(name, value)
+    if seconds <= 0:
+        raise ConfigurationError(f"{name} must be greater than zero or None, got {value!r}")
+    return seconds
+
+
+def _bool(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false",
+                                                    "no", "off"):
+        return value.lower() in ("1", "true", "yes", "on")
+    raise ConfigurationError(f"{name} must be a boolean, got {value!r}")
+
+
+def _name(name: str, value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigurationError(f"{name} must be a non-empty string, got {value!r}")
+    if "{" in value or "}" in value:
+        raise ConfigurationError(f"{name} must not contain braces, got {value!r}")
+    return value
+
+
+def _optional_name(name: str, value: Any) -> str | None:
+    return None if value is None else _name(name, value)
+
+
+def _optional_port(name: str, value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
+        raise ConfigurationError(f"{name} must be a TCP port (0-65535) or None, got {value!r}")
+    return value
+
+
+def _mapping(name: str, value: Any) -> dict[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ConfigurationError(f"{name} must be a dict of redis client options, got {value!r}")
+    return dict(value)
+
+
+def _catch_up(name: str, value: Any) -> str:
+    if value not in CATCH_UP_POLICIES:
+        raise ConfigurationError(f"{name} must be one of {', '.join(CATCH_UP_POLICIES)}, "
+                                 f"got {value!r}")
+    return str(value)
+
+
+def _check_url(name: str, url: Any) -> None:
+    if not isinstance(url, str):
+        raise ConfigurationError(f"{name} must be a URL string, got {url!r}")
+    for part in url.split(";"):
+        scheme = part.split("://", 1)[0] if "://" in part else ""
+        if scheme not in REDIS_SCHEMES:
+            raise ConfigurationError(
+                f"{name} has an unknown scheme in {url!r}; use one of "
+                + ", ".join(f"{s}://" for s in REDIS_SCHEMES)
+            )
+
+
+def redis_client_from_url(url: str, options: Mapping[str, Any], retry_period: float = 2.0,
+                          transport_options: Mapping[str, Any] | None = None) -> Any:
+    """A redis-py client for a redis://, rediss://, unix:// or Celery-style
+    ``sentinel://h1:p1;sentinel://h2:p2/db`` URL.
+
+    Socket timeouts default to the retry period so a stalled connection counts
+    as a failed renewal instead of blocking the elector forever.
+    """
+    timeout = max(0.5, float(retry_period))
+    kwargs: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout,
+                              "health_check_interval": 30}
+    kwargs.update(options)
+    if url.startswith(("sentinel://", "sentinels://")):
+        from redis.sentinel import Sentinel
+
+        sentinel_opts = dict(transport_options or {})
+        master_name = kwargs.pop("master_name", None) or sentinel_opts.get("master_name")
+        if not master_name:
+            raise ConfigurationError(
+                "leader_redis_options['master_name'] (or broker_transport_options"
+                "['master_name']) is required with a sentinel:// URL"
+            )
+        sentinel_kwargs = kwargs.pop("sentinel_kwargs", None) or sentinel_opts.get(
+            "sentinel_kwargs") or {}
+        hosts: list[tuple[str, int]] = []
+        db = 0
+        password = None
+        for part in url.split(";"):
+            parsed = urlparse(part)
+            hosts.append((parsed.hostname or "localhost", parsed.port or 26379))
+            if parsed.path.strip("/"):
+                db = int(parsed.path.strip("/"))
+            if parsed.password:
+                password = unquote(parsed.password)
+        if password is not None:
+            kwargs.setdefault("password", password)
+        if url.startswith("sentinels://"):
+            kwargs.setdefault("ssl", True)
+        sentinel = Sentinel(hosts, sentinel_kwargs=sentinel_kwargs, **kwargs)  # type: ignore[no-untyped-call]
+        return sentinel.master_for(master_name, db=db, **kwargs)  # type: ignore[no-untyped-call]
+    return redis.Redis.from_url(url, **kwargs)

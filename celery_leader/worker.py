@@ -1,0 +1,245 @@
+"""Celery worker glue: the elector as a worker bootstep.
+
+A worker-blueprint step (started once, in the main process) owns the elector
+thread; a consumer-blueprint step only re-applies "consume the leader queue
+iff leading" after every broker reconnect, so reconnects never touch
+leadership.  Warm shutdown keeps the lease until the pool has drained
+(``worker_shutdown``), then releases it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from celery import bootsteps
+
+from . import signals
+from .config import LeaderCallbacks, LeaderElectionConfig
+from .elector import LeaderElector
+from .healthz import HealthzAdaptor, HealthzServer, serve_healthz
+from .redislock import RedisLock
+from .settings import LeaderSettings
+from .state import shared_leadership
+
+log = logging.getLogger(__name__)
+
+_controller: LeaderController | None = None
+
+LeadershipHook = Callable[[int, threading.Event], None]
+
+
+def current_controller() -> LeaderController | None:
+    """The worker's controller; inherited by prefork children."""
+    return _controller
+
+
+class LeaderController:
+    """Translates elector transitions into signals, events and queue changes."""
+
+    def __init__(self, app: Any, settings: LeaderSettings, hostname: str | None = None) -> None:
+        self.app = app
+        self.settings = settings
+        self.identity = settings.default_identity(hostname)
+        self.shared = shared_leadership()  # before the pool forks
+        self.lock = RedisLock(settings.redis_client(), name=settings.name,
+                              identity=self.identity, key_prefix=settings.key_prefix)
+        self.healthz = HealthzAdaptor(timeout=settings.lease_duration)
+        self.elector = LeaderElector(LeaderElectionConfig(
+            lock=self.lock,
+            lease_duration=settings.lease_duration,
+            renew_deadline=settings.renew_deadline,
+            retry_period=settings.retry_period,
+            callbacks=LeaderCallbacks(on_started_leading=self._on_started,
+                                      on_stopped_leading=self._on_stopped,
+                                      on_new_leader=self._on_new_leader),
+            release_on_cancel=settings.release_on_cancel,
+            name=settings.name,
+            watchdog=self.healthz,
+        ))
+        self.elector.add_lease_listener(self.shared.publish)
+        # Run while leading, in the elector's work thread, until the event is
+        # set; the lease is released only after they return (the scheduler).
+        self.leadership_hooks: list[LeadershipHook] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._transition = threading.Lock()
+        self._started_term = 0
+        self._accepting = True  # false once warm shutdown began
+        self.hub: Any = None
+        self.consumer: Any = None
+        self.worker: Any = None
+        self.http: HealthzServer | None = None
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self, worker: Any = None) -> None:
+        global _controller
+        _controller = self
+        self.worker = worker
+        self.hub = getattr(worker, "hub", None)
+        if self.settings.healthz_port is not None:
+            self.http = serve_healthz(self.healthz, self.settings.healthz_port,
+                                      routes={"/leader": self.status_route})
+        self._thread = threading.Thread(target=self.elector.run, args=(self._stop,),
+                                        name="celery-leader-elector", daemon=True)
+        self._thread.start()
+
+    def begin_warm_shutdown(self) -> None:
+        """Stop taking new leader work; keep the lease while the pool drains."""
+        self._accepting = False
+        self._reconcile_queue()
+
+    def shutdown(self, release: bool = True) -> None:
+        """Stop the elector; with ``release`` hand the lease over now, else let it expire."""
+        self._accepting = False
+        if not release:
+            self.elector.config.release_on_cancel = False
+        self.elector.stop()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(self.settings.renew_deadline + 2 * self.settings.retry_period)
+        if self.http is not None:
+            self.http.close()
+            self.http = None
+
+    def status_route(self) -> tuple[int, Any]:
+        return 200, self.status()
+
+    def status(self) -> dict[str, Any]:
+        record = self.elector.observed_record()
+        return {
+            "name": self.settings.name,
+            "identity": self.identity,
+            "is_leader": self.elector.is_leader(),
+            "term": self.elector.term,
+            "leader": self.elector.get_leader() or None,
+            "leader_term": record.term if record else None,
+        }
+
+    # ------------------------------------------------------------ elector callbacks
+
+    def _on_started(self, stop: threading.Event) -> None:
+        term = self.elector.term
+        with self._transition:
+            if not term or stop.is_set():
+                return  # ended before it began: neither signal is sent
+            self._started_term = term
+            self._send(signals.started_leading, "leader-started", identity=self.identity,
+                       term=term)
+        self._reconcile_queue()
+        workers = [threading.Thread(target=hook, args=(term, stop), daemon=True,
+                                    name=f"celery-leader-hook-{index}")
+                   for index, hook in enumerate(self.leadership_hooks)]
+        for thread in workers:
+            thread.start()
+        stop.wait()
+        for thread in workers:  # the lease is released only after they return
+            thread.join(self.settings.renew_deadline)
+
+    def _on_stopped(self) -> None:
+        with self._transition:
+            term, self._started_term = self._started_term, 0
+            if term:
+                self._send(signals.stopped_leading, "leader-stopped", identity=self.identity,
+                           term=term, reason=self.elector.last_stop_reason)
+        self._reconcile_queue()
+
+    def _on_new_leader(self, identity: str) -> None:
+        record = self.elector.observed_record()
+        term = record.term if record else 0
+        self._send(signals.new_leader, "leader-elected", identity=identity, term=term)
+
+    def _send(self, signal: Any, event_type: str, **fields: Any) -> None:
+        signal.send(sender=self.app, **fields)
+        dispatcher = getattr(self.consumer, "event_dispatcher", None)
+        if dispatcher is not None and getattr(dispatcher, "enabled", False) and self.hub:
+            self.hub.call_soon(lambda: dispatcher.send(event_type, name=self.settings.name,
+                                                       **fields))
+
+    # ------------------------------------------------------------ leader queue
+
+    def attach_consumer(self, consumer: Any) -> None:
+        """Called in the consumer thread after every (re)connect."""
+        self.consumer = consumer
+        self._apply_queue_state()
+
+    def detach_consumer(self) -> None:
+        self.consumer = None
+
+    def _reconcile_queue(self) -> None:
+        if self.hub is not None:
+            self.hub.call_soon(self._apply_queue_state)
+        elif self.consumer is not None:  # no event loop: best effort from this thread
+            self._apply_queue_state()
+
+    def _apply_queue_state(self) -> None:
+        consumer = self.consumer
+        task_consumer = getattr(consumer, "task_consumer", None)
+        if consumer is None or task_consumer is None:
+            return
+        queue = self.settings.queue
+        want = self._accepting and self.shared.is_leader()
+        consuming = task_consumer.consuming_from(queue)
+        try:
+            if want and not consuming:
+                consumer.add_task_queue(queue, exchange=queue, exchange_type="direct",
+                                        routing_key=queue)
+            elif not want and consuming:
+                consumer.cancel_task_queue(queue)
+        except Exception:
+            log.exception("celery-leader: could not %s queue %s",
+                          "start consuming" if want else "cancel", queue)
+
+
+class LeaderWorkerStep(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Runs the elector in the worker's main process."""
+
+    label = "celery-leader"
+    conditional = False
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        from .integration import controller_for_worker
+
+        self.controller = controller_for_worker(worker, kwargs)
+        worker.celery_leader = self.controller
+        super().__init__(worker, **kwargs)
+
+    def start(self, worker: Any) -> None:
+        self.controller.start(worker)
+
+    def stop(self, worker: Any) -> None:
+        self.controller.begin_warm_shutdown()
+
+    def terminate(self, worker: Any) -> None:
+        self.controller.shutdown(release=False)
+
+
+class LeaderQueueStep(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Consumer step: re-applies leader-queue consumption after each (re)connect."""
+
+    label = "celery-leader-queue"
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def start(self, consumer: Any) -> None:
+        controller = getattr(consumer.controller, "celery_leader", None)
+        if controller is not None:
+            controller.attach_consumer(consumer)
+
+    def stop(self, consumer: Any) -> None:
+        controller = getattr(consumer.controller, "celery_leader", None)
+        if controller is not None:
+            controller.detach_consumer()
+
+    def shutdown(self, consumer: Any) -> None:
+        self.stop(consumer)
+
+
+def on_worker_shutdown(sender: Any = None, **kwargs: Any) -> None:
+    """Sent after the pool drained: leader work in flight has finished, so the
+    lease can be handed over now."""
+    controller = getattr(sender, "celery_leader", None)
+    if controller is not None:
+        controller.shutdown(release=controller.settings.release_on_cancel)
