@@ -10,6 +10,9 @@ from typing import Any
 
 from .clock import Clock, FakeClock, SystemClock
 from .config import ConfigurationError, LeaderCallbacks, LeaderElectionConfig
+
+# Bound after the submodule import so the name is the class, not the module.
+from .cron import cron
 from .elector import HealthCheckError, LeaderElector
 from .healthz import HealthzAdaptor, HealthzServer, serve_healthz
 from .record import LeaderElectionRecord, MalformedRecordError
@@ -33,10 +36,6 @@ def __getattr__(name: str) -> Any:
         from . import decorators
 
         return getattr(decorators, name)
-    if name == "cron":
-        from .cron import cron
-
-        return cron
     raise AttributeError(f"module 'celery_leader' has no attribute {name!r}")
 
 

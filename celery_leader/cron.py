@@ -57,9 +57,8 @@ ALIASES: dict[str, str] = {
 # every time an iterator is built, hashed ones need a hash id.
 _RANDOM_OR_HASHED = re.compile(r"^[hr](\(|/|$)")
 
-_ONE_SECOND = timedelta(seconds=1)
 _ONE_MICROSECOND = timedelta(microseconds=1)
-_PROBE_START = datetime(2000, 1, 1, tzinfo=UTC)
+_PROBE_START = datetime(2000, 1, 1)  # naive wall time
 # Candidates examined per lookup before giving up; only a time zone without
 # PEP 495 fold support could ever need more than a couple.
 _MAX_CANDIDATES = 100_000
@@ -93,7 +92,7 @@ class cron(BaseSchedule):  # type: ignore[misc]
         self._tz_arg: str | tzinfo | None = _zone_arg(self._zone)
         try:
             # Catches expressions that parse but never match (``0 0 30 2 *``).
-            self._wall_after(_PROBE_START.replace(tzinfo=None))
+            self._wall_after(_PROBE_START)
         except (CroniterError, ValueError, TypeError, KeyError, IndexError) as exc:
             raise ValueError(f"invalid cron expression {expr!r}: {exc}") from exc
 
@@ -209,8 +208,7 @@ def _parse(expr: str) -> tuple[str, str, str]:
     for field in fields:
         if _RANDOM_OR_HASHED.match(field):
             raise ValueError(
-                f"invalid cron expression {expr!r}: random/hashed fields (R, H) "
-                "are not supported"
+                f"invalid cron expression {expr!r}: random/hashed fields (R, H) are not supported"
             )
     if len(fields) == 5:
         fields = ["0", *fields]

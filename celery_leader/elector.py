@@ -262,7 +262,9 @@ class LeaderElector:
     def _acquire(self, stop: threading.Event) -> bool:
         if self._step_down.is_set():  # just handed over: let a follower take it
             self._step_down.clear()
-            self._wait(stop, self._retry)
+            # Not cut short by wake-ups: step_down() and our own release's
+            # pub/sub message both set _wake, and would let us retake at once.
+            self._wait(stop, self._retry, wakeable=False)
         while not stop.is_set():
             self._last_loop = self._clock.monotonic()
             self._wake.clear()  # a wake-up during the attempt triggers another at once
@@ -281,11 +283,15 @@ class LeaderElector:
             delay = min(delay, max(0.0, ttl_deadline - self._clock.monotonic()) + 0.002)
         return delay
 
-    def _wait(self, stop: threading.Event, timeout: float) -> None:
+    def _wait(self, stop: threading.Event, timeout: float, wakeable: bool = True) -> None:
         deadline = self._clock.monotonic() + timeout
         while not stop.is_set():
             remaining = deadline - self._clock.monotonic()
-            if remaining <= 0 or self._wake.wait(min(remaining, STOP_POLL_INTERVAL)):
+            if remaining <= 0:
+                return
+            if not wakeable:
+                stop.wait(min(remaining, STOP_POLL_INTERVAL))
+            elif self._wake.wait(min(remaining, STOP_POLL_INTERVAL)):
                 return
 
     # ------------------------------------------------------------------ leader
@@ -360,6 +366,8 @@ class LeaderElector:
 
     def _hand_over(self, leadership: _Leadership) -> None:
         voluntary = self._step_down.is_set() or leadership.work_failed
+        if leadership.work_failed:
+            self._step_down.set()  # like step_down(): pause before contending again
         leadership.stop.set()
         if not (voluntary or self.config.release_on_cancel):
             return  # let the lease expire; _end() below stops acting now

@@ -91,15 +91,20 @@ def controller_for_worker(worker: Any, options: dict[str, Any]) -> LeaderControl
 
 
 def _with_cli_overrides(settings: LeaderSettings, options: dict[str, Any]) -> LeaderSettings:
+    """Worker flags override settings; they get the same checks as the settings, so
+    a bad flag is a ConfigurationError naming it, not a traceback from deeper in."""
     from dataclasses import replace
+
+    from .settings import _bool, _name, _optional_port
 
     overrides: dict[str, Any] = {}
     if options.get("leader_name"):
-        overrides["name"] = options["leader_name"]
+        overrides["name"] = _name("--leader-name", options["leader_name"])
     if options.get("leader_identity"):
-        overrides["identity"] = options["leader_identity"]
+        overrides["identity"] = _name("--leader-identity", options["leader_identity"])
     if options.get("leader_healthz_port") is not None:
-        overrides["healthz_port"] = options["leader_healthz_port"]
+        overrides["healthz_port"] = _optional_port("--leader-healthz-port",
+                                                   options["leader_healthz_port"])
     if options.get("leader_beat") is not None:
-        overrides["beat"] = options["leader_beat"]
+        overrides["beat"] = _bool("--leader-beat", options["leader_beat"])
     return replace(settings, **overrides) if overrides else settings

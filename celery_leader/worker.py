@@ -21,6 +21,7 @@ from .config import LeaderCallbacks, LeaderElectionConfig
 from .elector import LeaderElector
 from .healthz import HealthzAdaptor, HealthzServer, serve_healthz
 from .redislock import RedisLock
+from .scheduler import ScheduleRunner
 from .settings import LeaderSettings
 from .state import shared_leadership
 
@@ -63,6 +64,12 @@ class LeaderController:
         # Run while leading, in the elector's work thread, until the event is
         # set; the lease is released only after they return (the scheduler).
         self.leadership_hooks: list[LeadershipHook] = []
+        self.scheduler: ScheduleRunner | None = None
+        if settings.beat:
+            # Validates beat_schedule now: a bad entry stops the worker at start.
+            self.scheduler = ScheduleRunner(app, self.lock, settings,
+                                            still_leading=self.elector.is_leader)
+            self.leadership_hooks.append(self.scheduler.run)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._transition = threading.Lock()

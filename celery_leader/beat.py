@@ -1,0 +1,79 @@
+"""Standalone mode: ``celery -A proj beat -S celery_leader.beat:LeaderScheduler``
+(or ``-S leader``) on any number of replicas; followers idle.
+
+Beat's service loop sleeps whatever ``tick()`` returns and cannot be woken, so
+the dispatching happens in the elector's leadership thread (the same
+ScheduleRunner the worker-embedded mode uses) and ``tick()`` only keeps the
+process alive.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from typing import Any
+
+from celery.beat import Scheduler
+
+from .config import LeaderCallbacks, LeaderElectionConfig
+from .elector import LeaderElector
+from .redislock import RedisLock
+from .scheduler import ScheduleRunner, beat_election_name
+from .settings import read_settings
+
+log = logging.getLogger(__name__)
+
+
+class LeaderScheduler(Scheduler):  # type: ignore[misc]
+    """A beat scheduler that dispatches only while its replica leads."""
+
+    def __init__(self, app: Any, *args: Any, **kwargs: Any) -> None:
+        settings = read_settings(app)
+        identity = settings.identity or f"beat@{socket.gethostname()}:{os.getpid()}"
+        self.leader_settings = settings
+        self.lock = RedisLock(settings.redis_client(),
+                              name=beat_election_name(settings, standalone=True),
+                              identity=identity, key_prefix=settings.key_prefix)
+        self.elector = LeaderElector(LeaderElectionConfig(
+            lock=self.lock,
+            lease_duration=settings.lease_duration,
+            renew_deadline=settings.renew_deadline,
+            retry_period=settings.retry_period,
+            callbacks=LeaderCallbacks(on_started_leading=self._lead,
+                                      on_stopped_leading=lambda: None),
+            release_on_cancel=settings.release_on_cancel,
+            name=self.lock.name,
+        ))
+        self.runner = ScheduleRunner(app, self.lock, settings,
+                                     still_leading=self.elector.is_leader)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        super().__init__(app, *args, **kwargs)
+
+    def setup_schedule(self) -> None:
+        # beat_schedule was validated by ScheduleRunner; the stock store is unused.
+        self._thread = threading.Thread(target=self.elector.run, args=(self._stop,),
+                                        name="celery-leader-elector", daemon=True)
+        self._thread.start()
+
+    def _lead(self, stop: threading.Event) -> None:
+        self.runner.run(self.elector.term, stop)
+
+    def tick(self, *args: Any, **kwargs: Any) -> float:
+        return float(self.max_interval)
+
+    def sync(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.elector.stop()
+        if self._thread is not None:
+            self._thread.join(self.leader_settings.renew_deadline
+                              + 2 * self.leader_settings.retry_period)
+
+    @property
+    def info(self) -> str:
+        return (f"celery-leader election {self.leader_settings.name!r} as "
+                f"{self.lock.identity()}")
