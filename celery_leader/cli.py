@@ -77,3 +77,100 @@ def step_down(ctx: click.Context, timeout: float) -> None:
         return
     click.echo(f"no worker replied as leader ({len(replies)} replies)")
     sys.exit(1)
+
+
+@leader.group(invoke_without_command=True,
+              help="Show the periodic schedule; subcommands change runtime entries.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def schedule(ctx: click.Context, as_json: bool) -> None:
+    if ctx.invoked_subcommand is not None:
+        return
+    from .scheduler import schedule_report
+
+    try:
+        rows = schedule_report(ctx.obj.app)
+    except ConfigurationError as exc:
+        raise click.UsageError(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps(rows, sort_keys=True))
+        return
+    if not rows:
+        click.echo("no entries")
+        return
+    header = f"{'name':24} {'schedule':32} {'next fire (UTC)':26} {'last fire (UTC)':26} term"
+    click.echo(header)
+    for row in rows:
+        nxt = row["next_fire_time"] or ("disabled" if not row["enabled"] else "-")
+        click.echo(f"{row['name'][:24]:24} {row['schedule'][:32]:32} {nxt[:26]:26} "
+                   f"{(row['last_fire_time'] or '-')[:26]:26} {row['term'] or '-'}")
+
+
+def _store(ctx: click.Context) -> Any:
+    from .scheduler import ScheduleStore
+
+    return ScheduleStore.for_app(ctx.obj.app)
+
+
+@schedule.command(name="add", help="Add (or with --replace, overwrite) a runtime entry.")
+@click.argument("name")
+@click.option("--task", required=True, help="Task name.")
+@click.option("--cron", "cron_expr", help="Cron expression (5 fields, or 6 with seconds first).")
+@click.option("--tz", help="IANA time zone for --cron (default: the app's).")
+@click.option("--every", type=float, help="Interval in seconds.")
+@click.option("--args", "args_json", default="[]", help="JSON list of positional arguments.")
+@click.option("--kwargs", "kwargs_json", default="{}", help="JSON object of keyword arguments.")
+@click.option("--options", "options_json", default="{}", help="JSON object of send options.")
+@click.option("--disabled", is_flag=True, help="Store it disabled.")
+@click.option("--replace", "replace_existing", is_flag=True, help="Overwrite an existing entry.")
+@click.pass_context
+def schedule_add(ctx: click.Context, name: str, task: str, cron_expr: str | None,
+                 tz: str | None, every: float | None, args_json: str, kwargs_json: str,
+                 options_json: str, disabled: bool, replace_existing: bool) -> None:
+    from .cron import cron
+    from .entries import EntryError
+
+    if (cron_expr is None) == (every is None):
+        raise click.UsageError("give exactly one of --cron or --every")
+    try:
+        sched: Any = cron(cron_expr, tz=tz) if cron_expr is not None else every
+        entry = _store(ctx).add(name, task, sched, args=json.loads(args_json),
+                                kwargs=json.loads(kwargs_json),
+                                options=json.loads(options_json), enabled=not disabled,
+                                replace_existing=replace_existing)
+    except (EntryError, ValueError) as exc:
+        raise click.UsageError(str(exc)) from None
+    click.echo(f"added {entry.name}: {entry.describe_schedule()}")
+
+
+@schedule.command(name="remove", help="Remove a runtime entry.")
+@click.argument("name")
+@click.pass_context
+def schedule_remove(ctx: click.Context, name: str) -> None:
+    if not _store(ctx).remove(name):
+        raise click.UsageError(f"no runtime entry named {name!r}")
+    click.echo(f"removed {name}")
+
+
+@schedule.command(name="enable", help="Enable a runtime entry.")
+@click.argument("name")
+@click.pass_context
+def schedule_enable(ctx: click.Context, name: str) -> None:
+    _set_enabled(ctx, name, True)
+
+
+@schedule.command(name="disable", help="Disable a runtime entry.")
+@click.argument("name")
+@click.pass_context
+def schedule_disable(ctx: click.Context, name: str) -> None:
+    _set_enabled(ctx, name, False)
+
+
+def _set_enabled(ctx: click.Context, name: str, enabled: bool) -> None:
+    from .entries import EntryError
+
+    try:
+        _store(ctx).update(name, enabled=enabled)
+    except EntryError as exc:
+        raise click.UsageError(str(exc)) from None
+    click.echo(f"{'enabled' if enabled else 'disabled'} {name}")
