@@ -182,7 +182,8 @@ def _check_url(name: str, url: Any) -> None:
 def redis_client_from_url(url: str, options: Mapping[str, Any], retry_period: float = 2.0,
                           transport_options: Mapping[str, Any] | None = None) -> Any:
     """A redis-py client for a redis://, rediss://, unix:// or Celery-style
-    ``sentinel://h1:p1;sentinel://h2:p2/db`` URL.
+    ``sentinel://h1:p1;sentinel://h2:p2/db`` URL; ``options={"cluster": True}``
+    makes a Redis Cluster client from any node's redis:// URL.
 
     Socket timeouts default to the retry period so a stalled connection counts
     as a failed renewal instead of blocking the elector forever.
@@ -202,7 +203,16 @@ def redis_client_from_url(url: str, options: Mapping[str, Any], retry_period: fl
                 "['master_name']) is required with a sentinel:// URL"
             )
         sentinel_kwargs = kwargs.pop("sentinel_kwargs", None) or sentinel_opts.get(
-            "sentinel_kwargs") or {}
+            "sentinel_kwargs")
+        if not sentinel_kwargs:
+            # Same timeouts as the data connections and no retries: on a timeout
+            # redis-py moves on to the next sentinel, so retrying a frozen one
+            # only multiplies the stall.
+            from redis.backoff import NoBackoff
+            from redis.retry import Retry
+
+            sentinel_kwargs = {k: v for k, v in kwargs.items() if k.startswith("socket_")}
+            sentinel_kwargs["retry"] = Retry(NoBackoff(), 0)
         hosts: list[tuple[str, int]] = []
         db = 0
         password = None
@@ -219,4 +229,8 @@ def redis_client_from_url(url: str, options: Mapping[str, Any], retry_period: fl
             kwargs.setdefault("ssl", True)
         sentinel = Sentinel(hosts, sentinel_kwargs=sentinel_kwargs, **kwargs)  # type: ignore[no-untyped-call]
         return sentinel.master_for(master_name, db=db, **kwargs)  # type: ignore[no-untyped-call]
+    if kwargs.pop("cluster", False):
+        from redis.cluster import RedisCluster
+
+        return RedisCluster.from_url(url, **kwargs)
     return redis.Redis.from_url(url, **kwargs)
