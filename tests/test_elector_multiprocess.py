@@ -1,0 +1,303 @@
+"""Elector processes (tests/electorproc.py) against a real Redis, with signals.
+
+The evidence for fail-over times and fencing: every process prints its
+events with times on the system-wide monotonic clock, so they compare across
+processes.  Every process is stopped by PID in teardown (SIGCONT, then SIGKILL).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import suppress
+from pathlib import Path
+
+import pytest
+import redis
+
+from celery_leader.embedded import EmbeddedRedis
+from tests.fakes import observe, wait_until
+
+pytestmark = pytest.mark.integration
+
+LEASE = 1.0
+RENEW = 0.7
+RETRY = 0.2
+# Crash fail-over: the lease, plus the longest jittered poll a follower may be in.
+CRASH_FAILOVER = LEASE + 2.2 * RETRY
+SLACK = 0.3  # scheduling on a loaded 2-core machine
+
+ROOT = Path(__file__).resolve().parent.parent
+HELPER = ROOT / "tests" / "electorproc.py"
+
+
+class Proc:
+    """One helper process and the lines it printed so far."""
+
+    def __init__(self, identity: str, popen: subprocess.Popen[bytes], stderr: Path) -> None:
+        self.identity = identity
+        self.popen = popen
+        self.stderr = stderr
+        self.lines: list[list[str]] = []
+        self._guard = threading.Lock()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        assert self.popen.stdout is not None
+        for raw in self.popen.stdout:
+            with self._guard:
+                self.lines.append(raw.decode().split())
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def events(self, kind: str) -> list[list[str]]:
+        with self._guard:
+            return [line[1:] for line in self.lines if line and line[0] == kind]
+
+    def ready(self) -> bool:
+        return bool(self.events("READY"))
+
+    def starts(self) -> list[tuple[int, float]]:
+        return [(int(e[1]), float(e[2])) for e in self.events("STARTED")]
+
+    def stops(self) -> list[tuple[int, float, str]]:
+        return [(int(e[1]), float(e[2]), e[3]) for e in self.events("STOPPED")]
+
+    def claims(self) -> list[tuple[int, str, float, float, str]]:
+        return [(int(e[1]), e[2], float(e[3]), float(e[4]), e[5]) for e in self.events("CLAIM")]
+
+    def leading(self) -> bool:
+        """Last leadership line printed is STARTED (and the process is alive)."""
+        with self._guard:
+            marks = [line[0] for line in self.lines if line and line[0] in ("STARTED", "STOPPED")]
+        return self.popen.poll() is None and bool(marks) and marks[-1] == "STARTED"
+
+    def saw_leader(self, identity: str) -> bool:
+        return any(e[1] == identity for e in self.events("NEWLEADER"))
+
+    def dump(self) -> str:
+        with self._guard:
+            out = "\n".join(" ".join(line) for line in self.lines)
+        err = self.stderr.read_text(errors="replace")[-2000:] if self.stderr.exists() else ""
+        return f"--- {self.identity} (pid {self.pid}) stdout:\n{out}\n--- stderr:\n{err}"
+
+
+Spawn = Callable[..., Proc]
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[Spawn]:
+    procs: list[Proc] = []
+
+    def _spawn(url: str, name: str, identity: str, *extra: str) -> Proc:
+        stderr_path = tmp_path / f"{identity}.stderr"
+        cmd = [sys.executable, str(HELPER), "--url", url, "--name", name,
+               "--identity", identity, "--lease", str(LEASE), "--renew", str(RENEW),
+               "--retry", str(RETRY), *extra]
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+        with open(stderr_path, "wb") as stderr:
+            popen = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, env=env,
+                                     cwd=ROOT)
+        proc = Proc(identity, popen, stderr_path)
+        procs.append(proc)
+        return proc
+
+    try:
+        yield _spawn
+    finally:
+        for proc in procs:
+            if proc.popen.poll() is None:
+                with suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGCONT)  # a stopped process ignores nothing
+                    os.kill(proc.pid, signal.SIGKILL)
+        for proc in procs:
+            proc.popen.wait(10)
+            proc.reader.join(5)
+            if proc.popen.stdout is not None:
+                proc.popen.stdout.close()
+
+
+def dump(procs: list[Proc]) -> str:
+    return "\n".join(p.dump() for p in procs)
+
+
+def start_group(spawn: Spawn, url: str, name: str, *extra: str,
+                count: int = 3) -> tuple[list[Proc], Proc]:
+    """Start ``count`` processes; return them and the one leader, once every
+    follower has seen it (so all of them are timing its lease) and every
+    process listens on the election's pub/sub channel."""
+    procs = [spawn(url, name, f"p{i}", *extra) for i in range(count)]
+    wait_until(lambda: all(p.ready() for p in procs), 15.0, message="processes ready")
+    leaders: list[Proc] = []
+
+    def one_leader() -> bool:
+        leaders[:] = [p for p in procs if p.leading()]
+        return len(leaders) == 1
+
+    try:
+        wait_until(one_leader, 5.0, message="exactly one leader")
+        leader = leaders[0]
+        wait_until(lambda: all(p.saw_leader(leader.identity) for p in procs), 5.0,
+                   message="every process saw the leader")
+        client = redis.Redis.from_url(url)
+        try:
+            channel = f"celery-leader:{{{name}}}:events"
+            wait_until(lambda: client.pubsub_numsub(channel)[0][1] == count, 5.0,
+                       message="every process subscribed")
+        finally:
+            client.close()
+    except AssertionError:
+        print(dump(procs))
+        raise
+    return procs, leader
+
+
+def first_start_after(procs: list[Proc], since: float) -> tuple[Proc, int, float] | None:
+    found = [(p, term, t) for p in procs for term, t in p.starts() if t >= since]
+    return min(found, key=lambda f: f[2]) if found else None
+
+
+def wait_for_new_leader(procs: list[Proc], since: float, timeout: float
+                        ) -> tuple[Proc, int, float]:
+    result: list[tuple[Proc, int, float]] = []
+
+    def started() -> bool:
+        found = first_start_after(procs, since)
+        if found:
+            result.append(found)
+        return found is not None
+
+    try:
+        wait_until(started, timeout, message="a new leader started")
+    except AssertionError:
+        print(dump(procs))
+        raise
+    return result[-1]
+
+
+def test_three_processes_exactly_one_leads(spawn: Spawn, redis_url: str, election_name: str,
+                                           redis_client: redis.Redis) -> None:
+    procs, leader = start_group(spawn, redis_url, election_name)
+
+    def exactly_one() -> None:
+        assert [p for p in procs if p.leading()] == [leader], dump(procs)
+
+    observe(2 * LEASE, exactly_one)
+    assert sum(len(p.starts()) for p in procs) == 1, dump(procs)
+    (term, _), = leader.starts()
+    raw = redis_client.get(f"celery-leader:{{{election_name}}}:lease")
+    assert raw is not None and f'"holderIdentity":"{leader.identity}"'.encode() in raw
+    claims = leader.claims()
+    assert len(claims) >= 10  # it kept working the whole time
+    assert {(t, result) for t, result, *_ in claims} == {(term, "CLAIMED")}
+    assert all(not p.claims() for p in procs if p is not leader)
+
+
+def test_sigkill_of_the_leader_fails_over_within_one_lease(
+        spawn: Spawn, redis_url: str, election_name: str) -> None:
+    procs, leader = start_group(spawn, redis_url, election_name)
+    (old_term, _), = leader.starts()
+    killed_at = time.monotonic()
+    os.kill(leader.pid, signal.SIGKILL)
+    others = [p for p in procs if p is not leader]
+    new, term, started_at = wait_for_new_leader(others, killed_at, CRASH_FAILOVER + 2.0)
+    took = started_at - killed_at
+    assert took <= CRASH_FAILOVER + SLACK, (took, dump(procs))
+    assert term > old_term
+    observe(0.3, lambda: [p for p in others if p.leading()] == [new] or pytest.fail(dump(procs)))
+
+
+def test_sigterm_with_release_on_cancel_hands_over_within_half_a_second(
+        spawn: Spawn, redis_url: str, election_name: str) -> None:
+    procs, leader = start_group(spawn, redis_url, election_name, "--release-on-cancel")
+    (old_term, _), = leader.starts()
+    terminated_at = time.monotonic()
+    os.kill(leader.pid, signal.SIGTERM)
+    others = [p for p in procs if p is not leader]
+    _, term, started_at = wait_for_new_leader(others, terminated_at, 2.0)
+    assert started_at - terminated_at < 0.5, (started_at - terminated_at, dump(procs))
+    assert term > old_term
+    assert leader.popen.wait(5) == 0, dump(procs)
+    ((stop_term, stopped_at, reason),) = leader.stops()
+    assert (stop_term, reason) == (old_term, "released")
+    assert stopped_at <= started_at  # the old leader stopped acting first
+    assert leader.events("EXITED")
+
+
+def test_paused_leader_steps_down_and_its_claims_are_fenced(
+        spawn: Spawn, redis_url: str, election_name: str) -> None:
+    procs, leader = start_group(spawn, redis_url, election_name, "--claim-after-stop")
+    (old_term, _), = leader.starts()
+    wait_until(lambda: any(r == "CLAIMED" for _, r, *_ in leader.claims()), 2.0)
+    others = [p for p in procs if p is not leader]
+
+    paused_at = time.monotonic()
+    os.kill(leader.pid, signal.SIGSTOP)
+    try:
+        new, new_term, new_started = wait_for_new_leader(others, paused_at,
+                                                         CRASH_FAILOVER + 2.0)
+        assert new_started - paused_at <= CRASH_FAILOVER + SLACK, dump(procs)
+        assert new_term > old_term
+        wait_until(lambda: any(r == "CLAIMED" for _, r, *_ in new.claims()), 2.0)
+    finally:
+        resumed_at = time.monotonic()
+        os.kill(leader.pid, signal.SIGCONT)
+
+    # The old leader notices on waking (its deadline is long past) and steps down.
+    wait_until(lambda: bool(leader.stops()), 2.0, message="old leader stepped down")
+    ((stop_term, stopped_at, reason),) = leader.stops()
+    assert stop_term == old_term
+    assert stopped_at >= resumed_at  # it kept believing nothing until it ran again
+    assert reason in ("renew_deadline_exceeded", "lease_lost"), reason
+    wait_until(lambda: any(kind == "afterstop" for *_, kind in leader.claims()), 2.0)
+
+    # Whatever it tried with its old term once the new term had begun was fenced.
+    late = [c for c in leader.claims() if c[2] >= new_started]
+    assert late, dump(procs)
+    assert all(term == old_term and result == "FENCED" for term, result, *_ in late), late
+    # A claim of the old term succeeded only if it was sent before the new term.
+    assert all(c[2] < new_started for c in leader.claims() if c[1] == "CLAIMED")
+    assert all(r == "CLAIMED" for t, r, *_ in new.claims() if t == new_term)
+    # The old leader follows the new one; leadership did not move back.
+    wait_until(lambda: leader.saw_leader(new.identity), 2.0)
+    observe(0.3, lambda: [p for p in procs if p.leading()] == [new] or pytest.fail(dump(procs)))
+
+
+def test_redis_outage_longer_than_renew_deadline(spawn: Spawn, election_name: str) -> None:
+    # A dedicated server (persistence on, so the term counter survives its restart).
+    persist = ["--appendonly", "yes", "--appendfsync", "always"]
+    server = EmbeddedRedis(extra_args=persist).start()
+    revived: EmbeddedRedis | None = None
+    try:
+        procs, leader = start_group(spawn, server.url, election_name)
+        (old_term, _), = leader.starts()
+
+        down_at = time.monotonic()
+        server.stop()  # SIGTERM by PID; waits for the exit
+        wait_until(lambda: bool(leader.stops()), RENEW + 2.0, message="leader stepped down")
+        ((_, stopped_at, reason),) = leader.stops()
+        assert stopped_at - down_at <= RENEW + 0.2, (stopped_at - down_at, dump(procs))
+        assert reason == "renew_deadline_exceeded"
+        # Nobody leads while the lock server is gone (held down past a full lease).
+        observe(max(0.0, down_at + LEASE + 0.2 - time.monotonic()),
+                lambda: not any(p.leading() for p in procs) or pytest.fail(dump(procs)))
+
+        restarting_at = time.monotonic()
+        revived = EmbeddedRedis(port=server.port, data_dir=server.data_dir,
+                                extra_args=persist).start()
+        new, term, _ = wait_for_new_leader(procs, restarting_at, 10.0)
+        assert term > old_term  # terms never repeat, across the restart too
+        observe(0.3, lambda: [p for p in procs if p.leading()] == [new]
+                or pytest.fail(dump(procs)))
+    finally:
+        if revived is not None:
+            revived.stop()
+        server.cleanup()
