@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 
 # How often waits re-check the caller's stop event (it cannot wake us itself).
 STOP_POLL_INTERVAL = 0.1
+# A follower facing an unreachable lock retries at most this many retry periods
+# apart, so it still contends within a few seconds of the lock coming back.
+MAX_BACKOFF_FACTOR = 4
 
 
 class HealthCheckError(Exception):
@@ -73,6 +76,8 @@ class LeaderElector:
         self._running = False
         self._stop: threading.Event | None = None
         self._last_conflict = False  # the last attempt found someone else's bytes
+        self._failures = 0  # consecutive failed lock calls (back-off, log throttling)
+        self._last_failure = ""
         self.last_stop_reason = ""
         self._lease_listeners: list[Callable[[int, float], None]] = []
         if config.watchdog is not None:
@@ -139,7 +144,8 @@ class LeaderElector:
                     )
             # A follower wakes at least every jittered retry period; a leader
             # renews every retry period but may wait out a renew deadline.
-            loop_bound = max(self._lease, (1 + JITTER_FACTOR) * self._retry + self._renew_deadline)
+            loop_bound = max(self._lease, (1 + JITTER_FACTOR) * self._retry * MAX_BACKOFF_FACTOR
+                             + self._renew_deadline)
             if self._running and now - self._last_loop > loop_bound + tolerance:
                 raise HealthCheckError(
                     f"election loop for {self._name} stalled for {now - self._last_loop:.1f}s"
@@ -211,9 +217,9 @@ class LeaderElector:
             self._observe(conflict.observation, started)
             return False
         except Exception as exc:  # Redis down, timeouts, script errors
-            log.warning("leader election %s: lock %s failed: %r", self._name,
-                        self.lock.describe(), exc)
+            self._lock_failed(exc)
             return False
+        self._lock_recovered()
         self._observe(written, started)
         with self._state:
             self._own_raw = written.raw
@@ -223,6 +229,24 @@ class LeaderElector:
             if renewing and leadership is not None and not leadership.ended.is_set():
                 self._notify_lease(leadership.term, started + self._renew_deadline)
         return True
+
+    def _lock_failed(self, exc: Exception) -> None:
+        # One clear line when the lock starts failing or the error changes, not
+        # one per retry period: an unreachable Redis is a state, not an event.
+        self._failures += 1
+        message = f"{type(exc).__name__}: {exc}"
+        if message != self._last_failure:
+            self._last_failure = message
+            log.warning("leader election %s: lock %s failed (%s); retrying every %.1fs at most",
+                        self._name, self.lock.describe(), message,
+                        self._retry * MAX_BACKOFF_FACTOR)
+
+    def _lock_recovered(self) -> None:
+        if self._failures:
+            log.warning("leader election %s: lock %s reachable again after %d failed attempts",
+                        self._name, self.lock.describe(), self._failures)
+        self._failures = 0
+        self._last_failure = ""
 
     def _may_take(self, current: Observation, now: float) -> bool:
         record = current.record
@@ -277,6 +301,8 @@ class LeaderElector:
         """Jittered retry period, shortened to the moment the lease's server-side
         TTL says it really expires, so a crash fails over in about one lease."""
         delay = self._retry * (1 + random.random() * JITTER_FACTOR)
+        if self._failures > 1:  # back off while the lock is unreachable
+            delay *= min(2 ** (self._failures - 1), MAX_BACKOFF_FACTOR)
         with self._state:
             ttl_deadline = self._observed_ttl_deadline
         if ttl_deadline is not None:

@@ -23,6 +23,8 @@ from celery_leader import (
     LeaderElectionRecord,
     LeaderElector,
 )
+from celery_leader.config import JITTER_FACTOR
+from celery_leader.elector import MAX_BACKOFF_FACTOR
 from tests.fakes import (
     FakeLock,
     FakeStore,
@@ -538,10 +540,11 @@ def test_loop_stall_fails_check(store: FakeStore, clock: FakeClock) -> None:
         with running(a):
             wait_until(entered.is_set, 5.0, message="loop reached the lock")
             a.check()
-            # loop bound = max(lease, (1 + 1.2) * retry + renew deadline) = 1.3
-            clock.now = T0 + 1.3 + 1.0
+            # loop bound = max(lease, (1 + 1.2) * retry * max back-off + renew deadline)
+            bound = max(LEASE, (1 + JITTER_FACTOR) * RETRY * MAX_BACKOFF_FACTOR + RENEW)
+            clock.now = T0 + bound + 1.0 - 1e-9  # float sums at 1000 s are not exact
             a.check(1.0)
-            clock.now = T0 + 1.3 + 1.0 + 0.01
+            clock.now = T0 + bound + 1.0 + 0.01
             with pytest.raises(HealthCheckError, match="stalled"):
                 a.check(1.0)
             release.set()

@@ -23,6 +23,8 @@ from celery_leader import (
     RedisLock,
     serve_healthz,
 )
+from celery_leader.config import JITTER_FACTOR
+from celery_leader.elector import MAX_BACKOFF_FACTOR
 from celery_leader.resourcelock import ResourceLock
 from tests.fakes import FakeStore, lead_without_threads, wait_until
 
@@ -133,10 +135,11 @@ def test_wedged_election_loop_is_unhealthy() -> None:
         with serving(adaptor) as server:
             wait_until(entered.is_set, 5.0, message="election loop reached the lock")
             assert get(server, "/healthz")[0] == 200
-            # loop bound: max(lease, 2.2 x retry + renew deadline) = 1.3 s; + 0.5 timeout
-            clock.now = T0 + 1.75
+            # loop bound: max(lease, 2.2 x retry x max back-off + renew deadline) + 0.5 timeout
+            bound = max(LEASE, (1 + JITTER_FACTOR) * RETRY * MAX_BACKOFF_FACTOR + RENEW) + 0.5
+            clock.now = T0 + bound - 0.05
             assert get(server, "/healthz")[0] == 200
-            clock.now = T0 + 1.85
+            clock.now = T0 + bound + 0.05
             status, _, body = get(server, "/healthz")
             assert status == 500
             assert "stalled" in body
