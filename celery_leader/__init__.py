@@ -16,7 +16,7 @@ from .cron import cron
 from .elector import HealthCheckError, LeaderElector
 from .healthz import HealthzAdaptor, HealthzServer, serve_healthz
 from .record import LeaderElectionRecord, MalformedRecordError
-from .redislock import FencedScript, RedisLock
+from .redislock import FencedScript, RedisLock, ReplicationError
 from .resourcelock import ClaimResult, LockConflictError, Observation, ResourceLock
 from .state import current_term, is_leader
 
@@ -57,6 +57,7 @@ __all__ = [
     "NotLeaderError",
     "Observation",
     "RedisLock",
+    "ReplicationError",
     "ResourceLock",
     "SystemClock",
     "__version__",

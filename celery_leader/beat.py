@@ -22,6 +22,7 @@ from .elector import LeaderElector
 from .redislock import RedisLock
 from .scheduler import ScheduleRunner, beat_election_name
 from .settings import read_settings
+from .worker import run_elector
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +34,8 @@ class LeaderScheduler(Scheduler):  # type: ignore[misc]
         settings = read_settings(app)
         identity = settings.identity or f"beat@{socket.gethostname()}:{os.getpid()}"
         self.leader_settings = settings
-        self.lock = RedisLock(settings.redis_client(),
-                              name=beat_election_name(settings, standalone=True),
-                              identity=identity, key_prefix=settings.key_prefix)
+        self.lock: RedisLock = settings.lock(
+            identity, name=beat_election_name(settings, standalone=True))
         self.elector = LeaderElector(LeaderElectionConfig(
             lock=self.lock,
             lease_duration=settings.lease_duration,
@@ -54,7 +54,7 @@ class LeaderScheduler(Scheduler):  # type: ignore[misc]
 
     def setup_schedule(self) -> None:
         # beat_schedule was validated by ScheduleRunner; the stock store is unused.
-        self._thread = threading.Thread(target=self.elector.run, args=(self._stop,),
+        self._thread = threading.Thread(target=run_elector, args=(self.elector, self._stop),
                                         name="celery-leader-elector", daemon=True)
         self._thread.start()
 

@@ -9,16 +9,14 @@ from typing import Any
 import click
 
 from .config import ConfigurationError
-from .redislock import RedisLock
 from .settings import read_settings
 
 
 def lease_status(app: Any) -> dict[str, Any]:
     """The election as Redis sees it, judged on the Redis server's clock."""
     settings = read_settings(app)
-    client = settings.redis_client()
-    lock = RedisLock(client, name=settings.name, identity="celery-leader-cli",
-                     key_prefix=settings.key_prefix)
+    lock = settings.lock("celery-leader-cli")
+    client = lock.client
     observation = lock.get()
     record = observation.record
     seconds, micros = client.time()

@@ -121,6 +121,10 @@ FENCED = -1
 """What a fenced script returns when the caller's term is not current."""
 
 
+class ReplicationError(Exception):
+    """A write was not acknowledged by the replicas ``wait_replicas`` asks for."""
+
+
 class FencedScript:
     """A Lua script that runs only while the caller holds a given term.
 
@@ -135,9 +139,12 @@ class FencedScript:
 
     def __call__(self, term: int, keys: Sequence[str] = (), args: Sequence[Any] = ()) -> Any:
         lock = self._lock
-        return self._script(
+        result = self._script(
             keys=[lock.lease_key, *keys], args=[lock.identity(), term, *args]
         )
+        if result != FENCED:
+            lock.wait_for_replicas("a fenced write")
+        return result
 
 
 class RedisLock(ResourceLock):
@@ -147,6 +154,8 @@ class RedisLock(ResourceLock):
         name: str,
         identity: str,
         key_prefix: str = "celery-leader",
+        wait_replicas: int = 0,
+        wait_timeout: float = 0.5,
     ) -> None:
         if not name or "{" in name or "}" in name:
             raise ValueError(f"name must be non-empty and free of braces, got {name!r}")
@@ -154,6 +163,12 @@ class RedisLock(ResourceLock):
         self.name = name
         self._identity = identity
         self.key_prefix = key_prefix
+        # Opt-in: after acquiring and after each claim, WAIT until this many
+        # replicas acknowledged.  Narrows, never closes, the window in which a
+        # Sentinel fail-over loses the write (replication stays asynchronous).
+        self.wait_replicas = wait_replicas
+        self.wait_timeout = wait_timeout
+        self._pubsub_failing = False
         self.lease_key = self.key("lease")
         self.counter_key = self.key("counter")
         self.channel = self.key("events")
@@ -196,7 +211,50 @@ class RedisLock(ResourceLock):
         observation = _observation(raw, ttl_ms)
         if not written:
             raise LockConflictError(observation)
+        stored = observation.record
+        if stored is not None and stored.term == stored.version and \
+                not self.wait_replicas_acknowledged():
+            # A new term nobody replicated could vanish in a fail-over and be
+            # handed out again: do not lead on it (the next attempt retries).
+            raise ReplicationError(
+                f"{self.describe()}: fewer than {self.wait_replicas} replica(s) acknowledged "
+                f"term {stored.term} within {self.wait_timeout}s")
         return observation
+
+    def wait_replicas_acknowledged(self) -> bool:
+        if self.wait_replicas <= 0:
+            return True
+        acknowledged = self.client.wait(self.wait_replicas, round(self.wait_timeout * 1000))
+        return int(acknowledged) >= self.wait_replicas
+
+    def wait_for_replicas(self, what: str) -> None:
+        if not self.wait_replicas_acknowledged():
+            log.warning("%s: %s was not acknowledged by %d replica(s) within %.2fs; a "
+                        "fail-over now could lose it", self.describe(), what,
+                        self.wait_replicas, self.wait_timeout)
+
+    def server_warnings(self) -> list[str]:
+        """Server settings that weaken the guarantees, for a start-up warning."""
+        warnings: list[str] = []
+        try:
+            policy = self.client.config_get("maxmemory-policy").get("maxmemory-policy")
+            appendonly = self.client.config_get("appendonly").get("appendonly")
+            save = self.client.config_get("save").get("save")
+        except Exception as exc:  # CONFIG is often forbidden (ACL, managed Redis)
+            log.debug("cannot read the Redis configuration: %s", exc)
+            return warnings
+        policy = policy.decode() if isinstance(policy, bytes) else policy
+        if policy and policy != "noeviction":
+            warnings.append(
+                f"maxmemory-policy is {policy!r}: under memory pressure Redis may evict the "
+                f"lease or the term counter of {self.describe()}; use 'noeviction'")
+        appendonly = appendonly.decode() if isinstance(appendonly, bytes) else appendonly
+        save = save.decode() if isinstance(save, bytes) else save
+        if appendonly == "no" and not save:
+            warnings.append(
+                "Redis persistence is off (no AOF, no RDB): a restart resets the term "
+                "counter, so fencing terms can repeat; enable appendonly")
+        return warnings
 
     def release(self, term: int) -> bool:
         return bool(self._release(keys=[self.lease_key], args=[self._identity, term, self.channel]))
@@ -210,7 +268,10 @@ class RedisLock(ResourceLock):
         )
         if result == FENCED:
             return ClaimResult.FENCED
-        return ClaimResult.CLAIMED if result == 1 else ClaimResult.ALREADY_CLAIMED
+        if result == 1:
+            self.wait_for_replicas(f"claim {key!r}")
+            return ClaimResult.CLAIMED
+        return ClaimResult.ALREADY_CLAIMED
 
     def record_event(self, message: str) -> None:
         events_log.info("%s: %s", self.describe(), message)
@@ -246,9 +307,13 @@ class RedisLock(ResourceLock):
                     # elector too: messages published while disconnected are lost.
                     on_change()
                     backoff = 0.1
+                    self._pubsub_failing = False
             except Exception as exc:  # never let the listener die
-                log.debug("pub/sub on %s failed (%s); retrying in %.1fs",
-                          self.channel, exc, backoff)
+                # Warn once: hand-over falls back to polling (e.g. NOPERM from an ACL).
+                level = logging.DEBUG if self._pubsub_failing else logging.WARNING
+                self._pubsub_failing = True
+                log.log(level, "pub/sub on %s failed (%s); hand-over falls back to polling "
+                        "until it works again", self.channel, exc)
                 stopped.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
             finally:

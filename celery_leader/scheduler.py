@@ -95,9 +95,7 @@ class ScheduleStore:
         from .settings import read_settings
 
         settings = read_settings(app)
-        lock = RedisLock(settings.redis_client(),
-                         name=beat_election_name(settings, standalone),
-                         identity="celery-leader-api", key_prefix=settings.key_prefix)
+        lock = settings.lock("celery-leader-api", name=beat_election_name(settings, standalone))
         return cls(app, lock, entries_name=settings.name)
 
     # -- runtime entries (validated before anything is written) --------------
@@ -215,6 +213,8 @@ class ScheduleRunner:
         self._adopt = lock.fenced_script(ADOPT_PENDING_LUA)
         self._wake = threading.Event()
         self._unsent = False
+        # Sent, but the pending copy is not deleted yet: never sent again by this runner.
+        self._sent_pending: set[str] = set()
         self.dispatched = 0
 
     def wake(self) -> None:
@@ -287,6 +287,11 @@ class ScheduleRunner:
             last = _from_ms(state["last"]) if state else None
             anchor = last or started_at
             old = previous.get(name) if previous is not None else None
+            if old is not None and old.entry.enabled and old.entry == entry and last is None:
+                # Unchanged and not fired yet: keep its first fire time (a reload
+                # anchored at "now" would postpone an interval entry every time).
+                slots[name] = replace(old)
+                continue
             if previous is not None and (old is None or not old.entry.enabled):
                 # Added or re-enabled while leading: start now, no catch-up for
                 # the time it did not exist or was disabled.
@@ -326,8 +331,10 @@ class ScheduleRunner:
         return True
 
     def _due_ticks(self, slot: _Slot, now: datetime) -> Iterator[datetime]:
+        # Compared in whole milliseconds, like the heap keys: a tick the heap calls
+        # due must be due here too, or the loop would pop and push it forever.
         fire = slot.next
-        while fire <= now:
+        while _ms(fire) <= _ms(now):
             yield fire
             fire = slot.entry.next_fire_after(fire)
 
@@ -372,7 +379,9 @@ class ScheduleRunner:
             self._unsent = True
             return
         self.dispatched += 1
-        self.store.client.hdel(self.store.pending_key, tick)
+        self._sent_pending.add(tick)
+        self.store.client.hdel(self.store.pending_key, tick)  # a Redis error: run() retries
+        self._sent_pending.discard(tick)
 
     def _recover_pending(self, term: int) -> bool:
         """Send what an older term claimed but may not have published, and what
@@ -380,6 +389,10 @@ class ScheduleRunner:
         self._unsent = False
         for raw_tick, raw in (self.store.client.hgetall(self.store.pending_key) or {}).items():
             tick = raw_tick.decode() if isinstance(raw_tick, bytes) else str(raw_tick)
+            if tick in self._sent_pending:  # only the clean-up after the send failed
+                self.store.client.hdel(self.store.pending_key, tick)
+                self._sent_pending.discard(tick)
+                continue
             try:
                 data = json.loads(raw)
                 old_term = int(data["term"])

@@ -38,10 +38,20 @@ class LeaderSettings:
     healthz_port: int | None = None
     catch_up: str = "latest"
     misfire_grace: float | None = None
+    wait_replicas: int = 0
+    wait_timeout: float = 0.5
     transport_options: dict[str, Any] = field(default_factory=dict)
 
     def default_identity(self, hostname: str | None = None) -> str:
         return self.identity or f"{hostname or socket.gethostname()}:{os.getpid()}"
+
+    def lock(self, identity: str, name: str | None = None) -> Any:
+        """The election's RedisLock (``name`` overrides the election name)."""
+        from .redislock import RedisLock
+
+        return RedisLock(self.redis_client(), name=name or self.name, identity=identity,
+                         key_prefix=self.key_prefix, wait_replicas=self.wait_replicas,
+                         wait_timeout=self.wait_timeout)
 
     def redis_client(self) -> Any:
         return redis_client_from_url(self.redis_url, self.redis_options,
@@ -100,6 +110,8 @@ def read_settings(app: Any) -> LeaderSettings:
         healthz_port=get("leader_healthz_port", None, _optional_port),
         catch_up=get("leader_catch_up", "latest", _catch_up),
         misfire_grace=get("leader_misfire_grace", None, _optional_seconds),
+        wait_replicas=get("leader_wait_replicas", 0, _count),
+        wait_timeout=get("leader_wait_timeout", 0.5, _positive_seconds),
         transport_options=dict(setting(app, "broker_transport_options", None) or {}),
     )
     return settings
@@ -121,6 +133,19 @@ def _optional_seconds(name: str, value: Any) -> float | None:
     if seconds <= 0:
         raise ConfigurationError(f"{name} must be greater than zero or None, got {value!r}")
     return seconds
+
+
+def _positive_seconds(name: str, value: Any) -> float:
+    seconds = _seconds(name, value)
+    if seconds <= 0:
+        raise ConfigurationError(f"{name} must be greater than zero, got {value!r}")
+    return seconds
+
+
+def _count(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigurationError(f"{name} must be a whole number >= 0, got {value!r}")
+    return value
 
 
 def _bool(name: str, value: Any) -> bool:

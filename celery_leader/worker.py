@@ -45,8 +45,7 @@ class LeaderController:
         self.settings = settings
         self.identity = settings.default_identity(hostname)
         self.shared = shared_leadership()  # before the pool forks
-        self.lock = RedisLock(settings.redis_client(), name=settings.name,
-                              identity=self.identity, key_prefix=settings.key_prefix)
+        self.lock: RedisLock = settings.lock(self.identity)
         self.healthz = HealthzAdaptor(timeout=settings.lease_duration)
         self.elector = LeaderElector(LeaderElectionConfig(
             lock=self.lock,
@@ -90,7 +89,7 @@ class LeaderController:
         if self.settings.healthz_port is not None:
             self.http = serve_healthz(self.healthz, self.settings.healthz_port,
                                       routes={"/leader": self.status_route})
-        self._thread = threading.Thread(target=self.elector.run, args=(self._stop,),
+        self._thread = threading.Thread(target=run_elector, args=(self.elector, self._stop),
                                         name="celery-leader-elector", daemon=True)
         self._thread.start()
 
@@ -201,17 +200,37 @@ class LeaderController:
                           "start consuming" if want else "cancel", queue)
 
 
+def run_elector(elector: LeaderElector, stop: threading.Event) -> None:
+    """The elector thread: warn once about server settings that weaken the
+    guarantees (off the start-up path: Redis may be slow or down), then elect."""
+    lock = elector.lock
+    if isinstance(lock, RedisLock):
+        for warning in lock.server_warnings():
+            log.warning("celery-leader: %s", warning)
+    elector.run(stop)
+
+
 class LeaderWorkerStep(bootsteps.StartStopStep):  # type: ignore[misc]
     """Runs the elector in the worker's main process."""
 
     label = "celery-leader"
     conditional = False
+    # Start the elector's threads only once the prefork pool has forked its
+    # children.  A child forked while one of those threads holds a lock inherits
+    # it held forever: e.g. the first Redis connect's getaddrinfo imports
+    # encodings.idna under the import lock, and the child then hangs on its own
+    # first connection (seen as leader-only tasks that never finish).
+    requires = ("celery.worker.components:Pool",)
 
     def __init__(self, worker: Any, **kwargs: Any) -> None:
+        global _controller
         from .integration import controller_for_worker
 
         self.controller = controller_for_worker(worker, kwargs)
         worker.celery_leader = self.controller
+        # Before the pool forks (start() now runs after it): children need it to
+        # fence leader-only task runs.
+        _controller = self.controller
         super().__init__(worker, **kwargs)
 
     def start(self, worker: Any) -> None:
