@@ -17,7 +17,7 @@ from typing import Any
 
 from celery.beat import Scheduler
 
-from .config import LeaderCallbacks, LeaderElectionConfig
+from .config import LeaderCallbacks
 from .elector import LeaderElector
 from .redislock import RedisLock
 from .scheduler import ScheduleRunner, beat_election_name
@@ -36,16 +36,9 @@ class LeaderScheduler(Scheduler):  # type: ignore[misc]
         self.leader_settings = settings
         self.lock: RedisLock = settings.lock(
             identity, name=beat_election_name(settings, standalone=True))
-        self.elector = LeaderElector(LeaderElectionConfig(
-            lock=self.lock,
-            lease_duration=settings.lease_duration,
-            renew_deadline=settings.renew_deadline,
-            retry_period=settings.retry_period,
-            callbacks=LeaderCallbacks(on_started_leading=self._lead,
-                                      on_stopped_leading=lambda: None),
-            release_on_cancel=settings.release_on_cancel,
-            name=self.lock.name,
-        ))
+        self.elector: LeaderElector = settings.elector(
+            self.lock, LeaderCallbacks(on_started_leading=self._lead,
+                                       on_stopped_leading=lambda: None))
         self.runner = ScheduleRunner(app, self.lock, settings,
                                      still_leading=self.elector.is_leader)
         self._stop = threading.Event()

@@ -53,6 +53,16 @@ class LeaderSettings:
                          key_prefix=self.key_prefix, wait_replicas=self.wait_replicas,
                          wait_timeout=self.wait_timeout)
 
+    def elector(self, lock: Any, callbacks: Any, watchdog: Any = None) -> Any:
+        """A LeaderElector on ``lock`` with these settings' timings."""
+        from .config import LeaderElectionConfig
+        from .elector import LeaderElector
+
+        return LeaderElector(LeaderElectionConfig(
+            lock=lock, callbacks=callbacks, lease_duration=self.lease_duration,
+            renew_deadline=self.renew_deadline, retry_period=self.retry_period,
+            release_on_cancel=self.release_on_cancel, name=lock.name, watchdog=watchdog))
+
     def redis_client(self) -> Any:
         return redis_client_from_url(self.redis_url, self.redis_options,
                                      self.retry_period, self.transport_options)

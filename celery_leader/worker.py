@@ -17,7 +17,7 @@ from typing import Any
 from celery import bootsteps
 
 from . import signals
-from .config import LeaderCallbacks, LeaderElectionConfig
+from .config import LeaderCallbacks
 from .elector import LeaderElector
 from .healthz import HealthzAdaptor, HealthzServer, serve_healthz
 from .redislock import RedisLock
@@ -47,18 +47,12 @@ class LeaderController:
         self.shared = shared_leadership()  # before the pool forks
         self.lock: RedisLock = settings.lock(self.identity)
         self.healthz = HealthzAdaptor(timeout=settings.lease_duration)
-        self.elector = LeaderElector(LeaderElectionConfig(
-            lock=self.lock,
-            lease_duration=settings.lease_duration,
-            renew_deadline=settings.renew_deadline,
-            retry_period=settings.retry_period,
-            callbacks=LeaderCallbacks(on_started_leading=self._on_started,
-                                      on_stopped_leading=self._on_stopped,
-                                      on_new_leader=self._on_new_leader),
-            release_on_cancel=settings.release_on_cancel,
-            name=settings.name,
-            watchdog=self.healthz,
-        ))
+        self.elector: LeaderElector = settings.elector(
+            self.lock,
+            LeaderCallbacks(on_started_leading=self._on_started,
+                            on_stopped_leading=self._on_stopped,
+                            on_new_leader=self._on_new_leader),
+            watchdog=self.healthz)
         self.elector.add_lease_listener(self.shared.publish)
         # Run while leading, in the elector's work thread, until the event is
         # set; the lease is released only after they return (the scheduler).
