@@ -32,10 +32,11 @@ events_log = logging.getLogger("celery_leader.events")
 # reads as a marker so the ordinary CAS path can replace it.
 READ_LEASE_LUA = """
 local function read_lease(key)
-  local kind = redis.call('TYPE', key)['ok']
-  if kind == 'none' then return false end
-  if kind ~= 'string' then return '<wrongtype:' .. kind .. '>' end
-  return redis.call('GET', key)
+  local value = redis.pcall('GET', key)
+  if type(value) == 'table' and value.err then
+    return '<wrongtype:' .. redis.call('TYPE', key)['ok'] .. '>'
+  end
+  return value
 end
 local function holds_term(key, identity, term)
   local current = read_lease(key)
