@@ -9,6 +9,10 @@ leadership.  Warm shutdown keeps the lease until the pool has drained
 
 from __future__ import annotations
 
+# Imported before any pool child forks: the first DNS lookup imports it under
+# the import lock, and a child forked while an elector thread holds that lock
+# would hang forever on its own first connection.
+import encodings.idna  # noqa: F401
 import logging
 import threading
 from collections.abc import Callable
