@@ -52,7 +52,12 @@ class LeaderScheduler(Scheduler):  # type: ignore[misc]
         self._thread.start()
 
     def _lead(self, stop: threading.Event) -> None:
-        self.runner.run(self.elector.term, stop)
+        runner = threading.Thread(target=self.runner.run, args=(self.elector.term, stop),
+                                  name="celery-leader-scheduler", daemon=True)
+        runner.start()
+        stop.wait()
+        self.runner.wake()  # it sleeps until its next tick otherwise
+        runner.join(self.leader_settings.renew_deadline)
 
     def tick(self, *args: Any, **kwargs: Any) -> float:
         return float(self.max_interval)

@@ -205,16 +205,20 @@ class LeaderElector:
                 written = self.lock.update(desired, own_raw)
             else:
                 current = self.lock.get()
-                self._observe(current, started)
+                # INVARIANT: another holder's record is timed from when its
+                # reply arrived, never earlier, so a slow read cannot make a
+                # lease look older than it is.
+                seen_at = self._clock.monotonic()
+                self._observe(current, seen_at)
                 if current.raw is None:
                     written = self.lock.create(desired)
-                elif self._may_take(current, started):
+                elif self._may_take(current, seen_at):
                     written = self.lock.update(desired, current.raw)
                 else:
                     return False
         except LockConflictError as conflict:
             self._last_conflict = True
-            self._observe(conflict.observation, started)
+            self._observe(conflict.observation, self._clock.monotonic())
             return False
         except Exception as exc:  # Redis down, timeouts, script errors
             self._lock_failed(exc)

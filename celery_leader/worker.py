@@ -140,6 +140,8 @@ class LeaderController:
         for thread in workers:
             thread.start()
         stop.wait()
+        if self.scheduler is not None:
+            self.scheduler.wake()  # it sleeps until its next tick otherwise
         for thread in workers:  # the lease is released only after they return
             thread.join(self.settings.renew_deadline)
 

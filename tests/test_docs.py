@@ -1,0 +1,286 @@
+"""Every ```python block of README.md and docs/*.md is executed, or checked.
+
+- A plain block runs on its own, in a fresh interpreter started from the
+  repository root, with REDIS_URL (and EXAMPLE_REDIS_URL) naming a flushed
+  database of the test Redis; blocks that mention REDIS_SENTINEL_URL or
+  REDIS_CLUSTER_URL also get a real Sentinel or a one-node Redis Cluster.
+- ``<!-- excerpt: example_project/x.py -->`` just before the fence: the block
+  must appear verbatim in that file (which the demo test runs), so what the
+  README shows is what the example project does.
+- ``<!-- no-test -->`` just before the fence: a fragment that cannot run on
+  its own; used sparingly (see MAX_NO_TEST).
+
+The documented Redis ACL rule is also tried for real: a worker of the example
+project elects, dispatches and answers the CLI as a user limited by it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+import redis
+
+from celery_leader.embedded import EmbeddedRedis, free_port, redis_server_binary
+from example_project import audit
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+MARKER = re.compile(r"^<!--\s*(no-test|excerpt:\s*(\S+))\s*-->$")
+MAX_NO_TEST = 3
+SNIPPET_TIMEOUT = 60
+SENTINEL_MASTER = "mymaster"
+
+
+@dataclass(frozen=True)
+class Snippet:
+    path: Path
+    line: int  # of the opening fence, 1-based
+    code: str
+    marker: str | None  # None, "no-test" or "excerpt"
+    excerpt_of: str | None = None
+
+    @property
+    def id(self) -> str:
+        return f"{self.path.relative_to(ROOT)}:{self.line}"
+
+
+def parse(path: Path) -> list[Snippet]:
+    lines = path.read_text().splitlines()
+    found: list[Snippet] = []
+    index = 0
+    while index < len(lines):
+        if lines[index].strip() != "```python":
+            index += 1
+            continue
+        start = index
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].strip() == "```"), None)
+        assert end is not None, f"{path.name}:{start + 1}: unclosed ```python block"
+        marker = excerpt_of = None
+        previous = next((lines[i].strip() for i in range(start - 1, -1, -1)
+                         if lines[i].strip()), "")
+        match = MARKER.match(previous)
+        if match:
+            marker = "excerpt" if match.group(2) else "no-test"
+            excerpt_of = match.group(2)
+        code = "\n".join(lines[start + 1:end]) + "\n"
+        found.append(Snippet(path, start + 1, code, marker, excerpt_of))
+        index = end + 1
+    return found
+
+
+SNIPPETS = [snippet for path in DOCS for snippet in parse(path)]
+RUNNABLE = [s for s in SNIPPETS if s.marker is None]
+EXCERPTS = [s for s in SNIPPETS if s.marker == "excerpt"]
+
+
+# ----------------------------------------------------------------- servers
+
+@pytest.fixture(scope="session")
+def sentinel_url(redis_server: str) -> Iterator[str]:
+    """A real redis-server in Sentinel mode watching the test Redis as SENTINEL_MASTER."""
+    primary = urlparse(redis_server)
+    port = free_port()
+    workdir = tempfile.mkdtemp(prefix="celery-leader-sentinel-")
+    config = Path(workdir) / "sentinel.conf"
+    config.write_text(f"port {port}\nbind 127.0.0.1\ndir {workdir}\n"
+                      f"sentinel monitor {SENTINEL_MASTER} {primary.hostname} "
+                      f"{primary.port} 1\n")
+    process = subprocess.Popen([redis_server_binary(), str(config), "--sentinel"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        client = redis.Redis(port=port, socket_timeout=1)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                if client.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME",
+                                          SENTINEL_MASTER):
+                    break
+            except redis.ConnectionError:
+                pass
+            assert time.monotonic() < deadline, "the Sentinel did not start"
+            time.sleep(0.05)
+        client.close()
+        yield f"sentinel://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture(scope="session")
+def cluster_url() -> Iterator[str]:
+    """A one-node Redis Cluster owning every slot."""
+    server = EmbeddedRedis(extra_args=["--cluster-enabled", "yes",
+                                       "--cluster-config-file", "nodes.conf"])
+    server.start()
+    try:
+        client = redis.Redis(port=server.port)
+        client.execute_command("CLUSTER", "ADDSLOTS", *range(16384))
+        deadline = time.monotonic() + 10
+        while b"cluster_state:ok" not in client.execute_command("CLUSTER", "INFO"):
+            assert time.monotonic() < deadline, "the cluster did not become ready"
+            time.sleep(0.05)
+        client.close()
+        yield f"redis://127.0.0.1:{server.port}"
+    finally:
+        server.cleanup()
+
+
+def snippet_env(request: pytest.FixtureRequest, redis_url: str, code: str) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith(("EXAMPLE_", "CELERY_", "REDIS_"))}
+    env.update(REDIS_URL=redis_url, EXAMPLE_REDIS_URL=redis_url, PYTHONUNBUFFERED="1",
+               PYTHONPATH=str(ROOT))
+    if "REDIS_SENTINEL_URL" in code:
+        db = redis_url.rsplit("/", 1)[1]
+        env["REDIS_SENTINEL_URL"] = f"{request.getfixturevalue('sentinel_url')}/{db}"
+    if "REDIS_CLUSTER_URL" in code:
+        env["REDIS_CLUSTER_URL"] = request.getfixturevalue("cluster_url")
+    return env
+
+
+# ----------------------------------------------------------------- snippets
+
+@pytest.mark.parametrize("snippet", RUNNABLE, ids=[s.id for s in RUNNABLE])
+def test_snippet_runs(snippet: Snippet, request: pytest.FixtureRequest, redis_url: str,
+                      tmp_path: Path) -> None:
+    script = tmp_path / f"{snippet.path.stem}_{snippet.line}.py"
+    script.write_text(snippet.code)
+    result = subprocess.run([sys.executable, str(script)], cwd=ROOT,
+                            env=snippet_env(request, redis_url, snippet.code),
+                            capture_output=True, text=True, timeout=SNIPPET_TIMEOUT,
+                            stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, (
+        f"{snippet.id} failed ({result.returncode}):\n{snippet.code}\n"
+        f"--- stdout ---\n{result.stdout}\n--- stderr ---\n{result.stderr}")
+
+
+@pytest.mark.parametrize("snippet", EXCERPTS, ids=[s.id for s in EXCERPTS])
+def test_excerpt_is_verbatim_from_the_example_project(snippet: Snippet) -> None:
+    assert snippet.excerpt_of is not None
+    source = ROOT / snippet.excerpt_of
+    assert source.is_file(), f"{snippet.id}: no such file {snippet.excerpt_of}"
+    wanted = [line.rstrip() for line in snippet.code.splitlines()]
+    have = [line.rstrip() for line in source.read_text().splitlines()]
+    starts = [i for i in range(len(have) - len(wanted) + 1)
+              if have[i:i + len(wanted)] == wanted]
+    assert starts, f"{snippet.id} is not a verbatim excerpt of {snippet.excerpt_of}"
+
+
+def test_every_doc_has_runnable_snippets_and_opt_outs_are_rare() -> None:
+    assert {s.path.name for s in RUNNABLE} >= {"README.md", "migration.md", "deployment.md"}
+    no_test = [s.id for s in SNIPPETS if s.marker == "no-test"]
+    assert len(no_test) <= MAX_NO_TEST, f"too many <!-- no-test --> blocks: {no_test}"
+    for path in DOCS:  # a marker must sit right before a python fence
+        lines = path.read_text().splitlines()
+        for number, line in enumerate(lines):
+            if MARKER.match(line.strip()):
+                following = next((lines[i].strip() for i in range(number + 1, len(lines))
+                                  if lines[i].strip()), "")
+                assert following == "```python", \
+                    f"{path.name}:{number + 1}: marker not followed by a python block"
+
+
+def test_the_example_project_modules_import_cleanly(request: pytest.FixtureRequest,
+                                                    redis_url: str) -> None:
+    code = ("import example_project.app, example_project.tasks, example_project.receivers\n"
+            "from celery_leader.settings import read_settings\n"
+            "from celery_leader.entries import entries_from_config\n"
+            "app = example_project.app.app\n"
+            "read_settings(app)\n"
+            "assert set(entries_from_config(app)) >= {'audit-heartbeat', 'daily-report'}\n")
+    for variant in ("", "django"):
+        env = snippet_env(request, redis_url, code)
+        env["EXAMPLE_SETTINGS"] = variant
+        result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env,
+                                capture_output=True, text=True, timeout=SNIPPET_TIMEOUT)
+        assert result.returncode == 0, result.stderr
+
+
+# ----------------------------------------------------------------- ACL rule
+
+def documented_acl_rule() -> str:
+    text = (ROOT / "docs" / "deployment.md").read_text()
+    match = re.search(r"^user celery-leader (.+)$", text, re.M)
+    assert match, "docs/deployment.md has no 'user celery-leader ...' ACL line"
+    return match.group(1)
+
+
+@pytest.mark.integration
+def test_documented_acl_rule_is_enough_for_a_worker(redis_url: str, tmp_path: Path) -> None:
+    """A worker whose election runs as a user limited by the documented rule
+    (broker on the default user) leads, dispatches, and serves the CLI; Redis
+    denies it nothing but the optional calls the page lists."""
+    admin = redis.Redis.from_url(redis_url)
+    user = f"celery-leader-{uuid.uuid4().hex[:8]}"
+    rule = documented_acl_rule().replace(">CHANGE-ME", ">s3cret").split()
+    admin.execute_command("ACL", "SETUSER", user, "reset", *rule)
+    admin.execute_command("ACL", "LOG", "RESET")
+    parsed = urlparse(redis_url)
+    leader_url = f"redis://{user}:s3cret@{parsed.hostname}:{parsed.port}{parsed.path}"
+    name = f"acl-{uuid.uuid4().hex[:6]}"
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith(("EXAMPLE_", "CELERY_"))}
+    env.update(EXAMPLE_REDIS_URL=redis_url, EXAMPLE_LEADER_REDIS_URL=leader_url,
+               EXAMPLE_LEADER_NAME=name, EXAMPLE_LEASE_DURATION="2",
+               EXAMPLE_RENEW_DEADLINE="1.4", EXAMPLE_RETRY_PERIOD="0.3",
+               EXAMPLE_TASK_QUEUE=name, EXAMPLE_LEADER_QUEUE=f"{name}-leader",
+               PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    log_path = tmp_path / "worker.log"
+    celery = [sys.executable, "-m", "celery", "-A", "example_project.app"]
+    with open(log_path, "wb") as out:
+        worker = subprocess.Popen([*celery, "worker", "--pool", "solo", "-n", "acl@%h",
+                                   "-l", "info", "--without-mingle", "--without-gossip"],
+                                  cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                  stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 45
+        while len(audit.heartbeats(admin, name)) < 2:
+            assert worker.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, "no heartbeat ran:\n" + log_path.read_text()
+            time.sleep(0.1)
+
+        def cli(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([*celery, "leader", *args], cwd=ROOT, env=env, text=True,
+                                  capture_output=True, timeout=60)
+
+        status = cli("status")
+        assert status.returncode == 0 and "acl@" in status.stdout, status.stdout + status.stderr
+        added = cli("schedule", "add", "acl-check", "--task",
+                    "example_project.tasks.refresh_exchange_rates", "--every", "60",
+                    "--args", '["EUR", "CHF"]')
+        assert added.returncode == 0, added.stdout + added.stderr
+        listing = cli("schedule")
+        assert listing.returncode == 0 and "acl-check" in listing.stdout, listing.stderr
+        assert cli("schedule", "remove", "acl-check").returncode == 0
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        try:
+            worker.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait()
+    log = log_path.read_text()
+    assert "NOPERM" not in log and "No permissions" not in log, log
+    denied = [entry for entry in admin.execute_command("ACL", "LOG")
+              if entry[b"username"].decode() == user]
+    admin.execute_command("ACL", "DELUSER", user)
+    # Optional calls, documented as such: redis-py's CLIENT SETINFO /
+    # MAINT_NOTIFICATIONS on connect, and the start-up check of CONFIG GET.
+    unexpected = [entry for entry in denied if entry[b"object"] not in (b"client", b"config")]
+    assert not unexpected, [entry.get(b"client-info") for entry in unexpected]
