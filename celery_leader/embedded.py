@@ -29,10 +29,19 @@ def redis_server_binary() -> str:
     return str(REDIS_SERVER_PATH)
 
 
+# Cluster nodes also listen on port + 10000, so stay at or below 55535.
+MAX_PORT = 55535
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A free loopback port that also leaves room for a cluster bus port."""
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port <= MAX_PORT:
+            return port
+    raise RuntimeError("no free loopback port at or below 55535")
 
 
 class EmbeddedRedis:
