@@ -581,6 +581,12 @@ def _everything(client: Any, name: str) -> None:
     client.set(task_key, "done", px=60000)  # what @leader_only does after the run
     client.delete(task_key)
     assert lock.release(term)
+    # A wrong-typed lease key (written by hand) is read through TYPE and replaced.
+    client.hset(lock.lease_key, "garbage", "1")
+    observed = lock.get()
+    assert observed.record is None and observed.raw == b"<wrongtype:hash>"
+    replaced = lock.update(_record("task-runner"), observed.raw).record
+    assert replaced is not None and lock.release(replaced.term)
     client.time()  # `celery leader status`
     time.sleep(0.06)  # past the health-check interval: the next command PINGs first
     assert lock.get().raw is None
