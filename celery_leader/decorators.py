@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
+import uuid
 from collections.abc import Callable
 from typing import Any, TypeVar, overload
 
@@ -27,17 +29,20 @@ LEADER_ONLY_TASKS: dict[str, str] = {}
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-# Fenced (see redislock.FENCE_LUA): claims a task id for this term.  Returns 1
-# to run, 0 for a duplicate (finished, or running in this same term).  A run
-# left 'running' by an older term is taken over: its leader is gone.
+# Fenced (see redislock.FENCE_LUA): claims a task id for this term as
+# ARGV[4] = 'running:<term>:<attempt token>'.  Returns 1 to run, 0 for a
+# duplicate (finished, or running under this term by another delivery).  A run
+# left by an older term is taken over (its leader is gone); the same attempt
+# asking again (its first reply was lost) gets 1 again.
 TASK_START_LUA = """
 local current = redis.call('GET', KEYS[2])
 if current == 'done' then return 0 end
+if current == ARGV[4] then return 1 end
 if current then
-  local term = tonumber(string.match(current, '^running:(%d+)$') or '0')
+  local term = tonumber(string.match(current, '^running:(%d+)') or '0')
   if term >= tonumber(ARGV[2]) then return 0 end
 end
-redis.call('SET', KEYS[2], 'running:' .. ARGV[2], 'PX', ARGV[3])
+redis.call('SET', KEYS[2], ARGV[4], 'PX', ARGV[3])
 return 1
 """
 
@@ -137,13 +142,25 @@ def _start_run(task_id: str | None, term: int) -> bool | None:
     controller = current_controller()
     if controller is None or task_id is None:
         return True  # no election here (e.g. a test harness): the term check suffices
-    try:
-        outcome = _task_start_script(controller)(
-            term, keys=[controller.lock.key(f"task:{task_id}")], args=[TASK_CLAIM_TTL_MS])
-    except Exception:
-        log.exception("could not claim leader-only task %s; treating this worker as follower",
-                      task_id)
-        return False
+    attempt = f"running:{term}:{uuid.uuid4().hex}"
+    delay = 0.05
+    while True:
+        try:
+            outcome = _task_start_script(controller)(
+                term, keys=[controller.lock.key(f"task:{task_id}")],
+                args=[TASK_CLAIM_TTL_MS, attempt])
+            break
+        except Exception as exc:
+            # The claim may have been written even though its reply was lost, so
+            # giving up now would make a redelivery under this term look like a
+            # duplicate.  Ask again with the same attempt token while this term
+            # lasts; once it is over, a later term re-runs the task anyway.
+            if current_term() != term:
+                log.warning("could not claim leader-only task %s (%s) and this leadership "
+                            "ended; handing it to the next leader", task_id, exc)
+                return False
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)
     if outcome == FENCED:
         return False
     return True if outcome == 1 else None

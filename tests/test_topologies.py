@@ -577,7 +577,8 @@ def _everything(client: Any, name: str) -> None:
     lock = RedisLock(client, name=name, identity="task-runner")
     term = lock.create(_record("task-runner")).record.term  # type: ignore[union-attr]
     task_key = lock.key("task:some-id")
-    assert lock.fenced_script(TASK_START_LUA)(term, keys=[task_key], args=[60000]) == 1
+    assert lock.fenced_script(TASK_START_LUA)(
+        term, keys=[task_key], args=[60000, f"running:{term}:attempt"]) == 1
     client.set(task_key, "done", px=60000)  # what @leader_only does after the run
     client.delete(task_key)
     assert lock.release(term)
