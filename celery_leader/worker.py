@@ -86,14 +86,18 @@ class LeaderController:
         self.hub = getattr(worker, "hub", None)
         if self.settings.healthz_port is not None:
             self.http = serve_healthz(self.healthz, self.settings.healthz_port,
+                                      host=self.settings.healthz_host,
                                       routes={"/leader": self.status_route})
         self._thread = threading.Thread(target=run_elector, args=(self.elector, self._stop),
                                         name="celery-leader-elector", daemon=True)
         self._thread.start()
 
     def begin_warm_shutdown(self) -> None:
-        """Stop taking new leader work; keep the lease while the pool drains."""
+        """Stop taking new leader work; keep the lease while the pool drains.
+        A follower stops contending now: a worker on its way out must not lead."""
         self._accepting = False
+        if not self.elector.is_leader():
+            self.elector.stop()
         self._reconcile_queue()
 
     def shutdown(self, release: bool = True) -> None:
