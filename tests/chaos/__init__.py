@@ -1,0 +1,1 @@
+"""Fault-injection ("chaos") suite: real worker replicas on a real, restartable Redis."""
