@@ -72,7 +72,11 @@ if current then
 end
 local now = redis.call('TIME')
 local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-local version = redis.call('HINCRBY', KEYS[2], 'version', 1)
+local version = redis.pcall('HINCRBY', KEYS[2], 'version', 1)
+if type(version) == 'table' then
+  return redis.error_reply('celery-leader: term counter ' .. KEYS[2] .. ' is unusable (' ..
+    tostring(version.err) .. '); repair it by hand: deleting it restarts terms at 1')
+end
 local term, acquire_ms, transitions
 if want_term ~= 0 and prev and prev.holderIdentity == holder and prev.term == want_term then
   term = want_term

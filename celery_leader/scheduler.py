@@ -215,6 +215,7 @@ class ScheduleRunner:
         self._unsent = False
         # Sent, but the pending copy is not deleted yet: never sent again by this runner.
         self._sent_pending: set[str] = set()
+        self._warned_unknown: set[tuple[str, str]] = set()
         self.dispatched = 0
 
     def wake(self) -> None:
@@ -282,6 +283,7 @@ class ScheduleRunner:
         entries.update(self.store.runtime_entries())
         states = self.store.states()
         slots: dict[str, _Slot] = {}
+        self._warn_unknown_tasks(entries)
         for name, entry in entries.items():
             state = states.get(name)
             last = _from_ms(state["last"]) if state else None
@@ -298,6 +300,19 @@ class ScheduleRunner:
                 anchor = max(anchor, started_at)
             slots[name] = _Slot(entry, last, entry.next_fire_after(anchor))
         return slots
+
+    def _warn_unknown_tasks(self, entries: dict[str, Entry]) -> None:
+        # Still sent: the task may be registered only on other workers.
+        try:
+            known = set(self.app.tasks)
+        except Exception:  # pragma: no cover - an app that cannot list its tasks
+            return
+        for name, entry in entries.items():
+            key = (name, entry.task)
+            if entry.task not in known and key not in self._warned_unknown:
+                self._warned_unknown.add(key)
+                log.warning("celery-leader: entry %r sends task %r, which this app does not "
+                            "register; it is sent anyway (check the name)", name, entry.task)
 
     # -- one entry ------------------------------------------------------------
 

@@ -752,3 +752,23 @@ def test_runtime_change_does_not_postpone_an_entry_that_has_not_fired_yet(h: Har
     wait_until(lambda: sent(app).fire_times("ten"), 5, message="the 10 s entry fires at 10.5")
     h.stop(runner)
     assert sent(app).fire_times("ten") == [iso(10.5)]
+
+
+def test_unknown_task_name_is_warned_once_and_still_sent(
+        redis_client: redis.Redis, election_name: str, caplog: pytest.LogCaptureFixture) -> None:
+    from celery import Celery
+
+    from celery_leader.scheduler import ScheduleRunner
+    from celery_leader.settings import LeaderSettings
+
+    app = Celery("unknown-task-app", set_as_current=False)
+    app.conf.beat_schedule = {"typo": {"task": "proj.tasks.no_such_task", "schedule": 60.0}}
+    lock = RedisLock(redis_client, election_name, "a")
+    runner = ScheduleRunner(app, lock, LeaderSettings(redis_url="redis://unused",
+                                                      name=election_name))
+    started = datetime.now(timezone.utc)
+    with caplog.at_level(logging.WARNING, logger="celery_leader.scheduler"):
+        slots = runner._load_slots(started)
+        runner._load_slots(started, slots)
+    assert caplog.text.count("proj.tasks.no_such_task") == 1
+    assert "typo" in slots
