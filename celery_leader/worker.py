@@ -76,6 +76,7 @@ class LeaderController:
         self.consumer: Any = None
         self.worker: Any = None
         self.http: HealthzServer | None = None
+        self._unsent_event: tuple[str, dict[str, Any]] | None = None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -165,15 +166,28 @@ class LeaderController:
     def _send(self, signal: Any, event_type: str, **fields: Any) -> None:
         signal.send(sender=self.app, **fields)
         dispatcher = getattr(self.consumer, "event_dispatcher", None)
-        if dispatcher is not None and getattr(dispatcher, "enabled", False) and self.hub:
-            self.hub.call_soon(lambda: dispatcher.send(event_type, name=self.settings.name,
-                                                       **fields))
+        if dispatcher is None:
+            # The first election usually ends before the consumer exists: keep
+            # the latest transition and send it once the consumer attaches.
+            self._unsent_event = (event_type, fields)
+        elif getattr(dispatcher, "enabled", False) and self.hub:
+            self.hub.call_soon(lambda: self._send_event(dispatcher, event_type, fields))
+
+    def _send_event(self, dispatcher: Any, event_type: str, fields: dict[str, Any]) -> None:
+        try:
+            dispatcher.send(event_type, name=self.settings.name, **fields)
+        except Exception:
+            log.exception("celery-leader: could not send the %s event", event_type)
 
     # ------------------------------------------------------------ leader queue
 
     def attach_consumer(self, consumer: Any) -> None:
         """Called in the consumer thread after every (re)connect."""
         self.consumer = consumer
+        unsent, self._unsent_event = self._unsent_event, None
+        dispatcher = getattr(consumer, "event_dispatcher", None)
+        if unsent is not None and dispatcher is not None and getattr(dispatcher, "enabled", False):
+            self._send_event(dispatcher, *unsent)
         self._apply_queue_state()
 
     def detach_consumer(self) -> None:
