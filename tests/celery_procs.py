@@ -13,6 +13,7 @@ with the test's own ``time.monotonic()``.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -26,6 +27,8 @@ from typing import Any, TypeVar
 
 import redis
 
+from tests.waiting import wait_until as _wait_until
+
 ROOT = Path(__file__).resolve().parent.parent
 LEADER_APP = "tests.apps.leader_app"
 EVENTS_KEY = "test:events"
@@ -34,23 +37,12 @@ LEASE, RENEW, RETRY = 2.0, 1.4, 0.3
 # client-go's bound for a crash: the lease, plus up to two jittered retry periods.
 FAILOVER_BOUND = LEASE + 2.2 * RETRY
 POLL = 0.05
+# The shared bounded wait, polling at this module's pace.
+wait_until = functools.partial(_wait_until, interval=POLL)
 
 T = TypeVar("T")
 
 
-def wait_until(condition: Callable[[], T | None], timeout: float, what: str,
-               describe: Callable[[], str] = lambda: "") -> T:
-    """Poll ``condition`` until it returns something truthy, at most ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() >= deadline:
-            detail = describe()
-            raise AssertionError(f"timed out after {timeout:.1f}s waiting for {what}"
-                                 + (f"\n{detail}" if detail else ""))
-        time.sleep(POLL)
 
 
 class Events:

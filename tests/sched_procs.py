@@ -20,13 +20,14 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import redis
+
+from tests.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = "tests.apps.beat_app"
@@ -36,23 +37,8 @@ KEY_PREFIX = "celery-leader"
 LEASE, RENEW, RETRY = 2.0, 1.4, 0.3
 POLL = 0.02
 
-T = TypeVar("T")
 
 
-def wait_until(predicate: Callable[[], T], timeout: float, message: str = "",
-               describe: Callable[[], str] = lambda: "", interval: float = POLL) -> T:
-    """Poll ``predicate`` until it returns something truthy (returned), at most
-    ``timeout`` seconds; otherwise fail with ``message`` and ``describe()``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() >= deadline:
-            detail = describe()
-            raise AssertionError(f"timed out after {timeout:.1f}s waiting for "
-                                 f"{message or predicate!r}" + (f"\n{detail}" if detail else ""))
-        time.sleep(interval)
 
 
 @dataclass

@@ -217,7 +217,7 @@ def first_term(h: Harness, until: float) -> int:
     h.start(runner, term)
     for second in range(1, int(until) + 1):
         advance(clock, runner, second + 0.2)
-        wait_until(lambda s=second: h.last() == iso(s), 5, message=f"term 1 claims {second}")
+        wait_until(lambda s=second: h.last() == iso(s), 5, what=f"term 1 claims {second}")
     h.stop(runner)
     assert sent(app).fire_times() == [iso(s) for s in range(1, int(until) + 1)]
     return term
@@ -243,14 +243,14 @@ def test_catch_up_policy_after_a_leadership_gap(h: Harness, policy: str,
     h.start(runner, term2)
     # Whatever the policy, the missed ticks are passed over in one step: the
     # state ends at the last missed tick (as "skipped" when it was not sent).
-    wait_until(lambda: h.last() == iso(10), 5, message="term 2 passes over the missed ticks")
+    wait_until(lambda: h.last() == iso(10), 5, what="term 2 passes over the missed ticks")
     assert h.states()["every"]["skipped"] is (policy == "none")
     assert sent(app).fire_times() == [iso(s) for s in caught_up]
     # Ticks after the leadership started are sent under every policy, once.
     advance(clock, runner, 11.1)
-    wait_until(lambda: h.last() == iso(11), 5, message="term 2 sends 11")
+    wait_until(lambda: h.last() == iso(11), 5, what="term 2 sends 11")
     advance(clock, runner, 12.1)
-    wait_until(lambda: h.last() == iso(12), 5, message="term 2 sends 12")
+    wait_until(lambda: h.last() == iso(12), 5, what="term 2 sends 12")
     h.stop(runner)
     assert sent(app).fire_times() == [iso(s) for s in [*caught_up, 11, 12]]
     assert set(sent(app).terms()) == {term2}
@@ -387,7 +387,7 @@ def test_a_fire_time_is_claimed_once_by_concurrent_claimers(h: Harness) -> None:
     loads = [spy_loads(runner) for runner in runners]
     for runner in runners:
         h.start(runner, term)
-    wait_until(lambda: all(loads), 5, message="both runners loaded their slots")
+    wait_until(lambda: all(loads), 5, what="both runners loaded their slots")
     for second in (1, 2, 3, 4):
         clock.set(second + 0.2)
         for runner in runners:
@@ -418,7 +418,7 @@ def test_fenced_claim_stops_dispatching(h: Harness, taker: str,
     with caplog.at_level(logging.INFO, logger="celery_leader.scheduler"):
         advance(clock, runner, 3.1)
         thread = h.thread_of(runner)
-        wait_until(lambda: not thread.is_alive(), 5, message="run() returns once fenced")
+        wait_until(lambda: not thread.is_alive(), 5, what="run() returns once fenced")
     assert sent(app).fire_times() == [iso(1)]
     assert h.states()["every"] == {**h.states()["every"], "last": round((T0 + 1) * 1000),
                                    "term": term}
@@ -483,7 +483,7 @@ def test_claimed_but_unpublished_tick_of_a_crashed_term_is_republished(h: Harnes
     lock2, term2 = h.lead("b")
     runner2 = h.runner(app2, lock2, clock2)
     h.start(runner2, term2)
-    wait_until(lambda: len(sent(app2).calls) == 1, 5, message="term 2 re-publishes tick 1")
+    wait_until(lambda: len(sent(app2).calls) == 1, 5, what="term 2 re-publishes tick 1")
     advance(clock2, runner2, 2.1)
     wait_until(lambda: h.last() == iso(2), 5)
     h.stop(runner2)
@@ -513,7 +513,7 @@ def test_stale_term_cannot_adopt_pending_ticks(h: Harness) -> None:
     runner2 = h.runner(app2, lock2, Clock(5.5))
     h.start(runner2, term2)
     thread = h.thread_of(runner2)
-    wait_until(lambda: not thread.is_alive(), 5, message="stale runner returns")
+    wait_until(lambda: not thread.is_alive(), 5, what="stale runner returns")
     assert sent(app2).calls == []
     assert [p["term"] for p in h.pending().values()] == [term1]
     assert term3 > term2
@@ -529,7 +529,7 @@ def test_send_failure_is_retried_with_the_same_task_id(h: Harness) -> None:
     advance(clock, runner, 1.1)
     wait_until(lambda: h.last() == iso(1) and h.pending(), 5)
     sent(app).fail = None
-    wait_until(lambda: sent(app).calls, 5, message="retried within a retry period")
+    wait_until(lambda: sent(app).calls, 5, what="retried within a retry period")
     wait_until(lambda: not h.pending(), 5)
     h.stop(runner)
     assert [c["task_id"] for c in sent(app).calls] == expected_ids(h.name, "every", [1])
@@ -564,7 +564,7 @@ def test_redis_error_after_a_send_does_not_send_the_tick_again(h: Harness) -> No
     h.start(runner, term)
     advance(clock, runner, 1.1)
     wait_until(lambda: sent(app).calls, 5)
-    wait_until(lambda: not h.pending(), 5, message="the pending copy is cleaned up")
+    wait_until(lambda: not h.pending(), 5, what="the pending copy is cleaned up")
     advance(clock, runner, 2.1)
     wait_until(lambda: h.last() == iso(2) and len(sent(app).calls) >= 2, 5)
     h.stop(runner)
@@ -666,7 +666,7 @@ def test_runtime_entries_added_disabled_removed_while_running(h: Harness) -> Non
 
     added = time.monotonic()
     store.add("sub", "app.tick", 0.1, args=["sub"])
-    wait_until(lambda: sub_sends(), 0.3 + 0.1 + slack + 1, message="added entry fires")
+    wait_until(lambda: sub_sends(), 0.3 + 0.1 + slack + 1, what="added entry fires")
     assert sub_sends()[0] - added <= 0.3 + 0.1 + slack
 
     wait_until(lambda: len(sub_sends()) >= 5, 5)
@@ -679,7 +679,7 @@ def test_runtime_entries_added_disabled_removed_while_running(h: Harness) -> Non
 
     enabled = time.monotonic()
     store.enable("sub")
-    wait_until(lambda: sub_sends(enabled), 0.3 + 0.1 + slack + 1, message="re-enabled fires")
+    wait_until(lambda: sub_sends(enabled), 0.3 + 0.1 + slack + 1, what="re-enabled fires")
     first = sub_sends(enabled)[0]
     assert first - enabled <= 0.3 + 0.1 + slack
     # No catch-up for the ~1 s it was disabled: nothing but one tick in the first 50 ms.
@@ -742,14 +742,14 @@ def test_runtime_change_does_not_postpone_an_entry_that_has_not_fired_yet(h: Har
     runner = h.runner(app, lock, clock)
     loads = spy_loads(runner)
     h.start(runner, term)
-    wait_until(lambda: loads, 5, message="the runner loaded its entries")
+    wait_until(lambda: loads, 5, what="the runner loaded its entries")
     advance(clock, runner, 5.0)
     ScheduleStore.for_app(app).add("rt", "app.tick", cron("* * * * * *"), args=["rt"])
-    wait_until(lambda: len(loads) == 2, 5, message="the runner re-read the entries")
+    wait_until(lambda: len(loads) == 2, 5, what="the runner re-read the entries")
     advance(clock, runner, 6.1)
-    wait_until(lambda: h.last("rt") == iso(6), 5, message="the runtime entry was picked up")
+    wait_until(lambda: h.last("rt") == iso(6), 5, what="the runtime entry was picked up")
     advance(clock, runner, 10.6)
-    wait_until(lambda: sent(app).fire_times("ten"), 5, message="the 10 s entry fires at 10.5")
+    wait_until(lambda: sent(app).fire_times("ten"), 5, what="the 10 s entry fires at 10.5")
     h.stop(runner)
     assert sent(app).fire_times("ten") == [iso(10.5)]
 

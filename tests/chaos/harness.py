@@ -14,6 +14,7 @@ replicas record compares with the test's own clock.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import json
 import os
@@ -23,15 +24,16 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import redis
 
 from celery_leader.embedded import EmbeddedRedis, free_port
+from tests.waiting import wait_until as _wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 APP = "tests.apps.chaos_app"
@@ -45,24 +47,11 @@ LEADER_QUEUE = "celery_leader"
 # Short timings, as the issue asks: lease / renew deadline / retry period.
 LEASE, RENEW, RETRY = 2.0, 1.4, 0.3
 POLL = 0.05
+# The shared bounded wait, polling at this module's pace.
+wait_until = functools.partial(_wait_until, interval=POLL)
 
-T = TypeVar("T")
 
 
-def wait_until(predicate: Callable[[], T], timeout: float, what: str,
-               describe: Callable[[], str] = lambda: "", interval: float = POLL) -> T:
-    """Poll ``predicate`` until it returns something truthy (returned), at most
-    ``timeout`` seconds; otherwise fail naming ``what`` and ``describe()``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() >= deadline:
-            detail = describe()
-            raise AssertionError(f"timed out after {timeout:.1f}s waiting for {what}"
-                                 + (f"\n{detail}" if detail else ""))
-        time.sleep(interval)
 
 
 # ---------------------------------------------------------------- processes
