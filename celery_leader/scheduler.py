@@ -25,6 +25,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from .entries import Entry, EntryError, entries_from_config, entry_from_json, entry_to_json
+from .publish import Unsupported, capture_redis_publish
 from .redislock import FENCED, RedisLock
 from .settings import LeaderSettings
 
@@ -46,6 +47,16 @@ if current then
 end
 redis.call('HSET', KEYS[2], ARGV[3], ARGV[5])
 if ARGV[7] ~= '' then redis.call('HSET', KEYS[3], ARGV[6], ARGV[7]) end
+return 1
+"""
+
+# Fenced: pushes the broker message(s) ARGV[5..] to the broker lists KEYS[3..]
+# and deletes the pending copy ARGV[3], only if that copy is still ARGV[4].  A
+# tick is thus either published and cleared, or neither, and only by its term.
+PUBLISH_TICK_LUA = """
+if redis.call('HGET', KEYS[2], ARGV[3]) ~= ARGV[4] then return 0 end
+for i = 3, #KEYS do redis.call('LPUSH', KEYS[i], ARGV[i + 2]) end
+redis.call('HDEL', KEYS[2], ARGV[3])
 return 1
 """
 
@@ -211,6 +222,10 @@ class ScheduleRunner:
         self._now = now
         self._claim = lock.fenced_script(CLAIM_TICK_LUA)
         self._adopt = lock.fenced_script(ADOPT_PENDING_LUA)
+        self._publish_tick = lock.fenced_script(PUBLISH_TICK_LUA)
+        # None until the first publish tells whether the broker is the lease's Redis.
+        self.atomic_publish: bool | None = None
+        self._warned_unsupported: set[str] = set()
         self._wake = threading.Event()
         self._unsent = False
         # Sent, but the pending copy is not deleted yet: never sent again by this runner.
@@ -386,9 +401,17 @@ class ScheduleRunner:
         headers = dict(options.pop("headers", None) or {})
         headers.update(leader_fire_time=_from_ms(data["fire_ms"]).isoformat(),
                        leader_term=term)
-        try:
+
+        def send(producer: Any = None) -> None:
+            extra = {} if producer is None else {"producer": producer}
             self.app.send_task(data["task"], args=data["args"], kwargs=data["kwargs"],
-                               task_id=data["task_id"], headers=headers, **options)
+                               task_id=data["task_id"], headers=headers, **extra, **options)
+
+        if self.atomic_publish is not False and self._publish_atomically(
+                tick, message, term, data["entry"], send):
+            return
+        try:
+            send()
         except Exception:
             log.exception("celery-leader: could not send %s; will retry", tick)
             self._unsent = True
@@ -397,6 +420,47 @@ class ScheduleRunner:
         self._sent_pending.add(tick)
         self.store.client.hdel(self.store.pending_key, tick)  # a Redis error: run() retries
         self._sent_pending.discard(tick)
+
+    def _publish_atomically(self, tick: str, message: str, term: int, entry: str,
+                            send: Callable[[Any], None]) -> bool:
+        """Publish through PUBLISH_TICK_LUA when the broker allows it; False means
+        nothing was sent and the caller must publish the ordinary way."""
+        try:
+            pushes = capture_redis_publish(self.app, self.store.client, send)
+        except Unsupported as why:
+            if entry not in self._warned_unsupported:
+                self._warned_unsupported.add(entry)
+                log.warning("celery-leader: entry %r is published after its claim, not with "
+                            "it (%s): a leader that dies in between makes the next one send "
+                            "it again", entry, why)
+            return False
+        except Exception:
+            log.exception("celery-leader: could not send %s; will retry", tick)
+            self._unsent = True
+            return True
+        if self.atomic_publish is None:
+            self.atomic_publish = pushes is not None
+            log.info("celery-leader: ticks are published %s", "in the same atomic step as "
+                     "their claim is cleared" if pushes is not None else
+                     "after their claim (the broker is not the lease's Redis)")
+        if pushes is None:
+            return False
+        try:
+            result = self._publish_tick(
+                term, keys=[self.store.pending_key, *(key for key, _ in pushes)],
+                args=[tick, message, *(payload for _, payload in pushes)])
+        except Exception:
+            log.exception("celery-leader: could not send %s; will retry", tick)
+            self._unsent = True
+            return True
+        if result == FENCED:
+            log.warning("celery-leader: term %d ended before %s was sent; left pending for "
+                        "the next leader", term, tick)
+        elif result == 1:
+            self.dispatched += 1
+        else:
+            log.info("celery-leader: %s was already sent", tick)
+        return True
 
     def _recover_pending(self, term: int) -> bool:
         """Send what an older term claimed but may not have published, and what

@@ -35,14 +35,24 @@ def redis_server() -> Iterator[str]:
         server.cleanup()
 
 
-@pytest.fixture
-def redis_url(redis_server: str) -> str:
-    """A flushed database of its own for this test."""
+def _fresh_database(redis_server: str) -> str:
     url = f"{redis_server}/{next(_db_numbers)}"
     client = redis.Redis.from_url(url)
     client.flushdb()
     client.close()
     return url
+
+
+@pytest.fixture
+def redis_url(redis_server: str) -> str:
+    """A flushed database of its own for this test."""
+    return _fresh_database(redis_server)
+
+
+@pytest.fixture
+def other_redis_url(redis_server: str, redis_url: str) -> str:
+    """A second flushed database on the same server (e.g. a broker apart from the lease)."""
+    return _fresh_database(redis_server)
 
 
 @pytest.fixture

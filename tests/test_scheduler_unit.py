@@ -1,8 +1,10 @@
 """ScheduleRunner's Redis state logic, against a real Redis, with a fake clock.
 
-No broker and no worker: the app's ``send_task`` is replaced by a recorder,
+No broker and no worker: the app's ``send_task`` is replaced by a recorder
+(and its broker is ``memory://``, so ticks take the publish-then-clear path),
 because the claims here are about the fenced state in Redis (what is claimed,
 by which term, what is sent and what is skipped), not about delivery.  The
+atomic publish into a Redis broker is tested in test_atomic_publish.py.  The
 loop is the real ``ScheduleRunner.run(term, stop)`` in a thread; the test moves
 the injected ``now`` forward and wakes the runner, then waits (bounded) for the
 outcome in Redis or in the recorder.
@@ -101,8 +103,8 @@ class Harness:
         self.threads: list[tuple[threading.Thread, threading.Event, ScheduleRunner]] = []
 
     def app(self, beat_schedule: dict[str, Any] | None = None) -> Celery:
-        app = Celery("sched_unit", broker=self.redis_url, set_as_current=False)
-        app.conf.update(leader_name=self.name,
+        app = Celery("sched_unit", broker="memory://", set_as_current=False)
+        app.conf.update(leader_name=self.name, leader_redis_url=self.redis_url,
                         beat_schedule={"every": EVERY_SECOND} if beat_schedule is None
                         else beat_schedule)
         app.send_task = Sent()  # type: ignore[method-assign]

@@ -7,8 +7,10 @@ hooks, each a file that arms the fault while it exists:
 
 - CHAOS_WEDGE_FILE: the elector's lock reads and writes block (a wedged
   elector thread in a process that otherwise lives on);
-- CHAOS_FREEZE_FILE: the scheduler thread freezes right after publishing a tick,
-  before it clears the tick's pending copy (writes ``<file>.frozen`` first);
+- CHAOS_FREEZE_FILE: the scheduler thread freezes in Celery's
+  ``after_task_publish`` of a tick: the message is built, but the fenced script
+  that pushes it to the broker and clears its pending copy has not run yet
+  (writes ``<file>.frozen`` first; thaws when the file is removed);
 - CHAOS_LOSE_REPLY_FILE: the next start claim of a leader-only task runs in
   Redis but its reply is lost, as when a stalled server answers after the
   client's socket timeout (one-shot: the file is removed).

@@ -23,10 +23,9 @@ Redis outage dispatched after it came back) — and every replica must be
 contending again: healthy, following the current lease, and ``celery leader
 status`` naming a live replica.
 
-Two targeted tests hit, on purpose, windows the random sequence only rarely
-lands in: a tick published just before its leader crashes (a strict xfail: the
-next leader publishes it again), and a leader-only task whose start claim's
-reply is lost.
+Targeted tests hit, on purpose, windows the random sequence only rarely lands
+in: a leader that crashes, or is paused past its lease, while publishing a
+tick it claimed, and a leader-only task whose start claim's reply is lost.
 """
 
 from __future__ import annotations
@@ -50,6 +49,7 @@ from tests.chaos.harness import (
     ROOT,
     ChaosCluster,
     Dispatch,
+    Replica,
     check_dispatches,
     wait_until,
 )
@@ -185,27 +185,41 @@ def settle_and_check(cluster: ChaosCluster, catch_up: str,
 # ---------------------------------------------------------------- targeted faults
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: celery_leader/scheduler.py adopts and re-publishes every pending tick of an "
-    "older term, including one that was published just before its leader died, so the "
-    "fire time is dispatched twice (at-least-once in the publish-to-HDEL window)"))
-def test_tick_published_by_a_leader_that_crashed_before_clearing_it_is_sent_again(
+def _freeze_mid_publish(cluster: ChaosCluster, leader: Replica) -> int:
+    """Freeze ``leader``'s scheduler between building a tick's message and the
+    fenced script that pushes it and clears its pending copy; the fire second."""
+    leader.freeze_file.touch()
+    marker = leader.freeze_file.with_name(leader.freeze_file.name + ".frozen")
+    wait_until(marker.exists, WAIT, f"{leader.name} to freeze while publishing a tick")
+    [tick] = [k.decode() for k in cluster.client.hkeys(cluster.key("schedule:pending"))]
+    fire = int(tick.rsplit("@", 1)[1]) // 1000
+    assert all(d.fire != fire for d in cluster.dispatches()), (
+        f"tick {tick} reached the broker before its fenced publish ran")
+    return fire
+
+
+def _sent_once_by_a_later_term(cluster: ChaosCluster, fire: int, term: int) -> None:
+    dispatches = cluster.dispatches()
+    result = check_dispatches(dispatches, contiguous=True)
+    assert not result.problems, "\n".join([result.summary(), *result.problems])
+    sent = [d for d in dispatches if d.fire == fire]
+    assert len(sent) == 1 and sent[0].term > term, (
+        f"tick {fire}, claimed by term {term}, was sent by term(s) {[d.term for d in sent]}")
+
+
+def test_tick_claimed_by_a_leader_that_crashed_while_publishing_it_is_sent_once(
         chaos_cluster: ClusterFactory) -> None:
-    """The leader publishes a tick and crashes before it deletes the tick's pending
-    copy (a window of one HDEL round trip, hit here on purpose).  The next leader
-    adopts every pending tick of an older term and publishes it: the fire time is
-    dispatched twice, with two terms.  Found by this suite; see the report."""
+    """The leader claims a tick and crashes while publishing it (frozen there on
+    purpose, then SIGKILLed).  Pushing the message and clearing its pending copy
+    are one fenced script, so the tick is either in the broker and cleared, or
+    neither: the next leader sends it, once.  (Before the fenced publish, a
+    crash between the publish and the clean-up made it send the tick again.)"""
     cluster = chaos_cluster(2, LEADER_CATCH_UP="all")
     chaos = Chaos(cluster, random.Random(0), first_outlive=True)
     try:
         leader, term, _ = cluster.wait_leader(WAIT)
         chaos.wait_dispatching(0.0)
-        leader.freeze_file.touch()
-        marker = leader.freeze_file.with_name(leader.freeze_file.name + ".frozen")
-        wait_until(marker.exists, WAIT, f"{leader.name} to freeze after publishing a tick")
-        frozen = max((d for d in cluster.dispatches() if d.pid == leader.pid),
-                     key=lambda d: d.at)
-        assert cluster.pending() >= 1, "the frozen tick's pending copy should still be there"
+        fire = _freeze_mid_publish(cluster, leader)
         leader.signal(signal.SIGKILL)
         leader.popen.wait(10)
         seen = cluster.wait_leader(WAIT, after_term=term)[2]
@@ -213,13 +227,35 @@ def test_tick_published_by_a_leader_that_crashed_before_clearing_it_is_sent_agai
         wait_until(lambda: cluster.pending() == 0, WAIT, "pending ticks to be sent")
     finally:
         chaos.close()
-    dispatches = cluster.dispatches()
-    result = check_dispatches(dispatches, contiguous=True)
-    again = [d for d in dispatches if d.fire == frozen.fire and d.term != frozen.term]
-    assert not result.problems, (
-        f"tick {frozen.fire} published by term {frozen.term} just before its leader "
-        f"crashed was published again by term(s) {[d.term for d in again]}: "
-        + "; ".join(result.problems))
+    _sent_once_by_a_later_term(cluster, fire, term)
+
+
+def test_leader_frozen_while_publishing_a_tick_sends_nothing_when_it_wakes(
+        chaos_cluster: ClusterFactory) -> None:
+    """The leader claims a tick and stops (SIGSTOP) while publishing it, past its
+    lease.  The next leader sends the tick; the old one, woken, finds its term
+    over inside the fenced publish and sends nothing.  (Before the fenced
+    publish, a leader paused between its leadership check and the publish sent
+    the tick a second time when it woke.)"""
+    cluster = chaos_cluster(2, LEADER_CATCH_UP="all")
+    chaos = Chaos(cluster, random.Random(0), first_outlive=True)
+    try:
+        leader, term, _ = cluster.wait_leader(WAIT)
+        chaos.wait_dispatching(0.0)
+        fire = _freeze_mid_publish(cluster, leader)
+        leader.signal(signal.SIGSTOP)
+        _, _, seen = cluster.wait_leader(WAIT, after_term=term)
+        wait_until(lambda: any(d.fire == fire for d in cluster.dispatches()), WAIT,
+                   f"the next leader to send tick {fire}", cluster.describe_state)
+        leader.freeze_file.unlink()
+        leader.signal(signal.SIGCONT)
+        wait_until(lambda: f"term {term} ended before" in leader.log(), WAIT,
+                   "the woken leader's fenced publish to be refused",
+                   lambda: leader.log()[-3000:])
+        chaos.wait_dispatching(seen)
+    finally:
+        chaos.close()
+    _sent_once_by_a_later_term(cluster, fire, term)
 
 
 def test_leader_only_task_runs_although_the_reply_to_its_start_claim_was_lost(
