@@ -1,6 +1,6 @@
 """Publishing a tick in the same atomic step as clearing its claim.
 
-When the broker is the very Redis (server, database and user) that holds the
+When the broker is the very Redis (server and database) that holds the
 lease, the scheduler does not let kombu write the message: it lets Celery and
 kombu build it as usual, takes the ``LPUSH`` that kombu's Redis transport
 would run, and runs it inside the fenced script that also deletes the tick's
@@ -17,9 +17,9 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-# What identifies "the same Redis": a script only sees one server and database,
-# and an ACL user limited to the lease keys could not push to the queue.
-_SAME_SERVER_FIELDS = ("host", "port", "path", "db", "username")
+# What identifies "the same Redis": a script only sees one server and database.
+# (An ACL user that may not push to the queue is found at the first push.)
+_SAME_SERVER_FIELDS = ("host", "port", "path", "db")
 
 
 class Unsupported(Exception):

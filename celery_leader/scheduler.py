@@ -24,6 +24,8 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+import redis
+
 from .entries import Entry, EntryError, entries_from_config, entry_from_json, entry_to_json
 from .publish import Unsupported, capture_redis_publish
 from .redislock import FENCED, RedisLock
@@ -427,6 +429,16 @@ class ScheduleRunner:
         nothing was sent and the caller must publish the ordinary way."""
         try:
             pushes = capture_redis_publish(self.app, self.store.client, send)
+            if self.atomic_publish is None:
+                self.atomic_publish = pushes is not None
+                log.info("celery-leader: ticks are published %s", "in the same atomic step "
+                         "as their claim is cleared" if pushes is not None else
+                         "after their claim (the broker is not the lease's Redis)")
+            if pushes is None:
+                return False
+            result = self._publish_tick(
+                term, keys=[self.store.pending_key, *(key for key, _ in pushes)],
+                args=[tick, message, *(payload for _, payload in pushes)])
         except Unsupported as why:
             if entry not in self._warned_unsupported:
                 self._warned_unsupported.add(entry)
@@ -434,22 +446,18 @@ class ScheduleRunner:
                             "it (%s): a leader that dies in between makes the next one send "
                             "it again", entry, why)
             return False
-        except Exception:
-            log.exception("celery-leader: could not send %s; will retry", tick)
-            self._unsent = True
-            return True
-        if self.atomic_publish is None:
-            self.atomic_publish = pushes is not None
-            log.info("celery-leader: ticks are published %s", "in the same atomic step as "
-                     "their claim is cleared" if pushes is not None else
-                     "after their claim (the broker is not the lease's Redis)")
-        if pushes is None:
-            return False
-        try:
-            result = self._publish_tick(
-                term, keys=[self.store.pending_key, *(key for key, _ in pushes)],
-                args=[tick, message, *(payload for _, payload in pushes)])
-        except Exception:
+        except Exception as error:
+            # NOPERM: Redis refuses the script's keys before running it (or, inside
+            # a script, at the first LPUSH, before it wrote anything).
+            if isinstance(error, redis.exceptions.NoPermissionError) or (
+                    isinstance(error, redis.exceptions.ResponseError)
+                    and "NOPERM" in str(error)):
+                self.atomic_publish = False
+                log.warning("celery-leader: the leader_redis_url user may not push to the "
+                            "broker's queue (%s); ticks are published after their claim "
+                            "from now on (grant it +lpush on the queue keys to fence the "
+                            "publish)", error)
+                return False
             log.exception("celery-leader: could not send %s; will retry", tick)
             self._unsent = True
             return True

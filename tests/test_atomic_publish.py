@@ -26,6 +26,7 @@ from celery_leader.record import LeaderElectionRecord
 from celery_leader.redislock import RedisLock
 from celery_leader.scheduler import ScheduleRunner
 from celery_leader.settings import LeaderSettings
+from tests.test_docs import documented_acl_rule
 
 UTC = timezone.utc
 FIRE = datetime(2031, 3, 4, 5, 6, 7, tzinfo=UTC)
@@ -207,10 +208,10 @@ def test_an_entry_that_cannot_be_captured_is_sent_the_ordinary_way_with_a_warnin
     ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0", True),
     ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/1", False),
     ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6380/0", False),
-    ("redis://leader@127.0.0.1:6379/0", "redis://127.0.0.1:6379/0", False),
+    ("redis://leader@127.0.0.1:6379/0", "redis://broker@127.0.0.1:6379/0", True),
     ("unix:///tmp/r.sock?db=2", "unix:///tmp/r.sock?db=2", True),
 ])
-def test_same_redis_means_same_server_database_and_user(lease: str, broker: str,
+def test_same_redis_means_same_server_and_database(lease: str, broker: str,
                                                         same: bool) -> None:
     assert same_redis(redis.Redis.from_url(lease), redis.Redis.from_url(broker)) is same
 
@@ -218,3 +219,37 @@ def test_same_redis_means_same_server_database_and_user(lease: str, broker: str,
 def test_a_client_without_one_known_server_is_never_the_same() -> None:
     sentinel_like = type("SentinelClient", (), {})()
     assert not same_redis(sentinel_like, redis.Redis.from_url("redis://127.0.0.1:6379/0"))
+
+
+@pytest.mark.parametrize("may_push", [False, True], ids=["election-keys-only", "may-push"])
+def test_an_acl_user_that_may_not_push_to_the_queue_falls_back_once_with_a_warning(
+        redis_url: str, election_name: str, may_push: bool,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The lease on an ACL user limited by the rule of docs/deployment.md (and,
+    in the second case, its optional +lpush), the broker on the default user of
+    the same database."""
+    admin = redis.Redis.from_url(redis_url)
+    user = f"u-{election_name}"
+    admin.acl_setuser(user, reset=True)
+    rule = documented_acl_rule().replace(">CHANGE-ME", ">pw").split()
+    admin.execute_command("ACL", "SETUSER", user, *rule,
+                          *(["~celery*", "+lpush"] if may_push else []))
+    host_db = redis_url.split("://", 1)[1]
+    made = Rig(f"redis://{user}:pw@{host_db}", election_name)
+    try:
+        lock, term = made.lead("a")
+        runner = made.runner(lock, broker=redis_url)
+        with caplog.at_level(logging.WARNING, logger="celery_leader.scheduler"):
+            made.fire(runner, term)
+            runner._claim_and_publish(
+                entry_from_config("job", {"task": "proj.job", "schedule": 60.0}, runner.app),
+                FIRE.replace(minute=7), term, publish=True)
+        assert runner.atomic_publish is may_push
+        assert admin.llen("celery") == 2 and runner.dispatched == 2
+        assert made.pending(lock) == {}
+        warnings = caplog.text.count("may not push to the broker's queue")
+        assert warnings == (0 if may_push else 1)
+    finally:
+        made.close()
+        admin.acl_deluser(user)
+        admin.close()
