@@ -67,7 +67,19 @@ def status(ctx: click.Context, as_json: bool) -> None:
 @click.pass_context
 def step_down(ctx: click.Context, timeout: float) -> None:
     app = ctx.obj.app
-    replies = app.control.broadcast("leader_step_down", reply=True, timeout=timeout) or []
+    replies: list[dict[str, Any]] = []
+    try:
+        holder = lease_status(app)["leader"] or ""
+    except ConfigurationError as exc:
+        raise click.UsageError(str(exc)) from None
+    # The default identity is "<worker nodename>:<pid>": ask that worker alone,
+    # and return as soon as it answers instead of waiting out the timeout.
+    nodename = holder.rpartition(":")[0]
+    if "@" in nodename:
+        replies = app.control.broadcast("leader_step_down", reply=True, timeout=timeout,
+                                        destination=[nodename], limit=1) or []
+    if not replies:  # a custom leader_identity: every worker checks for itself
+        replies = app.control.broadcast("leader_step_down", reply=True, timeout=timeout) or []
     stepping = [r for reply in replies for r in reply.values()
                 if r.get("ok") == "stepping down"]
     if stepping:

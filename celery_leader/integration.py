@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import click
@@ -72,10 +74,23 @@ def route_leader_only(name: str, args: Any, kwargs: Any, options: Any, task: Any
     return {"queue": setting(app, "leader_queue", "celery_leader")}
 
 
+@contextlib.contextmanager
+def exit_on_configuration_error() -> Iterator[None]:
+    """Turn a ConfigurationError into one stderr line and exit status 2 (Celery
+    stops the worker on SystemExit, also from a bootstep's start)."""
+    try:
+        yield
+    except ConfigurationError as exc:
+        # The real stderr: once the worker runs, sys.stderr is Celery's logging proxy.
+        print(f"celery-leader: configuration error: {exc}", file=sys.__stderr__ or sys.stderr,
+              flush=True)
+        raise SystemExit(2) from None
+
+
 def controller_for_worker(worker: Any, options: dict[str, Any]) -> LeaderController:
     """Build the worker's controller, or stop the worker with one clear line."""
     app = worker.app
-    try:
+    with exit_on_configuration_error():
         pool = getattr(worker, "pool_cls", None)
         pool_name = pool if isinstance(pool, str) else getattr(pool, "__module__", "")
         if any(refused in str(pool_name) for refused in REFUSED_POOLS):
@@ -85,9 +100,6 @@ def controller_for_worker(worker: Any, options: dict[str, Any]) -> LeaderControl
             )
         settings = _with_cli_overrides(read_settings(app), options)
         return LeaderController(app, settings, hostname=worker.hostname)
-    except ConfigurationError as exc:
-        print(f"celery-leader: configuration error: {exc}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
 
 
 def _with_cli_overrides(settings: LeaderSettings, options: dict[str, Any]) -> LeaderSettings:

@@ -51,6 +51,9 @@ def capture_redis_publish(app: Any, lease_client: Any,
     from kombu.utils import json as kombu_json
 
     dumps: Callable[[Any], str] = kombu_json.dumps  # what kombu's Redis ``_put`` uses
+    with app.connection_for_write() as connection:  # not connected: only its transport
+        if not isinstance(connection.transport, kombu_redis.Transport):
+            return None
     with app.producer_or_acquire() as producer:
         channel: Any = producer.channel
         redis_transport = isinstance(channel, kombu_redis.Channel)  # not narrowing ``channel``

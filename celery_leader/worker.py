@@ -21,7 +21,7 @@ from typing import Any
 from celery import bootsteps
 
 from . import signals
-from .config import LeaderCallbacks
+from .config import ConfigurationError, LeaderCallbacks
 from .elector import LeaderElector
 from .healthz import HealthzAdaptor, HealthzServer, serve_healthz
 from .redislock import RedisLock
@@ -85,10 +85,14 @@ class LeaderController:
         _controller = self
         self.worker = worker
         self.hub = getattr(worker, "hub", None)
-        if self.settings.healthz_port is not None:
-            self.http = serve_healthz(self.healthz, self.settings.healthz_port,
-                                      host=self.settings.healthz_host,
-                                      routes={"/leader": self.status_route})
+        port, host = self.settings.healthz_port, self.settings.healthz_host
+        if port is not None:
+            try:
+                self.http = serve_healthz(self.healthz, port, host=host,
+                                          routes={"/leader": self.status_route})
+            except OSError as exc:  # before the elector starts: this replica never leads
+                raise ConfigurationError(f"leader_healthz_port {port} cannot be served on "
+                                         f"{host}: {exc.strerror or exc}") from None
         self._thread = threading.Thread(target=run_elector, args=(self.elector, self._stop),
                                         name="celery-leader-elector", daemon=True)
         self._thread.start()
@@ -252,7 +256,10 @@ class LeaderWorkerStep(bootsteps.StartStopStep):  # type: ignore[misc]
         super().__init__(worker, **kwargs)
 
     def start(self, worker: Any) -> None:
-        self.controller.start(worker)
+        from .integration import exit_on_configuration_error
+
+        with exit_on_configuration_error():
+            self.controller.start(worker)
 
     def stop(self, worker: Any) -> None:
         self.controller.begin_warm_shutdown()

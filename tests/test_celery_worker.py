@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
+import time
 import urllib.error
 import urllib.request
 from collections import Counter
@@ -265,6 +267,24 @@ def test_invalid_setting_stops_the_worker_with_one_clear_line(
     assert cluster.events.all() == []
 
 
+def test_a_healthz_port_in_use_stops_the_worker_with_one_clear_line(cluster: Cluster) -> None:
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        [worker] = cluster.start(1, "prefork", env={"LEADER_HEALTHZ_PORT": str(port)},
+                                 split_stderr=True)
+        code = worker.wait_exit(30)
+    assert worker.stderr_path is not None
+    stderr = worker.stderr_path.read_text()
+    assert code == 2, worker.log()
+    lines = _without_root_warning(stderr)
+    assert lines == [f"celery-leader: configuration error: leader_healthz_port {port} cannot "
+                     f"be served on 0.0.0.0: Address already in use"], stderr
+    assert "Traceback" not in worker.log()
+    assert cluster.events.of("started_leading") == []
+
+
 # ---------------------------------------------------------------- 5. CLI and HTTP
 
 
@@ -330,7 +350,11 @@ def _assert_http_view(workers: list[Worker], ports: dict[str, int], identity: st
 
 def test_step_down_command_hands_leadership_to_another_replica(cluster: Cluster) -> None:
     _, leader, started = boot(cluster, 2, "solo")
-    result = cluster.celery("leader", "step-down", "--timeout", "1.5")
+    asked_at = time.monotonic()
+    result = cluster.celery("leader", "step-down", "--timeout", "30")
+    # It asks the lease holder's worker alone and returns on its reply, not
+    # after waiting the whole --timeout for other workers.
+    assert time.monotonic() - asked_at < 20
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip() == (f"{started['identity']} is stepping down "
                                      f"(term {started['term']})")
