@@ -81,9 +81,12 @@ def exit_on_configuration_error() -> Iterator[None]:
     try:
         yield
     except ConfigurationError as exc:
-        # The real stderr: once the worker runs, sys.stderr is Celery's logging proxy.
-        print(f"celery-leader: configuration error: {exc}", file=sys.__stderr__ or sys.stderr,
-              flush=True)
+        from celery.utils.log import LoggingProxy
+
+        stream = sys.stderr
+        if isinstance(stream, LoggingProxy):  # once the worker runs: not a log record
+            stream = sys.__stderr__ or stream
+        print(f"celery-leader: configuration error: {exc}", file=stream, flush=True)
         raise SystemExit(2) from None
 
 

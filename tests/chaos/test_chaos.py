@@ -185,9 +185,12 @@ def settle_and_check(cluster: ChaosCluster, catch_up: str,
 # ---------------------------------------------------------------- targeted faults
 
 
-def _freeze_mid_publish(cluster: ChaosCluster, leader: Replica) -> int:
-    """Freeze ``leader``'s scheduler between building a tick's message and the
-    fenced script that pushes it and clears its pending copy; the fire second."""
+def _freeze_mid_publish(cluster: ChaosCluster, chaos: Chaos) -> tuple[Replica, int, int]:
+    """Freeze the leader's scheduler between building a tick's message and the
+    fenced script that pushes it and clears its pending copy: (the leader, its
+    term, the tick's fire second)."""
+    leader, term, _ = cluster.wait_leader(WAIT)
+    chaos.wait_dispatching(0.0)
     leader.freeze_file.touch()
     marker = leader.freeze_file.with_name(leader.freeze_file.name + ".frozen")
     wait_until(marker.exists, WAIT, f"{leader.name} to freeze while publishing a tick")
@@ -195,7 +198,7 @@ def _freeze_mid_publish(cluster: ChaosCluster, leader: Replica) -> int:
     fire = int(tick.rsplit("@", 1)[1]) // 1000
     assert all(d.fire != fire for d in cluster.dispatches()), (
         f"tick {tick} reached the broker before its fenced publish ran")
-    return fire
+    return leader, term, fire
 
 
 def _sent_once_by_a_later_term(cluster: ChaosCluster, fire: int, term: int) -> None:
@@ -217,9 +220,7 @@ def test_tick_claimed_by_a_leader_that_crashed_while_publishing_it_is_sent_once(
     cluster = chaos_cluster(2, LEADER_CATCH_UP="all")
     chaos = Chaos(cluster, random.Random(0), first_outlive=True)
     try:
-        leader, term, _ = cluster.wait_leader(WAIT)
-        chaos.wait_dispatching(0.0)
-        fire = _freeze_mid_publish(cluster, leader)
+        leader, term, fire = _freeze_mid_publish(cluster, chaos)
         leader.signal(signal.SIGKILL)
         leader.popen.wait(10)
         seen = cluster.wait_leader(WAIT, after_term=term)[2]
@@ -240,9 +241,7 @@ def test_leader_frozen_while_publishing_a_tick_sends_nothing_when_it_wakes(
     cluster = chaos_cluster(2, LEADER_CATCH_UP="all")
     chaos = Chaos(cluster, random.Random(0), first_outlive=True)
     try:
-        leader, term, _ = cluster.wait_leader(WAIT)
-        chaos.wait_dispatching(0.0)
-        fire = _freeze_mid_publish(cluster, leader)
+        leader, term, fire = _freeze_mid_publish(cluster, chaos)
         leader.signal(signal.SIGSTOP)
         _, _, seen = cluster.wait_leader(WAIT, after_term=term)
         wait_until(lambda: any(d.fire == fire for d in cluster.dispatches()), WAIT,
