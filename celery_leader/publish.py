@@ -39,21 +39,24 @@ def same_redis(lease_client: Any, broker_client: Any) -> bool:
     return lease is not None and lease == broker
 
 
-def capture_redis_publish(app: Any, lease_client: Any,
-                          send: Callable[[Any], None]) -> list[tuple[str, str]] | None:
+def capture_redis_publish(app: Any, lease_client: Any, send: Callable[[Any], None],
+                          check_transport: bool = True) -> list[tuple[str, str]] | None:
     """Run ``send(producer)`` with kombu's Redis ``_put`` replaced by a recorder.
 
     Returns the (list key, payload) pairs kombu would have pushed, or None when
     the broker is not ``lease_client``'s Redis (nothing was sent then).  Raises
     :class:`Unsupported` for a publish it cannot capture (nothing was sent).
+    ``check_transport=False`` skips the look at the broker's transport (about
+    150 µs) once an earlier call found it to be Redis.
     """
     from kombu.transport import redis as kombu_redis
     from kombu.utils import json as kombu_json
 
     dumps: Callable[[Any], str] = kombu_json.dumps  # what kombu's Redis ``_put`` uses
-    with app.connection_for_write() as connection:  # not connected: only its transport
-        if not isinstance(connection.transport, kombu_redis.Transport):
-            return None
+    if check_transport:  # before a producer connects to a broker that may not be Redis
+        with app.connection_for_write() as connection:  # not connected: only its transport
+            if not isinstance(connection.transport, kombu_redis.Transport):
+                return None
     with app.producer_or_acquire() as producer:
         channel: Any = producer.channel
         redis_transport = isinstance(channel, kombu_redis.Channel)  # not narrowing ``channel``

@@ -428,7 +428,8 @@ class ScheduleRunner:
         """Publish through PUBLISH_TICK_LUA when the broker allows it; False means
         nothing was sent and the caller must publish the ordinary way."""
         try:
-            pushes = capture_redis_publish(self.app, self.store.client, send)
+            pushes = capture_redis_publish(self.app, self.store.client, send,
+                                           check_transport=self.atomic_publish is None)
             if self.atomic_publish is None:
                 self.atomic_publish = pushes is not None
                 log.info("celery-leader: ticks are published %s", "in the same atomic step "

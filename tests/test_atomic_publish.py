@@ -190,7 +190,7 @@ def test_a_fanout_publish_cannot_be_captured_and_nothing_is_sent(rig: Rig) -> No
 
 def test_an_entry_that_cannot_be_captured_is_sent_the_ordinary_way_with_a_warning(
         rig: Rig, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    def unsupported(*args: Any) -> None:
+    def unsupported(*args: Any, **kwargs: Any) -> None:
         raise Unsupported("fanout exchange")
 
     monkeypatch.setattr(scheduler, "capture_redis_publish", unsupported)
