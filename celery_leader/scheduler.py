@@ -9,6 +9,8 @@ Redis keys (all in the election's hash slot, values JSON):
 - ``schedule:pending`` hash tick  -> the message, between claim and publish
 - ``schedule:entries`` hash name  -> runtime entry definitions
 - ``schedule:version`` counter bumped on every runtime change
+- ``schedule:first-seen`` hash entry -> ms when a leader first loaded it (where
+  an entry that has not fired yet is anchored)
 """
 
 from __future__ import annotations
@@ -62,6 +64,22 @@ redis.call('HDEL', KEYS[2], ARGV[3])
 return 1
 """
 
+# Not fenced (any replica's answer is as good): records ARGV[1] as the first-seen
+# time of each entry ARGV[2..] that has none, and returns every entry's.  The
+# first leader to see an entry sets it; later leaders anchor the entry there.
+FIRST_SEEN_LUA = """
+local seen = {}
+for i = 2, #ARGV do
+  local at = redis.call('HGET', KEYS[1], ARGV[i])
+  if not at then
+    at = ARGV[1]
+    redis.call('HSET', KEYS[1], ARGV[i], at)
+  end
+  seen[#seen + 1] = at
+end
+return seen
+"""
+
 # Fenced: takes over a pending message left by an older term, if unchanged.
 ADOPT_PENDING_LUA = """
 if redis.call('HGET', KEYS[2], ARGV[3]) ~= ARGV[4] then return 0 end
@@ -99,6 +117,8 @@ class ScheduleStore:
         self.client = lock.client
         self.state_key = lock.key("schedule:state")
         self.pending_key = lock.key("schedule:pending")
+        self.first_seen_key = lock.key("schedule:first-seen")
+        self._first_seen = self.client.register_script(FIRST_SEEN_LUA)
         home = entries_name or lock.name
         self.entries_key = f"{lock.key_prefix}:{{{home}}}:schedule:entries"
         self.version_key = f"{lock.key_prefix}:{{{home}}}:schedule:version"
@@ -185,6 +205,22 @@ class ScheduleStore:
             return int(raw or 0)
         except ValueError:
             return -1
+
+    def first_seen(self, names: list[str], now_ms: int) -> dict[str, int]:
+        """When the schedule first saw each entry (``now_ms`` if never): where an
+        interval entry that has not fired yet is anchored, whoever leads."""
+        if not names:
+            return {}
+        seen: dict[str, int] = {}
+        replies = self._first_seen(keys=[self.first_seen_key], args=[now_ms, *names])
+        for name, raw in zip(names, replies, strict=True):
+            try:
+                seen[name] = int(raw)
+            except (TypeError, ValueError):
+                log.error("celery-leader: ignoring malformed first-seen time for %r: %r",
+                          name, raw)
+                seen[name] = now_ms
+        return seen
 
     def states(self) -> dict[str, dict[str, Any]]:
         states: dict[str, dict[str, Any]] = {}
@@ -299,23 +335,41 @@ class ScheduleRunner:
         entries = dict(self.config_entries)
         entries.update(self.store.runtime_entries())
         states = self.store.states()
-        slots: dict[str, _Slot] = {}
         self._warn_unknown_tasks(entries)
+        slots: dict[str, _Slot] = {}
         for name, entry in entries.items():
-            state = states.get(name)
-            last = _from_ms(state["last"]) if state else None
-            anchor = last or started_at
             old = previous.get(name) if previous is not None else None
-            if old is not None and old.entry.enabled and old.entry == entry and last is None:
+            if (old is not None and old.entry.enabled and old.entry == entry
+                    and name not in states):
                 # Unchanged and not fired yet: keep its first fire time (a reload
                 # anchored at "now" would postpone an interval entry every time).
                 slots[name] = replace(old)
+        # An entry that has not fired is anchored where the schedule first saw
+        # it, by whichever leader: a fail-over must not postpone its first tick.
+        fresh = [name for name in entries if name not in states and name not in slots]
+        first_seen = self.store.first_seen(fresh, _ms(started_at))
+        moved: dict[str, int] = {}
+        for name, entry in entries.items():
+            if name in slots:
                 continue
-            if previous is not None and (old is None or not old.entry.enabled):
-                # Added or re-enabled while leading: start now, no catch-up for
-                # the time it did not exist or was disabled.
+            state = states.get(name)
+            last = _from_ms(state["last"]) if state else None
+            seen = first_seen.get(name, _ms(started_at))
+            # Stored in whole ms; when it is this leader's own start, keep the exact instant.
+            anchor = last or (started_at if seen == _ms(started_at) else _from_ms(seen))
+            old = previous.get(name) if previous is not None else None
+            if previous is not None and last is None:
+                # Added, changed or re-enabled while leading, never fired: count
+                # from now, and so does every later leader.
+                anchor = started_at
+                moved[name] = _ms(started_at)
+            elif previous is not None and (old is None or not old.entry.enabled):
+                # Re-enabled while leading: no catch-up for the time it was disabled.
                 anchor = max(anchor, started_at)
             slots[name] = _Slot(entry, last, entry.next_fire_after(anchor))
+        if moved:
+            self.store.client.hset(self.store.first_seen_key,
+                                   items=[part for pair in moved.items() for part in pair])
         return slots
 
     def _warn_unknown_tasks(self, entries: dict[str, Entry]) -> None:

@@ -756,6 +756,30 @@ def test_runtime_change_does_not_postpone_an_entry_that_has_not_fired_yet(h: Har
     assert sent(app).fire_times("ten") == [iso(10.5)]
 
 
+def test_an_entry_that_has_not_fired_keeps_its_first_fire_time_across_leaders(
+        h: Harness) -> None:
+    """An interval entry that has not fired yet is anchored where the first leader
+    saw it: a change of leader before its first tick neither postpones nor skips it
+    (anchored at the new leader's start, it would fire at 14.5 instead of 10.5)."""
+    schedule = {"every-10s": {"task": "app.tick", "schedule": 10.0, "args": ("ten",)}}
+    clock = Clock(0.5)
+    lock, term = h.lead("a")
+    first = h.runner(h.app(schedule), lock, clock)
+    loads = spy_loads(first)
+    h.start(first, term)
+    wait_until(lambda: loads, 5, what="the first leader loaded its entries")
+    clock.set(4.5)
+    h.stop(first)
+    app = h.app(schedule)
+    lock, term = h.lead("b")
+    second = h.runner(app, lock, clock)
+    h.start(second, term)
+    advance(clock, second, 10.6)
+    wait_until(lambda: sent(app).fire_times("ten"), 5, what="the 10 s entry fires at 10.5")
+    h.stop(second)
+    assert sent(app).fire_times("ten") == [iso(10.5)]
+
+
 def test_unknown_task_name_is_warned_once_and_still_sent(
         redis_client: redis.Redis, election_name: str, caplog: pytest.LogCaptureFixture) -> None:
     from celery import Celery
