@@ -22,11 +22,11 @@ from celery import Celery
 from celery_leader import scheduler
 from celery_leader.entries import entry_from_config
 from celery_leader.publish import Unsupported, capture_redis_publish, same_redis
-from celery_leader.record import LeaderElectionRecord
 from celery_leader.redislock import RedisLock
 from celery_leader.scheduler import ScheduleRunner
 from celery_leader.settings import LeaderSettings
 from tests.test_docs import documented_acl_rule
+from tests.test_scheduler_unit import lead
 
 UTC = timezone.utc
 FIRE = datetime(2031, 3, 4, 5, 6, 7, tzinfo=UTC)
@@ -40,12 +40,7 @@ class Rig:
         self.apps: list[Celery] = []
 
     def lead(self, identity: str) -> tuple[RedisLock, int]:
-        lock = RedisLock(self.client, name=self.name, identity=identity)
-        self.client.delete(lock.lease_key)
-        observation = lock.create(LeaderElectionRecord(holder_identity=identity,
-                                                       lease_duration=60.0))
-        assert observation.record is not None
-        return lock, observation.record.term
+        return lead(self.client, self.name, identity)
 
     def runner(self, lock: RedisLock, broker: str | None = None,
                **conf: Any) -> ScheduleRunner:
