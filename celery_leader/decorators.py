@@ -18,6 +18,7 @@ from typing import Any, TypeVar, overload
 
 from celery.exceptions import Ignore, Reject
 
+from .leaderqueue import DELIVERY_HEADER, task_claim_key
 from .state import current_term
 
 log = logging.getLogger(__name__)
@@ -126,9 +127,9 @@ def _guard_task(task: Any, policy: str) -> None:
         try:
             result = original_run(*args, **kwargs)
         except BaseException:
-            _finish_run(request.id, done=False)  # a retry or redelivery may run it again
+            _finish_run(request, done=False)  # a retry or redelivery may run it again
             raise
-        _finish_run(request.id, done=True)
+        _finish_run(request, done=True)
         return result
 
     task.run = guarded_run
@@ -147,7 +148,7 @@ def _start_run(task_id: str | None, term: int) -> bool | None:
     while True:
         try:
             outcome = _task_start_script(controller)(
-                term, keys=[controller.lock.key(f"task:{task_id}")],
+                term, keys=[task_claim_key(controller.lock, task_id)],
                 args=[TASK_CLAIM_TTL_MS, attempt])
             break
         except Exception as exc:
@@ -166,18 +167,17 @@ def _start_run(task_id: str | None, term: int) -> bool | None:
     return True if outcome == 1 else None
 
 
-def _finish_run(task_id: str | None, done: bool) -> None:
+def _finish_run(request: Any, done: bool) -> None:
+    """Record the outcome, and end the message's in-flight record in the same step."""
     from .worker import current_controller
 
     controller = current_controller()
+    task_id = request.id
     if controller is None or task_id is None:
         return
-    key = controller.lock.key(f"task:{task_id}")
     try:
-        if done:
-            controller.lock.client.set(key, "done", px=TASK_CLAIM_TTL_MS)
-        else:
-            controller.lock.client.delete(key)
+        controller.finish_run(task_id, done, TASK_CLAIM_TTL_MS,
+                              getattr(request, DELIVERY_HEADER, None))
     except Exception:
         log.exception("could not record the outcome of leader-only task %s", task_id)
 

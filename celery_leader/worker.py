@@ -22,8 +22,11 @@ from celery import bootsteps
 
 from . import signals
 from .config import ConfigurationError, LeaderCallbacks
+from .decorators import LEADER_ONLY_TASKS
 from .elector import LeaderElector
 from .healthz import HealthzAdaptor, HealthzServer, serve_healthz
+from .leaderqueue import DEFAULT_PREFETCH, FinishRun, LeaderQueue
+from .publish import same_redis
 from .redislock import RedisLock
 from .scheduler import ScheduleRunner
 from .settings import LeaderSettings
@@ -67,6 +70,14 @@ class LeaderController:
             self.scheduler = ScheduleRunner(app, self.lock, settings,
                                             still_leading=self.elector.is_leader)
             self.leadership_hooks.append(self.scheduler.run)
+        # Leader-only messages: taken under the term and never lost in flight
+        # (leaderqueue.py) when the broker is the lease's Redis, else through kombu.
+        self.finish_run = FinishRun(self.lock)
+        self.leader_queue = LeaderQueue(self.lock, settings.queue,
+                                        keeps_record=LEADER_ONLY_TASKS.__contains__,
+                                        deliver=self._call_in_loop, handler=self._task_handler,
+                                        capacity=self._prefetch_limit)
+        self._reliable_queue: bool | None = None  # decided at the first leadership
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._transition = threading.Lock()
@@ -142,10 +153,13 @@ class LeaderController:
             self._started_term = term
             self._send(signals.started_leading, "leader-started", identity=self.identity,
                        term=term)
+        hooks = list(self.leadership_hooks)
+        if self._uses_reliable_queue():
+            hooks.append(self.leader_queue.run)
         self._reconcile_queue()
         workers = [threading.Thread(target=hook, args=(term, stop), daemon=True,
                                     name=f"celery-leader-hook-{index}")
-                   for index, hook in enumerate(self.leadership_hooks)]
+                   for index, hook in enumerate(hooks)]
         for thread in workers:
             thread.start()
         stop.wait()
@@ -196,6 +210,54 @@ class LeaderController:
 
     def detach_consumer(self) -> None:
         self.consumer = None
+        # Celery forgets what it reserved and had not started: queue it again.
+        self.leader_queue.give_back_unstarted()
+
+    def _call_in_loop(self, callback: Callable[[], None]) -> None:
+        self.hub.call_soon(callback)
+
+    def _task_handler(self) -> Any:
+        task_consumer = getattr(self.consumer, "task_consumer", None)
+        return getattr(task_consumer, "on_message", None)
+
+    def _prefetch_limit(self) -> int:
+        return int(getattr(self.consumer, "initial_prefetch_count", 0) or DEFAULT_PREFETCH)
+
+    def _uses_reliable_queue(self) -> bool:
+        """Whether the leader queue is taken by leaderqueue.py (decided once)."""
+        if self._reliable_queue is None:
+            try:
+                self._reliable_queue = self._find_leader_queue_lists()
+            except Exception as exc:  # the broker is down: kombu's path this time
+                log.warning("celery-leader: cannot inspect the broker for the leader queue "
+                            "(%s); consuming it through kombu for this leadership", exc)
+                return False
+        return self._reliable_queue
+
+    def _find_leader_queue_lists(self) -> bool:
+        from kombu.transport import redis as kombu_redis
+
+        queue = self.settings.queue
+        with self.app.connection_for_read() as connection:
+            if not isinstance(connection.transport, kombu_redis.Transport):
+                log.warning("celery-leader: the broker is not Redis; leader queue %r is "
+                            "consumed through kombu (no in-flight recovery)", queue)
+                return False
+            channel = connection.default_channel
+            if self.hub is None or not same_redis(self.lock.client, channel.client):
+                log.warning("celery-leader: leader_redis_url is not the broker's Redis server "
+                            "and database; leader queue %r is consumed through kombu, and a "
+                            "message sent as a leader dies can be lost (celery/kombu#305)",
+                            queue)
+                return False
+            prefix = getattr(channel, "global_keyprefix", "") or ""
+            lists: list[str] = []
+            for priority in channel.priority_steps:
+                key = prefix + channel._q_for_pri(queue, priority)
+                if key not in lists:
+                    lists.append(key)
+        self.leader_queue.use_lists(lists)
+        return True
 
     def _reconcile_queue(self) -> None:
         if self.hub is not None:
@@ -209,7 +271,8 @@ class LeaderController:
         if consumer is None or task_consumer is None:
             return
         queue = self.settings.queue
-        want = self._accepting and self.shared.is_leader()
+        # INVARIANT: with the reliable leader queue, kombu never pops from it.
+        want = self._accepting and self.shared.is_leader() and not self._reliable_queue
         consuming = task_consumer.consuming_from(queue)
         try:
             if want and not consuming:
