@@ -227,10 +227,12 @@ class LeaderQueue:
     def __init__(self, lock: RedisLock, queue: str, keeps_record: Callable[[str], bool],
                  deliver: Callable[[Callable[[], None]], None],
                  handler: Callable[[], Callable[[Any], None] | None],
-                 capacity: Callable[[], int]) -> None:
+                 capacity: Callable[[], int],
+                 refused: Callable[[], None] = lambda: None) -> None:
         """``keeps_record(task name)``: the body's end, not the ack, ends the record.
         ``deliver(callback)`` runs it in the consumer's event loop; ``handler()``
-        is the consumer's task handler then (None while it has none)."""
+        is the consumer's task handler then (None while it has none).  ``refused()``:
+        Redis denies the leader_redis_url user the queue's keys (ACL)."""
         self.lock = lock
         self.queue = queue
         self.inflight_key = inflight_key(lock)
@@ -238,6 +240,7 @@ class LeaderQueue:
         self._deliver = deliver
         self._handler = handler
         self._capacity = capacity
+        self._refused = refused
         self._take = lock.fenced_script(TAKE_LUA)
         self._recover = lock.fenced_script(RECOVER_LUA)
         self._requeue = lock.client.register_script(REQUEUE_LUA)
@@ -265,6 +268,14 @@ class LeaderQueue:
 
     def run(self, term: int, stop: threading.Event) -> None:
         """Take and hand over messages until ``stop`` is set (leadership over)."""
+        try:
+            self._run(term, stop)
+        finally:
+            doorbell, self._doorbell = self._doorbell, None
+            if doorbell is not None:
+                doorbell.close()
+
+    def _run(self, term: int, stop: threading.Event) -> None:
         session = self._session = _Session(self, term, max(1, self._capacity()))
         last_recovery = float("-inf")
         failures = 0
@@ -294,6 +305,13 @@ class LeaderQueue:
                 self.doorbell_client().execute_command(  # type: ignore[no-untyped-call]
                     "BLMOVE", self.lists[0], self.lists[0], "RIGHT", "RIGHT", DOORBELL_TIMEOUT)
             except redis.RedisError as exc:
+                if _is_acl_denial(exc):
+                    log.warning("celery-leader: the leader_redis_url user may not take from "
+                                "the leader queue's keys; it is consumed through kombu from "
+                                "now on (grant the broker's queue keys as docs/deployment.md "
+                                "says to keep in-flight recovery)")
+                    self._refused()
+                    return
                 failures += 1
                 if failures == 1:
                     log.warning("celery-leader: leader queue: %s; retrying while this "
@@ -369,6 +387,14 @@ class LeaderQueue:
             tags = list(session.outstanding)
         for tag in tags:
             self._give_back(session, tag)
+
+
+def _is_acl_denial(error: Exception) -> bool:
+    """NOPERM, raised by Redis before a script runs or at its first denied command."""
+    return isinstance(error, redis.exceptions.NoPermissionError) or (
+        isinstance(error, redis.exceptions.ResponseError)
+        and ("NOPERM" in str(error) or "can't run this command" in str(error)
+             or "No permissions" in str(error)))
 
 
 def _kombu_message(payload: dict[str, Any], channel: _InflightChannel) -> Any:

@@ -40,14 +40,17 @@ def same_redis(lease_client: Any, broker_client: Any) -> bool:
 
 
 def capture_redis_publish(app: Any, lease_client: Any, send: Callable[[Any], None],
-                          check_transport: bool = True) -> list[tuple[str, str]] | None:
+                          check_transport: bool = True,
+                          broker_keys: dict[str, str] | None = None,
+                          ) -> list[tuple[str, str]] | None:
     """Run ``send(producer)`` with kombu's Redis ``_put`` replaced by a recorder.
 
     Returns the (list key, payload) pairs kombu would have pushed, or None when
     the broker is not ``lease_client``'s Redis (nothing was sent then).  Raises
     :class:`Unsupported` for a publish it cannot capture (nothing was sent).
     ``check_transport=False`` skips the look at the broker's transport (about
-    150 µs) once an earlier call found it to be Redis.
+    150 µs) once an earlier call found it to be Redis.  ``broker_keys`` gets
+    ``"unacked"``: the key of kombu's hash of delivered, unacknowledged messages.
     """
     from kombu.transport import redis as kombu_redis
     from kombu.utils import json as kombu_json
@@ -63,6 +66,8 @@ def capture_redis_publish(app: Any, lease_client: Any, send: Callable[[Any], Non
         if not redis_transport or not same_redis(lease_client, channel.client):
             return None
         prefix = getattr(channel, "global_keyprefix", "") or ""
+        if broker_keys is not None:
+            broker_keys["unacked"] = prefix + str(getattr(channel, "unacked_key", "unacked"))
         expiring = getattr(channel, "_expires", None) or {}
         captured: list[tuple[str, str]] = []
 

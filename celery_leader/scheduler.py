@@ -32,6 +32,7 @@ from .entries import Entry, EntryError, entries_from_config, entry_from_json, en
 from .publish import Unsupported, capture_redis_publish
 from .redislock import FENCED, RedisLock
 from .settings import LeaderSettings
+from .tickstart import LostTicks, TickKeys
 
 log = logging.getLogger(__name__)
 UTC = timezone.utc
@@ -54,13 +55,21 @@ if ARGV[7] ~= '' then redis.call('HSET', KEYS[3], ARGV[6], ARGV[7]) end
 return 1
 """
 
-# Fenced: pushes the broker message(s) ARGV[5..] to the broker lists KEYS[3..]
-# and deletes the pending copy ARGV[3], only if that copy is still ARGV[4].  A
-# tick is thus either published and cleared, or neither, and only by its term.
+# Fenced: pushes the broker message(s) ARGV[7..] to the broker lists KEYS[5..]
+# and deletes the pending copy ARGV[3], only if that copy is still ARGV[4]; and
+# records the tick as sent (ARGV[5], unless empty) in KEYS[3], to be looked at
+# after ARGV[6] ms (KEYS[4]), until it starts (tickstart.py).  A tick is thus
+# either published, cleared and tracked, or none of them, and only by its term.
 PUBLISH_TICK_LUA = """
 if redis.call('HGET', KEYS[2], ARGV[3]) ~= ARGV[4] then return 0 end
-for i = 3, #KEYS do redis.call('LPUSH', KEYS[i], ARGV[i + 2]) end
+for i = 5, #KEYS do redis.call('LPUSH', KEYS[i], ARGV[i + 2]) end
 redis.call('HDEL', KEYS[2], ARGV[3])
+if ARGV[5] ~= '' then
+  local clock = redis.call('TIME')
+  local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+  redis.call('HSET', KEYS[3], ARGV[3], ARGV[5])
+  redis.call('ZADD', KEYS[4], now + tonumber(ARGV[6]), ARGV[3])
+end
 return 1
 """
 
@@ -261,6 +270,11 @@ class ScheduleRunner:
         self._claim = lock.fenced_script(CLAIM_TICK_LUA)
         self._adopt = lock.fenced_script(ADOPT_PENDING_LUA)
         self._publish_tick = lock.fenced_script(PUBLISH_TICK_LUA)
+        # Ticks are tracked from their push to their start (tickstart.py).
+        self.ticks = TickKeys(lock)
+        self.tick_look_after = max(10.0, 2 * settings.lease_duration)
+        self.lost_ticks = (LostTicks(lock, self.ticks, self.tick_look_after)
+                           if settings.tick_run_once else None)
         # None until the first publish tells whether the broker is the lease's Redis.
         self.atomic_publish: bool | None = None
         self._warned_unsupported: set[str] = set()
@@ -295,6 +309,8 @@ class ScheduleRunner:
     def _run(self, term: int, stop: threading.Event, started_at: datetime) -> None:
         if not self._recover_pending(term):
             return
+        if self.lost_ticks is not None and not self.lost_ticks.repush(term):
+            return
         version = self.store.version()
         slots = self._load_slots(started_at)
         heap = self._heap(slots)
@@ -303,6 +319,8 @@ class ScheduleRunner:
             if time.monotonic() >= next_check:
                 next_check = time.monotonic() + self.settings.retry_period
                 if self._unsent and not self._recover_pending(term):
+                    return
+                if self.lost_ticks is not None and not self.lost_ticks.repush(term):
                     return
                 current = self.store.version()
                 if current != version:
@@ -457,6 +475,8 @@ class ScheduleRunner:
         headers = dict(options.pop("headers", None) or {})
         headers.update(leader_fire_time=_from_ms(data["fire_ms"]).isoformat(),
                        leader_term=term)
+        if self.lost_ticks is not None:
+            headers.update(self.ticks.headers(tick))
 
         def send(producer: Any = None) -> None:
             extra = {} if producer is None else {"producer": producer}
@@ -482,8 +502,10 @@ class ScheduleRunner:
         """Publish through PUBLISH_TICK_LUA when the broker allows it; False means
         nothing was sent and the caller must publish the ordinary way."""
         try:
+            broker_keys: dict[str, str] = {}
             pushes = capture_redis_publish(self.app, self.store.client, send,
-                                           check_transport=self.atomic_publish is None)
+                                           check_transport=self.atomic_publish is None,
+                                           broker_keys=broker_keys)
             if self.atomic_publish is None:
                 self.atomic_publish = pushes is not None
                 log.info("celery-leader: ticks are published %s", "in the same atomic step "
@@ -491,9 +513,13 @@ class ScheduleRunner:
                          "after their claim (the broker is not the lease's Redis)")
             if pushes is None:
                 return False
+            sent = ("" if self.lost_ticks is None else
+                    self.ticks.sent_record(tick, pushes, broker_keys.get("unacked", "")))
             result = self._publish_tick(
-                term, keys=[self.store.pending_key, *(key for key, _ in pushes)],
-                args=[tick, message, *(payload for _, payload in pushes)])
+                term, keys=[self.store.pending_key, self.ticks.sent, self.ticks.sent_at,
+                            *(key for key, _ in pushes)],
+                args=[tick, message, sent, round(self.tick_look_after * 1000),
+                      *(payload for _, payload in pushes)])
         except Unsupported as why:
             if entry not in self._warned_unsupported:
                 self._warned_unsupported.add(entry)

@@ -41,6 +41,7 @@ class LeaderSettings:
     misfire_grace: float | None = None
     wait_replicas: int = 0
     wait_timeout: float = 0.5
+    tick_run_once: bool = True
     transport_options: dict[str, Any] = field(default_factory=dict)
 
     def default_identity(self, hostname: str | None = None) -> str:
@@ -124,6 +125,7 @@ def read_settings(app: Any) -> LeaderSettings:
         misfire_grace=get("leader_misfire_grace", None, _optional_seconds),
         wait_replicas=get("leader_wait_replicas", 0, _count),
         wait_timeout=get("leader_wait_timeout", 0.5, _positive_seconds),
+        tick_run_once=get("leader_tick_run_once", True, _bool),
         transport_options=dict(setting(app, "broker_transport_options", None) or {}),
     )
     return settings

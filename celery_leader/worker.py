@@ -31,6 +31,7 @@ from .redislock import RedisLock
 from .scheduler import ScheduleRunner
 from .settings import LeaderSettings
 from .state import shared_leadership
+from .tickstart import TickStartClaim, guard_tick_starts
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +77,12 @@ class LeaderController:
         self.leader_queue = LeaderQueue(self.lock, settings.queue,
                                         keeps_record=LEADER_ONLY_TASKS.__contains__,
                                         deliver=self._call_in_loop, handler=self._task_handler,
-                                        capacity=self._prefetch_limit)
+                                        capacity=self._prefetch_limit,
+                                        refused=self._use_kombu_for_leader_queue)
         self._reliable_queue: bool | None = None  # decided at the first leadership
+        if settings.tick_run_once:
+            # Every task of the app: a tick's copies run once, whichever queue it is on.
+            guard_tick_starts(app.tasks, TickStartClaim(lambda: self.lock.client))
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._transition = threading.Lock()
@@ -212,6 +217,10 @@ class LeaderController:
         self.consumer = None
         # Celery forgets what it reserved and had not started: queue it again.
         self.leader_queue.give_back_unstarted()
+
+    def _use_kombu_for_leader_queue(self) -> None:
+        self._reliable_queue = False
+        self._reconcile_queue()
 
     def _call_in_loop(self, callback: Callable[[], None]) -> None:
         self.hub.call_soon(callback)

@@ -29,6 +29,9 @@ from tests.test_docs import documented_acl_rule
 from tests.test_scheduler_unit import lead
 
 UTC = timezone.utc
+# The optional grant of docs/deployment.md's ACL table.
+OPTIONAL_BROKER_GRANT = ["~celery*", "~unacked", "+lpush", "+rpush", "+rpop", "+lpos",
+                         "+blmove"]
 FIRE = datetime(2031, 3, 4, 5, 6, 7, tzinfo=UTC)
 
 
@@ -228,7 +231,7 @@ def test_an_acl_user_that_may_not_push_to_the_queue_falls_back_once_with_a_warni
     admin.acl_setuser(user, reset=True)
     rule = documented_acl_rule().replace(">CHANGE-ME", ">pw").split()
     admin.execute_command("ACL", "SETUSER", user, *rule,
-                          *(["~celery*", "+lpush"] if may_push else []))
+                          *(OPTIONAL_BROKER_GRANT if may_push else []))
     host_db = redis_url.split("://", 1)[1]
     made = Rig(f"redis://{user}:pw@{host_db}", election_name)
     try:

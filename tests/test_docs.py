@@ -280,12 +280,15 @@ def test_documented_acl_rule_is_enough_for_a_worker(redis_url: str, tmp_path: Pa
     # The optional +lpush on the queue keys is not in the rule: one warning, and
     # ticks are published after their claim.
     assert log.count("may not push to the broker's queue") == 1, log
+    # Nor may it take from the leader queue: one warning, kombu consumes it.
+    assert log.count("may not take from the leader queue") == 1, log
     denied = [entry for entry in admin.execute_command("ACL", "LOG")
               if entry[b"username"].decode() == user]
     admin.execute_command("ACL", "DELUSER", user)
     # Optional calls, documented as such: redis-py's CLIENT SETINFO /
-    # MAINT_NOTIFICATIONS on connect, the start-up check of CONFIG GET, and the
-    # fenced publish's push to the heartbeat queue.
+    # MAINT_NOTIFICATIONS on connect, the start-up check of CONFIG GET, the
+    # fenced publish's push to the heartbeat queue and the take from the leader queue.
     unexpected = [entry for entry in denied if entry[b"object"] not in (b"client", b"config")
-                  and not (entry[b"reason"] == b"key" and entry[b"object"] == name.encode())]
+                  and not (entry[b"reason"] == b"key"
+                           and entry[b"object"] in (name.encode(), f"{name}-leader".encode()))]
     assert not unexpected, [entry.get(b"client-info") for entry in unexpected]

@@ -117,13 +117,15 @@ def test_the_doorbell_waits_without_taking_even_when_its_client_dies(
         rig: Rig, redis_url: str) -> None:
     # The worst case for a blocking pop: a client blocked on the list when the
     # message arrives, and gone before it can read the reply.
-    doorbell = redis.Redis.from_url(redis_url, socket_timeout=10)
+    doorbell = redis.Redis.from_url(redis_url, socket_timeout=10, client_name="doorbell-test")
     blocked = threading.Thread(
         target=lambda: doorbell.execute_command("BLMOVE", QUEUE, QUEUE, "RIGHT", "RIGHT", 5),
         daemon=True)
     blocked.start()
-    wait_until(lambda: rig.client.execute_command("CLIENT", "LIST", "TYPE", "normal")
-               .count(b"cmd=blmove") == 1, 5, "the doorbell to block")
+    wait_until(lambda: any(b"name=doorbell-test" in line and b"cmd=blmove" in line
+                           for line in rig.client.execute_command(
+                               "CLIENT", "LIST", "TYPE", "normal").splitlines()),
+               5, "the doorbell to block")
     task_id = rig.send("m0")
     blocked.join(5)
     doorbell.close()

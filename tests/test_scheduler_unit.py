@@ -498,7 +498,9 @@ def test_claimed_but_unpublished_tick_of_a_crashed_term_is_republished(h: Harnes
     h.stop(runner2)
     call = sent(app2).calls[0]
     assert call["task_id"] == pending["task_id"] == expected_ids(h.name, "every", [1])[0]
-    assert call["headers"] == {"leader_fire_time": iso(1), "leader_term": term2}
+    assert {key: call["headers"][key] for key in ("leader_fire_time", "leader_term")} == {
+        "leader_fire_time": iso(1), "leader_term": term2}
+    assert call["headers"]["leader_tick"] == f"every@{round((T0 + 1) * 1000)}"
     assert call["task"] == "app.tick" and call["args"] == ["s"]
     assert sent(app2).fire_times() == [iso(1), iso(2)]  # 1 is not claimed twice
     assert h.pending() == {}
@@ -603,8 +605,9 @@ def test_task_ids_are_deterministic_and_headers_are_set(h: Harness) -> None:
         assert parsed == at(second) and parsed.utcoffset() is not None
         assert parsed.utcoffset().total_seconds() == 0  # type: ignore[union-attr]
         assert fire.endswith("+00:00")
+        tick = f"every@{round(at(second).timestamp() * 1000)}"
         assert call["headers"] == {"mine": "kept", "leader_fire_time": fire,
-                                   "leader_term": term}
+                                   "leader_term": term, **runner.ticks.headers(tick)}
         assert call["options"] == {"queue": "ticks", "priority": 3}
         assert call["task"] == "app.tick" and call["args"] == ["s"]
         assert call["kwargs"] == {"k": 1}

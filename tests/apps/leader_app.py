@@ -66,3 +66,11 @@ def leader_work(self: Any, label: str, seconds: float = 0.0) -> str:
     time.sleep(seconds)
     record("task_done", label=label, term=self.request.leader_term, task_id=self.request.id)
     return label
+
+
+@app.task(bind=True)
+def plain_work(self: Any, label: str) -> str:
+    """An ordinary task (any replica runs it), e.g. a tick's."""
+    record("plain_start", label=label, task_id=self.request.id,
+           tick=getattr(self.request, "leader_tick", None))
+    return label

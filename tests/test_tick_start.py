@@ -1,0 +1,184 @@
+"""A tick counts as done when its task starts (celery_leader/tickstart.py).
+
+Against a real Redis used as lease store and broker: the tick is pushed by the
+scheduler's fenced publish, taken out of the broker list the way a consumer
+that then dies would take it, and found again by the leader's sweep.  That a
+real worker's copy runs once is shown at the end and by the fault tests.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from celery import Celery
+
+from celery_leader.redislock import FENCED
+from celery_leader.tickstart import (
+    START_TICK_LUA,
+    LostTicks,
+    TickStartClaim,
+    guard_tick_starts,
+)
+from tests.test_atomic_publish import Rig
+
+QUEUE = "celery"
+
+
+@pytest.fixture
+def rig(redis_url: str, election_name: str) -> Iterator[Rig]:
+    made = Rig(redis_url, election_name)
+    yield made
+    made.close()
+
+
+def sent(rig: Rig, lock: Any) -> dict[str, Any]:
+    runner_keys = lock.key("schedule:sent")
+    return {tick.decode(): json.loads(raw)
+            for tick, raw in rig.client.hgetall(runner_keys).items()}
+
+
+def look_now(rig: Rig, lock: Any) -> None:
+    """Make every sent tick due for the sweep (instead of waiting its delay)."""
+    key = lock.key("schedule:sent-at")
+    for tick in rig.client.zrange(key, 0, -1):
+        rig.client.zadd(key, {tick: 0})
+
+
+def fire(rig: Rig, **conf: Any) -> tuple[Any, int, Any, str]:
+    lock, term = rig.lead("a")
+    runner = rig.runner(lock, **conf)
+    tick = rig.fire(runner, term)
+    return lock, term, runner, tick
+
+
+def test_the_push_records_the_tick_as_sent_in_the_same_step(rig: Rig) -> None:
+    lock, _, runner, tick = fire(rig)
+    [record] = sent(rig, lock).values()
+    [(key, payload)] = record["pushes"]
+    assert key == QUEUE and rig.client.lrange(QUEUE, 0, -1) == [payload.encode()]
+    assert record["tags"] == [json.loads(payload)["properties"]["delivery_tag"]]
+    assert record["unacked"] == "unacked"
+    headers = json.loads(payload)["headers"]
+    assert headers["leader_tick"] == tick
+    assert headers["leader_tick_keys"] == [record["started"], lock.key("schedule:sent"),
+                                           lock.key("schedule:sent-at")]
+    due = rig.client.zscore(lock.key("schedule:sent-at"), tick)
+    assert due is not None and due > time.time() * 1000 + 0.9 * runner.tick_look_after * 1000
+
+
+def test_only_the_first_copy_starts_and_a_lost_reply_asked_again_still_runs(rig: Rig) -> None:
+    lock, _, runner, tick = fire(rig)
+    keys = runner.ticks.headers(tick)["leader_tick_keys"]
+    claim = TickStartClaim(lambda: rig.client)
+    assert claim.claim(tick, keys)
+    assert not claim.claim(tick, keys)  # another copy
+    assert sent(rig, lock) == {}
+    assert rig.client.zcard(lock.key("schedule:sent-at")) == 0
+    # The same attempt asking again (its reply was lost) is told to run.
+    rig.client.set(keys[0], "attempt-1")
+    start = rig.client.register_script(START_TICK_LUA)
+    assert start(keys=keys, args=[tick, "attempt-1", 60_000]) == 1
+    assert start(keys=keys, args=[tick, "attempt-2", 60_000]) == 0
+
+
+def test_a_swallowed_tick_is_sent_again_and_a_waiting_or_held_one_is_not(rig: Rig) -> None:
+    lock, term, runner, tick = fire(rig)
+    lost = LostTicks(lock, runner.ticks, look_after=60)
+    [payload] = rig.client.lrange(QUEUE, 0, -1)
+
+    look_now(rig, lock)
+    assert lost.repush(term)  # still waiting in its list: nothing to do
+    assert rig.client.llen(QUEUE) == 1
+
+    rig.client.rpop(QUEUE)  # delivered, and held in kombu's unacked hash
+    tag = json.loads(payload)["properties"]["delivery_tag"]
+    rig.client.hset("unacked", tag, payload)
+    look_now(rig, lock)
+    assert lost.repush(term)
+    assert rig.client.llen(QUEUE) == 0
+
+    rig.client.hdel("unacked", tag)  # a consumer popped it and died before recording it
+    look_now(rig, lock)
+    assert lost.repush(term)
+    assert rig.client.lrange(QUEUE, 0, -1) == [payload]
+    assert sent(rig, lock)[tick]["copies"] == 1
+    # Looked at again only after twice the delay.
+    due = rig.client.zscore(lock.key("schedule:sent-at"), tick)
+    assert due is not None and due > time.time() * 1000 + 110_000
+
+
+def test_a_started_tick_is_dropped_by_the_sweep_and_a_deposed_term_sweeps_nothing(
+        rig: Rig) -> None:
+    lock, term, runner, tick = fire(rig)
+    rig.client.rpop(QUEUE)
+    lead_b, term_b = rig.lead("b")
+    look_now(rig, lock)
+    assert LostTicks(lock, runner.ticks, 60)._repush(
+        term, keys=[runner.ticks.sent, runner.ticks.sent_at], args=[60_000, 100, 1000]) == FENCED
+    assert rig.client.llen(QUEUE) == 0
+    rig.client.set(runner.ticks.started(tick), "someone")
+    assert LostTicks(lead_b, runner.ticks, 60).repush(term_b)
+    assert sent(rig, lock) == {} and rig.client.llen(QUEUE) == 0
+
+
+def test_a_task_body_runs_for_the_copy_that_claims_the_start_only(rig: Rig) -> None:
+    from celery.exceptions import Ignore
+
+    _lock, _, runner, tick = fire(rig)
+    app = Celery("guarded", set_as_current=False)
+    runs: list[str] = []
+
+    @app.task(bind=True)
+    def job(self: Any, label: str) -> str:
+        runs.append(label)
+        return label
+
+    guard_tick_starts(app.tasks, TickStartClaim(lambda: rig.client))
+    headers = runner.ticks.headers(tick)
+    assert _run_with_request(job, headers, "first") == "first"
+    with pytest.raises(Ignore):
+        _run_with_request(job, headers, "second")
+    assert _run_with_request(job, {}, "plain") == "plain"  # not a tick: never claimed
+    assert runs == ["first", "plain"]
+
+
+def _run_with_request(task: Any, headers: dict[str, Any], label: str) -> Any:
+    task.push_request(**headers)
+    try:
+        return task.run(label)
+    finally:
+        task.pop_request()
+
+
+@pytest.mark.integration
+def test_a_real_worker_runs_a_tick_once_whatever_copies_reach_it(
+        tmp_path: Path, redis_url: str, election_name: str) -> None:
+    from tests.celery_procs import Cluster, wait_until
+
+    client = redis.Redis.from_url(redis_url)
+    cluster = Cluster(tmp_path, redis_url, election_name)
+    try:
+        cluster.start(1, pool="prefork")
+        cluster.wait_ready(timeout=45)
+        keys = [f"celery-leader:{{{election_name}}}:schedule:started:t@1",
+                f"celery-leader:{{{election_name}}}:schedule:sent",
+                f"celery-leader:{{{election_name}}}:schedule:sent-at"]
+        sender = Celery("sender", broker=redis_url, set_as_current=False)
+        for copy in range(3):
+            sender.send_task("tests.apps.leader_app.plain_work", args=[f"copy{copy}"],
+                             headers={"leader_tick": "t@1", "leader_tick_keys": keys})
+        sender.close()
+        wait_until(lambda: cluster.logs().count("already started; skipping") == 2, 30,
+                   "two copies to be skipped", cluster.logs)
+        assert len(cluster.events.of("plain_start")) == 1, cluster.events.dump()
+        assert client.exists(keys[0])
+    finally:
+        cluster.stop()
+        cluster.events.close()
+        client.close()
