@@ -14,6 +14,7 @@ exactly as a user's pip would.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -119,10 +120,8 @@ def stopped_by_pid() -> Iterator[list[subprocess.Popen[bytes]]]:
                 process.kill()
                 process.wait(10)
         # Pool children that outlived their parent share its process group.
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(process.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
 
 
 def test_a_plain_install_runs_a_worker_that_leads(
