@@ -49,6 +49,8 @@ class EmbeddedRedis:
 
     def __init__(self, port: int | None = None, extra_args: Sequence[str] = (),
                  data_dir: str | None = None) -> None:
+        # Before the data directory exists: no binary must leave no empty temp dir.
+        self.binary = redis_server_binary()
         self.port = port or free_port()
         self.extra_args = list(extra_args)
         self._own_dir = data_dir is None
@@ -65,7 +67,7 @@ class EmbeddedRedis:
 
     def start(self, timeout: float = 10.0) -> EmbeddedRedis:
         args = [
-            redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
+            self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
             "--dir", self.data_dir, "--save", "", "--appendonly", "no",
             "--daemonize", "no", "--loglevel", "warning", *self.extra_args,
         ]

@@ -23,9 +23,22 @@ class HealthzAdaptor:
     name = "leaderElection"
 
     def __init__(self, timeout: float = 20.0) -> None:
+        # Tolerance past the lease (client-go ``maxTolerableExpiredLease``).
         self.timeout = timeout
         self._elector: LeaderElector | None = None
         self._guard = threading.Lock()
+
+    @classmethod
+    def for_lease(cls, lease_duration: float) -> HealthzAdaptor:
+        """The worker's check: unhealthy once a leader has gone two lease
+        durations without renewing (the lease, plus one lease of tolerance), or
+        once the election loop has stalled a lease past its own bound.
+
+        A leader stops acting at its renew deadline whatever happens, so this
+        only catches a wedged process; the tolerance keeps a slow Redis from
+        getting a healthy replica restarted.
+        """
+        return cls(timeout=lease_duration)
 
     def set_leader_election(self, elector: LeaderElector) -> None:
         with self._guard:

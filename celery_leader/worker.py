@@ -54,7 +54,7 @@ class LeaderController:
         self.identity = settings.default_identity(hostname)
         self.shared = shared_leadership()  # before the pool forks
         self.lock: RedisLock = settings.lock(self.identity)
-        self.healthz = HealthzAdaptor(timeout=settings.lease_duration)
+        self.healthz = HealthzAdaptor.for_lease(settings.lease_duration)
         self.elector: LeaderElector = settings.elector(
             self.lock,
             LeaderCallbacks(on_started_leading=self._on_started,

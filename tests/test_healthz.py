@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import redis
+from celery import Celery
 
 from celery_leader import (
     FakeClock,
@@ -26,6 +27,8 @@ from celery_leader import (
 from celery_leader.config import JITTER_FACTOR
 from celery_leader.elector import MAX_BACKOFF_FACTOR
 from celery_leader.resourcelock import ResourceLock
+from celery_leader.settings import read_settings
+from celery_leader.worker import LeaderController
 from tests.fakes import FakeStore, lead_without_threads, wait_until
 
 LEASE = 1.0
@@ -94,6 +97,41 @@ def test_leader_that_stops_renewing_turns_unhealthy_after_lease_plus_timeout() -
         # A renew makes it healthy again.
         assert elector.try_acquire_or_renew()
         assert get(server, "/healthz")[0] == 200
+
+
+def test_for_lease_fails_after_two_leases_without_renewal() -> None:
+    """What README and docs/deployment.md promise: 500 once a leader has not
+    renewed for two lease durations (the lease plus one lease of tolerance)."""
+    clock = FakeClock(T0)
+    adaptor = HealthzAdaptor.for_lease(LEASE)
+    elector = elector_on(FakeStore().lock("a"), adaptor, clock)
+    lead_without_threads(elector)
+    with serving(adaptor) as server:
+        clock.now = T0 + LEASE + 0.001  # the lease expired: still tolerated
+        assert get(server, "/healthz")[0] == 200
+        clock.now = T0 + 2 * LEASE
+        assert get(server, "/healthz")[0] == 200
+        clock.now = T0 + 2 * LEASE + 0.001
+        status, _, body = get(server, "/healthz")
+        assert status == 500 and "failed election to renew leadership" in body
+
+
+def test_the_worker_healthz_tolerates_one_lease_past_the_lease(redis_url: str) -> None:
+    """The worker builds its adaptor with for_lease(leader_lease_duration)."""
+    app = Celery("healthz_app", broker=redis_url, set_as_current=False)
+    app.conf.update(leader_lease_duration=LEASE, leader_renew_deadline=RENEW,
+                    leader_retry_period=RETRY, leader_beat=False)
+    controller = LeaderController(app, read_settings(app), hostname="w1@host")
+    assert controller.elector.config.watchdog is controller.healthz
+    # Re-attach the worker's adaptor to an elector on a fake clock with the same lease.
+    clock = FakeClock(T0)
+    elector = elector_on(FakeStore().lock("a"), controller.healthz, clock)
+    lead_without_threads(elector)
+    clock.now = T0 + 2 * LEASE
+    controller.healthz.check()
+    clock.now = T0 + 2 * LEASE + 0.001
+    with pytest.raises(HealthCheckError, match="failed election to renew leadership"):
+        controller.healthz.check()
 
 
 def test_follower_is_healthy_however_old_the_leaders_lease() -> None:
