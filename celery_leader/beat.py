@@ -59,10 +59,10 @@ class LeaderScheduler(Scheduler):  # type: ignore[misc]
         self.step_down_listener.start()
 
     def _lead(self, stop: threading.Event) -> None:
-        mark_role(self.lock, ROLE_BEAT)
         runner = threading.Thread(target=self.runner.run, args=(self.elector.term, stop),
                                   name="celery-leader-scheduler", daemon=True)
         runner.start()
+        mark_role(self.lock, ROLE_BEAT)  # for `celery leader status --all`
         stop.wait()
         self.runner.wake()  # it sleeps until its next tick otherwise
         runner.join(self.leader_settings.renew_deadline)

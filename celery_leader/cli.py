@@ -88,19 +88,16 @@ def election_role(lock: RedisLock, settings: LeaderSettings) -> str | None:
     return None
 
 
-def lease_status(app: Any, name: str | None = None) -> dict[str, Any]:
-    """The election ``name`` (default: ``leader_name``) of ``app``."""
-    settings = read_settings(app)
-    return election_status(_lock(settings, name), settings)
-
-
 def _lock(settings: LeaderSettings, name: str | None, client: Any = None) -> RedisLock:
+    if name is not None and (not name.strip() or "{" in name or "}" in name):
+        raise click.UsageError(f"--name must be a non-empty election name without braces, "
+                               f"got {name!r}")
     return RedisLock(client if client is not None else settings.redis_client(),
                      name=name or settings.name, identity=CLI_IDENTITY,
                      key_prefix=settings.key_prefix)
 
 
-def _redis_failure(settings: LeaderSettings, exc: Exception) -> CommandError:
+def _redis_failure(exc: Exception) -> CommandError:
     if isinstance(exc, redis.exceptions.NoPermissionError):
         return CommandError(f"Redis refused a command for the election's user: {exc}")
     return CommandError(f"cannot read the election from Redis ({type(exc).__name__}: {exc})")
@@ -133,7 +130,7 @@ def status(ctx: click.Context, election: str | None, show_all: bool, as_json: bo
         else:
             found = [election_status(_lock(settings, election), settings)]
     except redis.exceptions.RedisError as exc:
-        raise _redis_failure(settings, exc) from None
+        raise _redis_failure(exc) from None
     if show_all:
         _print_all(found, settings, as_json)
         sys.exit(0 if any(info["leader"] for info in found) else 1)
@@ -191,7 +188,7 @@ def step_down(ctx: click.Context, election: str | None, timeout: float) -> None:
                        f"request within {timeout}s")
             sys.exit(1)
     except redis.exceptions.RedisError as exc:
-        raise _redis_failure(settings, exc) from None
+        raise _redis_failure(exc) from None
     replies = _ask_worker(ctx.obj.app, lock.name, holder, term, timeout)
     stepping = [r for reply in replies for r in reply.values()
                 if r.get("ok") == "stepping down"]

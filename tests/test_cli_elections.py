@@ -8,15 +8,18 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
+import redis
 
+from celery_leader.elections import StepDownListener, StepDownRequests
+from celery_leader.redislock import RedisLock
 from tests.sched_procs import KEY_PREFIX, ROOT, Replicas, wait_until
-
-pytestmark = pytest.mark.integration
 
 BOOT = 60.0  # several interpreters importing Celery on a loaded 2-core machine
 
@@ -40,6 +43,7 @@ def cli_json(replicas: Replicas, *args: str, leader_name: str | None = None) -> 
     return result.returncode, json.loads(result.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.integration
 def test_standalone_beat_election_shown_by_name_and_all_and_stepped_down(
         replicas: Replicas) -> None:
     name, beat_name = replicas.name, f"{replicas.name}-beat"
@@ -95,6 +99,7 @@ def test_standalone_beat_election_shown_by_name_and_all_and_stepped_down(
     assert beat_leader.alive(), "stepping down must not stop the process"
 
 
+@pytest.mark.integration
 def test_step_down_of_an_election_without_leader_says_so(replicas: Replicas) -> None:
     result = replicas.celery("leader", "step-down", "--name", "nobody-here")
     assert (result.returncode, result.stdout.strip()) == (
@@ -104,3 +109,26 @@ def test_step_down_of_an_election_without_leader_says_so(replicas: Replicas) -> 
         1, f"no elections under key prefix '{KEY_PREFIX}'"), result.stderr
     result = replicas.celery("leader", "status", "--all", "--name", "x")
     assert result.returncode == 2 and "give --name or --all, not both" in result.stderr
+
+
+def test_a_step_down_request_is_taken_only_by_the_leader_of_its_term(
+        redis_client: redis.Redis, election_name: str) -> None:
+    """The Redis path on its own: a listener whose elector leads in term 7."""
+    lock = RedisLock(redis_client, name=election_name, identity="beat-a")
+    stepped: list[int] = []
+    elector = SimpleNamespace(term=7, step_down=lambda: stepped.append(elector.term))
+    listener = StepDownListener(elector, lock, poll=60.0)  # type: ignore[arg-type]
+    requests = StepDownRequests(lock)
+    listener.start()
+    try:
+        asked_at = time.monotonic()
+        assert requests.request(7, "beat-a", timeout=10.0)
+        assert time.monotonic() - asked_at < 5, "taken on the pub/sub wake-up, not the poll"
+        assert stepped == [7] and not redis_client.exists(requests.key)
+        # A predecessor's request never deposes this leadership; it is withdrawn.
+        assert not requests.request(6, "beat-old", timeout=0.5)
+        elector.term = 0  # not leading: nothing to hand over
+        assert not requests.request(7, "beat-a", timeout=0.5)
+        assert stepped == [7] and not redis_client.exists(requests.key)
+    finally:
+        listener.stop()
