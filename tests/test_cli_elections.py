@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import redis
 
-from celery_leader.elections import StepDownListener, StepDownRequests
+from celery_leader.elections import StepDownListener, StepDownRequests, election_names
 from celery_leader.redislock import RedisLock
 from tests.sched_procs import KEY_PREFIX, ROOT, Replicas, wait_until
 
@@ -132,3 +132,15 @@ def test_a_step_down_request_is_taken_only_by_the_leader_of_its_term(
         assert stepped == [7] and not redis_client.exists(requests.key)
     finally:
         listener.stop()
+
+
+def test_elections_are_found_by_lease_or_counter_and_nothing_else(
+        redis_client: redis.Redis) -> None:
+    redis_client.set("celery-leader:{a}:lease", "{}")
+    redis_client.hset("celery-leader:{b}:counter", "version", 3)  # no leader right now
+    redis_client.set("celery-leader:{c}:job:lease", "1")  # a claim named "job:lease"
+    redis_client.hset("celery-leader:{c}:schedule:state", "x", "{}")
+    redis_client.set("ha*:{d}:lease", "{}")  # another prefix, with a glob character
+    assert election_names(redis_client, "celery-leader") == ["a", "b"]
+    assert election_names(redis_client, "ha*") == ["d"]
+    assert election_names(redis_client, "ha") == []
