@@ -18,7 +18,9 @@ from typing import Any
 from celery.beat import Scheduler
 
 from .config import LeaderCallbacks
+from .elections import ROLE_BEAT, StepDownListener, mark_role
 from .elector import LeaderElector
+from .integration import exit_on_configuration_error
 from .redislock import RedisLock
 from .scheduler import ScheduleRunner, beat_election_name
 from .settings import read_settings
@@ -31,16 +33,20 @@ class LeaderScheduler(Scheduler):  # type: ignore[misc]
     """A beat scheduler that dispatches only while its replica leads."""
 
     def __init__(self, app: Any, *args: Any, **kwargs: Any) -> None:
-        settings = read_settings(app)
-        identity = settings.identity or f"beat@{socket.gethostname()}:{os.getpid()}"
-        self.leader_settings = settings
-        self.lock: RedisLock = settings.lock(
-            identity, name=beat_election_name(settings, standalone=True))
-        self.elector: LeaderElector = settings.elector(
-            self.lock, LeaderCallbacks(on_started_leading=self._lead,
-                                       on_stopped_leading=lambda: None))
-        self.runner = ScheduleRunner(app, self.lock, settings,
-                                     still_leading=self.elector.is_leader)
+        with exit_on_configuration_error():  # one line naming the setting, as a worker does
+            settings = read_settings(app)
+            identity = settings.identity or f"beat@{socket.gethostname()}:{os.getpid()}"
+            self.leader_settings = settings
+            self.lock: RedisLock = settings.lock(
+                identity, name=beat_election_name(settings, standalone=True))
+            self.elector: LeaderElector = settings.elector(
+                self.lock, LeaderCallbacks(on_started_leading=self._lead,
+                                           on_stopped_leading=lambda: None))
+            self.runner = ScheduleRunner(app, self.lock, settings,
+                                         still_leading=self.elector.is_leader)
+        # No control consumer here: `celery leader step-down` reaches beat through Redis.
+        self.step_down_listener = StepDownListener(self.elector, self.lock,
+                                                   poll=settings.lease_duration)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         super().__init__(app, *args, **kwargs)
@@ -50,11 +56,13 @@ class LeaderScheduler(Scheduler):  # type: ignore[misc]
         self._thread = threading.Thread(target=run_elector, args=(self.elector, self._stop),
                                         name="celery-leader-elector", daemon=True)
         self._thread.start()
+        self.step_down_listener.start()
 
     def _lead(self, stop: threading.Event) -> None:
         runner = threading.Thread(target=self.runner.run, args=(self.elector.term, stop),
                                   name="celery-leader-scheduler", daemon=True)
         runner.start()
+        mark_role(self.lock, ROLE_BEAT)  # for `celery leader status --all`
         stop.wait()
         self.runner.wake()  # it sleeps until its next tick otherwise
         runner.join(self.leader_settings.renew_deadline)
@@ -66,6 +74,7 @@ class LeaderScheduler(Scheduler):  # type: ignore[misc]
         pass
 
     def close(self) -> None:
+        self.step_down_listener.stop()
         self.elector.stop()
         if self._thread is not None:
             self._thread.join(self.leader_settings.renew_deadline
@@ -73,5 +82,6 @@ class LeaderScheduler(Scheduler):  # type: ignore[misc]
 
     @property
     def info(self) -> str:
-        return (f"celery-leader election {self.leader_settings.name!r} as "
+        # The election this process really joins (<leader_name>-beat), not the workers'.
+        return (f"celery-leader election {self.lock.name!r} (standalone beat) as "
                 f"{self.lock.identity()}")

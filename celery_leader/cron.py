@@ -31,15 +31,19 @@ passes; that is the behaviour corrected here.
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Callable, Hashable
 from datetime import datetime, timedelta, timezone, tzinfo
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+import click
 from celery.schedules import BaseSchedule, schedstate
-from croniter import CroniterError, croniter
+from croniter import CroniterBadDateError, CroniterError, croniter
 
-__all__ = ["cron"]
+from .config import ConfigurationError
+
+__all__ = ["CronError", "cron"]
 
 UTC = timezone.utc
 
@@ -63,6 +67,31 @@ _PROBE_START = datetime(2000, 1, 1)  # naive wall time
 # PEP 495 fold support could ever need more than a couple.
 _MAX_CANDIDATES = 100_000
 
+# The canonical (seconds-first) fields, named and bounded as a user writes them.
+_FIELDS = (("second", "0-59"), ("minute", "0-59"), ("hour", "0-23"),
+           ("day-of-month", "1-31"), ("month", "1-12 or jan-dec"),
+           ("day-of-week", "0-7 or sun-sat"))
+_CRONITER_ERRORS = (CroniterError, ValueError, TypeError, KeyError, IndexError)
+
+
+class CronError(ConfigurationError, click.ClickException):
+    """An invalid cron expression or time zone (a ``ValueError``).
+
+    Also a ``click.ClickException``: a config module that builds an invalid
+    ``cron(...)`` is imported while ``celery worker`` / ``celery beat`` parses
+    its options, and click then stops the command with the same one line (and
+    exit status 2) as any other bad celery-leader setting, not a traceback.
+    """
+
+    exit_code = 2
+
+    def __init__(self, message: str) -> None:
+        click.ClickException.__init__(self, message)  # sets args and message
+
+    def show(self, file: Any = None) -> None:
+        print(f"celery-leader: configuration error: {self.message}",
+              file=file or sys.stderr, flush=True)
+
 
 class cron(BaseSchedule):  # type: ignore[misc]
     """A cron schedule for Celery beat, DST-correct in an IANA time zone.
@@ -75,7 +104,7 @@ class cron(BaseSchedule):  # type: ignore[misc]
         app: optional Celery app; beat sets it on its own.
 
     Raises:
-        ValueError: invalid expression, or unknown time zone.
+        CronError (a ValueError): invalid expression, or unknown time zone.
     """
 
     def __init__(
@@ -93,8 +122,10 @@ class cron(BaseSchedule):  # type: ignore[misc]
         try:
             # Catches expressions that parse but never match (``0 0 30 2 *``).
             self._wall_after(_PROBE_START)
-        except (CroniterError, ValueError, TypeError, KeyError, IndexError) as exc:
-            raise ValueError(f"invalid cron expression {expr!r}: {exc}") from exc
+        except CroniterBadDateError:
+            raise CronError(f"invalid cron expression {expr!r}: it matches no date") from None
+        except _CRONITER_ERRORS as exc:
+            raise CronError(f"invalid cron expression {expr!r}: {_plain(exc)}") from exc
 
     # -- attributes -------------------------------------------------------------
 
@@ -193,33 +224,63 @@ def _parse(expr: str) -> tuple[str, str, str]:
     if len(fields) == 1 and fields[0].startswith("@"):
         alias = fields[0].lower()
         if alias not in ALIASES:
-            raise ValueError(
+            raise CronError(
                 f"invalid cron expression {expr!r}: unknown alias "
                 f"(known: {', '.join(sorted(ALIASES))})"
             )
         shown = alias
         fields = ALIASES[alias].split()
     if len(fields) not in (5, 6):
-        raise ValueError(
+        raise CronError(
             f"invalid cron expression {expr!r}: expected 5 fields, or 6 with seconds "
             f"first, got {len(fields)}"
         )
     fields = [field.lower() for field in fields]
     for field in fields:
         if _RANDOM_OR_HASHED.match(field):
-            raise ValueError(
+            raise CronError(
                 f"invalid cron expression {expr!r}: random/hashed fields (R, H) are not supported"
             )
     if len(fields) == 5:
         fields = ["0", *fields]
-    seconds, rest = fields[0], fields[1:]
     canonical = " ".join(fields)
-    croniter_form = " ".join([*rest, seconds])  # croniter wants seconds last
+    croniter_form = _croniter_order(fields)
     try:
         croniter.expand(croniter_form)
-    except (CroniterError, ValueError, TypeError, KeyError, IndexError) as exc:
-        raise ValueError(f"invalid cron expression {expr!r}: {exc}") from exc
+    except _CRONITER_ERRORS as exc:
+        raise CronError(f"invalid cron expression {expr!r}: {_field_error(fields, exc)}") \
+            from exc
     return shown, canonical, croniter_form
+
+
+def _croniter_order(fields: list[str]) -> str:
+    """croniter's form of seconds-first fields: it wants the seconds last."""
+    return " ".join([*fields[1:], fields[0]])
+
+
+def _field_error(fields: list[str], exc: Exception) -> str:
+    """Which field is wrong, in the user's order and words: croniter's own
+    message quotes its internal, reordered form (``[61 * * * * 0] ...``)."""
+    for index, value in enumerate(fields):
+        probe = ["*"] * len(fields)
+        probe[index] = value
+        try:
+            croniter.expand(_croniter_order(probe))
+        except _CRONITER_ERRORS as field_exc:
+            name, allowed = _FIELDS[index]
+            reason = _plain(field_exc)
+            if "out of range" in reason or "out of bands" in reason:
+                return f"{name} field {value!r} is out of range ({allowed})"
+            if "step" in reason:
+                return f"{name} field {value!r} has an invalid step ({allowed})"
+            return f"{name} field {value!r} is not valid ({allowed})"
+    return _plain(exc)
+
+
+def _plain(exc: Exception) -> str:
+    """croniter's message without its internal bracketed form of the expression."""
+    text = re.sub(r"^\[[^\]]*\]\s*", "", str(exc)).strip()
+    return text or "not a valid cron expression"
 
 
 def _load_zone(tz: str | tzinfo | None) -> tzinfo | None:
@@ -230,7 +291,7 @@ def _load_zone(tz: str | tzinfo | None) -> tzinfo | None:
     try:
         return ZoneInfo(tz)
     except (ZoneInfoNotFoundError, ValueError, OSError) as exc:
-        raise ValueError(f"unknown time zone {tz!r}") from exc
+        raise CronError(f"unknown time zone {tz!r}") from exc
 
 
 def _zone_arg(zone: tzinfo | None) -> str | tzinfo | None:

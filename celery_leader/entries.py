@@ -18,7 +18,7 @@ from celery.schedules import BaseSchedule, crontab, maybe_schedule, schedule
 
 from .config import ConfigurationError
 from .cron import cron
-from .settings import CATCH_UP_POLICIES
+from .settings import CATCH_UP_POLICIES, closest
 
 UTC = timezone.utc
 OPTION_KEYS = frozenset({
@@ -26,10 +26,19 @@ OPTION_KEYS = frozenset({
     "compression", "time_limit", "soft_time_limit", "countdown", "link", "link_error",
     "immediate", "mandatory", "delivery_mode", "ignore_result", "shadow",
 })
+# What one entry may say: Celery's beat_schedule keys plus celery-leader's own.
+ENTRY_KEYS = frozenset({
+    "task", "schedule", "args", "kwargs", "options", "relative",
+    "catch_up", "misfire_grace", "enabled",
+})
 
 
 class EntryError(ConfigurationError):
     """An entry is invalid; the message names the entry."""
+
+
+class EntryExistsError(EntryError):
+    """A runtime entry of that name exists and the caller did not ask to replace it."""
 
 
 @dataclass(frozen=True)
@@ -90,41 +99,47 @@ def describe_schedule(sched: Any) -> str:
 
 # --------------------------------------------------------------------- parsing
 
-def entry_from_config(name: str, spec: Any, app: Any) -> Entry:
-    """One ``beat_schedule`` item, validated; raise EntryError naming it."""
+def entry_from_config(name: str, spec: Any, app: Any,
+                      what: str = "beat_schedule entry") -> Entry:
+    """One ``beat_schedule`` item, validated; raise EntryError naming it.
+
+    ``what`` is how the messages call it (``"runtime entry"`` for the API and
+    the command line, where there is no beat_schedule).
+    """
     if not isinstance(spec, dict):
-        raise EntryError(f"beat_schedule entry {name!r} must be a dict, got {spec!r}")
+        raise EntryError(f"{what} {name!r} must be a dict, got {spec!r}")
+    _reject_unknown(f"{what} {name!r}", "key", spec, ENTRY_KEYS)
     task = spec.get("task")
     if not isinstance(task, str) or not task:
-        raise EntryError(f"beat_schedule entry {name!r} needs a task name, got {task!r}")
+        raise EntryError(f"{what} {name!r} needs a task name, got {task!r}")
     raw = spec.get("schedule")
     if isinstance(raw, bool) or not isinstance(raw, (int, float, timedelta, BaseSchedule)):
-        raise EntryError(f"beat_schedule entry {name!r} has an invalid schedule {raw!r}; use "
+        raise EntryError(f"{what} {name!r} has an invalid schedule {raw!r}; use "
                          "seconds, a timedelta, schedule, crontab, solar or celery_leader.cron")
     if isinstance(raw, (int, float)) and (not math.isfinite(raw) or raw <= 0):
-        raise EntryError(f"beat_schedule entry {name!r}: interval must be positive, got {raw!r}")
+        raise EntryError(f"{what} {name!r}: interval must be positive, got {raw!r}")
     if isinstance(raw, timedelta) and raw.total_seconds() <= 0:
-        raise EntryError(f"beat_schedule entry {name!r}: interval must be positive, got {raw!r}")
+        raise EntryError(f"{what} {name!r}: interval must be positive, got {raw!r}")
     args = spec.get("args", ())
     if not isinstance(args, (list, tuple)):
-        raise EntryError(f"beat_schedule entry {name!r}: args must be a list or tuple")
+        raise EntryError(f"{what} {name!r}: args must be a list or tuple")
     kwargs = spec.get("kwargs", {}) or {}
     if not isinstance(kwargs, dict):
-        raise EntryError(f"beat_schedule entry {name!r}: kwargs must be a dict")
-    options = _options(name, spec.get("options", {}) or {})
+        raise EntryError(f"{what} {name!r}: kwargs must be a dict")
+    options = _options(f"{what} {name!r}", spec.get("options", {}) or {})
     catch_up = spec.get("catch_up", options.pop("catch_up", None))
     if catch_up is not None and catch_up not in CATCH_UP_POLICIES:
-        raise EntryError(f"beat_schedule entry {name!r}: catch_up must be one of "
+        raise EntryError(f"{what} {name!r}: catch_up must be one of "
                          f"{', '.join(CATCH_UP_POLICIES)}, got {catch_up!r}")
     grace = spec.get("misfire_grace", options.pop("misfire_grace", None))
     if grace is not None and (isinstance(grace, bool) or not isinstance(grace, (int, float))
                               or grace <= 0):
-        raise EntryError(f"beat_schedule entry {name!r}: misfire_grace must be positive seconds")
+        raise EntryError(f"{what} {name!r}: misfire_grace must be positive seconds")
     sched = maybe_schedule(raw, relative=bool(spec.get("relative", False)), app=app)
     try:
         next_fire_after(sched, datetime.now(UTC))
     except Exception as exc:
-        raise EntryError(f"beat_schedule entry {name!r}: schedule {raw!r} cannot compute its "
+        raise EntryError(f"{what} {name!r}: schedule {raw!r} cannot compute its "
                          f"next fire time: {exc}") from exc
     return Entry(name=name, task=task, schedule=sched, args=tuple(args), kwargs=dict(kwargs),
                  options=options, catch_up=catch_up,
@@ -132,25 +147,37 @@ def entry_from_config(name: str, spec: Any, app: Any) -> Entry:
                  enabled=bool(spec.get("enabled", True)))
 
 
-def _options(name: str, options: Any) -> dict[str, Any]:
+def _options(entry: str, options: Any) -> dict[str, Any]:
     if not isinstance(options, dict):
-        raise EntryError(f"beat_schedule entry {name!r}: options must be a dict, got {options!r}")
+        raise EntryError(f"{entry}: options must be a dict, got {options!r}")
     checked: dict[str, Any] = dict(options)
     options = checked
-    unknown = set(options) - OPTION_KEYS - {"catch_up", "misfire_grace"}
-    if unknown:
-        raise EntryError(f"beat_schedule entry {name!r}: unknown option(s) "
-                         f"{', '.join(sorted(unknown))}")
+    _reject_unknown(entry, "option", options, OPTION_KEYS | {"catch_up", "misfire_grace"})
     if "headers" in options and not isinstance(options["headers"], dict):
-        raise EntryError(f"beat_schedule entry {name!r}: options['headers'] must be a dict")
+        raise EntryError(f"{entry}: options['headers'] must be a dict")
     priority = options.get("priority")
     if priority is not None and (isinstance(priority, bool) or not isinstance(priority, int)
                                  or not 0 <= priority <= 255):
-        raise EntryError(f"beat_schedule entry {name!r}: priority must be an int 0-255")
+        raise EntryError(f"{entry}: priority must be an int 0-255")
     expires = options.get("expires")
     if expires is not None and not isinstance(expires, (int, float, datetime)):
-        raise EntryError(f"beat_schedule entry {name!r}: expires must be seconds or a datetime")
+        raise EntryError(f"{entry}: expires must be seconds or a datetime")
     return checked
+
+
+def _reject_unknown(entry: str, kind: str, given: dict[Any, Any],
+                    valid: frozenset[str]) -> None:
+    """Unknown keys are an error, naming each with the closest valid one: a
+    typo (``"scheduel"``, ``"optons"``) would otherwise be dropped silently."""
+    unknown = sorted(str(key) for key in given if key not in valid)
+    if not unknown:
+        return
+    described = []
+    for key in unknown:
+        match = closest(key, valid)
+        described.append(f"{key!r} (did you mean {match!r}?)" if match else repr(key))
+    raise EntryError(f"{entry}: unknown {kind}{'s' if len(unknown) > 1 else ''} "
+                     f"{', '.join(described)}; valid: {', '.join(sorted(valid))}")
 
 
 def entries_from_config(app: Any) -> dict[str, Entry]:
@@ -225,4 +252,4 @@ def entry_from_json(name: str, raw: bytes | str, app: Any) -> Entry:
     if not isinstance(data, dict):
         raise EntryError(f"runtime entry {name!r} must be a JSON object")
     spec = dict(data, schedule=schedule_from_json(name, data.get("schedule")))
-    return replace(entry_from_config(name, spec, app), runtime=True)
+    return replace(entry_from_config(name, spec, app, what="runtime entry"), runtime=True)

@@ -12,6 +12,7 @@ from celery import signals as celery_signals
 
 from .config import ConfigurationError
 from .decorators import LEADER_ONLY_TASKS
+from .elections import ROLE_WORKERS, mark_role
 from .settings import LeaderSettings, read_settings
 from .worker import (
     LeaderController,
@@ -102,7 +103,11 @@ def controller_for_worker(worker: Any, options: dict[str, Any]) -> LeaderControl
                 "threads or solo"
             )
         settings = _with_cli_overrides(read_settings(app), options)
-        return LeaderController(app, settings, hostname=worker.hostname)
+        controller = LeaderController(app, settings, hostname=worker.hostname)
+    lock = controller.lock
+    # Each new leader labels the election for `celery leader status --all`.
+    controller.leadership_hooks.append(lambda term, stop: mark_role(lock, ROLE_WORKERS))
+    return controller
 
 
 def _with_cli_overrides(settings: LeaderSettings, options: dict[str, Any]) -> LeaderSettings:

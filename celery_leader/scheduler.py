@@ -145,17 +145,18 @@ class ScheduleStore:
     def add(self, name: str, task: str, schedule: Any, args: Any = (), kwargs: Any = None,
             options: Any = None, *, enabled: bool = True, catch_up: str | None = None,
             misfire_grace: float | None = None, replace_existing: bool = False) -> Entry:
-        from .entries import entry_from_config
+        from .entries import EntryExistsError, entry_from_config
 
         if not isinstance(name, str) or not name:
             raise EntryError(f"entry name must be a non-empty string, got {name!r}")
         spec = {"task": task, "schedule": schedule, "args": args, "kwargs": kwargs or {},
                 "options": options or {}, "enabled": enabled, "catch_up": catch_up,
                 "misfire_grace": misfire_grace}
-        entry = replace(entry_from_config(name, spec, self.app), runtime=True)
+        entry = replace(entry_from_config(name, spec, self.app, what="runtime entry"),
+                        runtime=True)
         encoded = entry_to_json(entry)  # also rejects schedules JSON cannot carry
         if not replace_existing and self.client.hexists(self.entries_key, name):
-            raise EntryError(f"runtime entry {name!r} already exists; use update()")
+            raise EntryExistsError(f"runtime entry {name!r} already exists; use update()")
         self._write(name, encoded)
         return entry
 

@@ -6,10 +6,13 @@ never written back with defaults, which would shadow the user's config module.
 
 from __future__ import annotations
 
+import difflib
+import logging
 import os
 import socket
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, fields
 from typing import Any
 from urllib.parse import unquote, urlparse
 
@@ -20,6 +23,8 @@ from .config import ConfigurationError, to_seconds, validate_timings
 REDIS_SCHEMES = ("redis", "rediss", "unix", "sentinel", "sentinels")
 CATCH_UP_POLICIES = ("latest", "all", "none")
 _UNSET = object()
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -70,6 +75,53 @@ class LeaderSettings:
                                      self.retry_period, self.transport_options)
 
 
+# Every leader_* setting, one per LeaderSettings field (transport_options is
+# read from Celery's own broker_transport_options).
+KNOWN_SETTINGS = frozenset(f"leader_{f.name}" for f in fields(LeaderSettings)
+                           if f.name != "transport_options")
+_warned_unknown: set[str] = set()
+_warned_lock = threading.Lock()
+
+
+def closest(name: str, valid: Iterable[str]) -> str | None:
+    """The valid name ``name`` was most likely meant to be, if any is close."""
+    matches = difflib.get_close_matches(name, sorted(valid), n=1, cutoff=0.6)
+    return matches[0] if matches else None
+
+
+def unknown_settings(app: Any) -> list[str]:
+    """One message per ``leader_*`` / ``CELERY_LEADER_*`` name in the app's config
+    that celery-leader does not read (a typo would silently run on the default)."""
+    suffixes = {name.removeprefix("leader_") for name in KNOWN_SETTINGS}
+    messages = []
+    for key in sorted(str(k) for k in app.conf):
+        if key.startswith("leader_"):
+            prefix, suffix = "leader_", key.removeprefix("leader_")
+        elif key.startswith("CELERY_LEADER_"):
+            prefix, suffix = "CELERY_LEADER_", key.removeprefix("CELERY_LEADER_").lower()
+        else:
+            continue
+        spell = str.upper if prefix.isupper() else str
+        if suffix in suffixes and key == prefix + spell(suffix):
+            continue
+        match = closest(suffix, suffixes)
+        hint = (f"did you mean {prefix + spell(match)!r}?" if match else "valid names: "
+                + ", ".join(prefix + spell(name) for name in sorted(suffixes)))
+        messages.append(f"{key!r} is not a celery-leader setting and is ignored; {hint}")
+    return messages
+
+
+def warn_unknown_settings(app: Any) -> None:
+    """Log each unknown ``leader_*`` name once per process (read_settings runs
+    at every start-up path: worker, beat, command line, API)."""
+    for message in unknown_settings(app):
+        with _warned_lock:
+            if message in _warned_unknown:
+                continue
+            _warned_unknown.add(message)
+        log.warning("celery-leader: %s", message)
+
+
 def setting(app: Any, name: str, default: Any = _UNSET) -> Any:
     """``app.conf[name]``, also found as ``CELERY_<NAME>`` (Django namespace)."""
     conf = app.conf
@@ -88,6 +140,7 @@ def read_settings(app: Any) -> LeaderSettings:
         value = setting(app, name, default)
         return check(name, value) if value is not default or default is None else value
 
+    warn_unknown_settings(app)
     url = setting(app, "leader_redis_url", None)
     if url is None:
         broker = setting(app, "broker_url", None) or ""
