@@ -10,6 +10,9 @@ Differences from client-go, each enforced where marked ``INVARIANT``:
 - Release happens only after ``on_started_leading`` returned (bounded by
   ``renew_deadline``) and is conditional on holder and term.
 - ``run()`` contends again after losing leadership; lock errors never end it.
+- The holder is the identity *and* the lock's instance id: two electors given
+  the same identity are two holders, so exactly one leads (client-go lets both
+  take the lease in turn, each believing it leads).
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ class LeaderElector:
         self._retry = to_seconds("retry_period", config.retry_period)
         self._name = config.name or self.lock.describe()
         self._identity = self.lock.identity()
+        self._instance = self.lock.instance()
 
         self._state = threading.RLock()
         self._wake = threading.Event()
@@ -66,7 +70,9 @@ class LeaderElector:
         self._observed: Observation = Observation(raw=None, record=None)
         self._observed_time = self._clock.monotonic()
         self._observed_ttl_deadline: float | None = None
-        self._reported_leader = ""
+        # The last holder (identity, instance) reported to on_new_leader.
+        self._reported_holder = ("", "")
+        self._duplicate_warned: str | None = None  # instance named in the last warning
         self._malformed_logged: bytes | None = None
         # This replica's own lease, valid only while ``_leadership`` is set.
         self._leadership: _Leadership | None = None
@@ -103,7 +109,7 @@ class LeaderElector:
 
     def get_leader(self) -> str:
         """The identity of the last observed holder ('' when none)."""
-        return self._reported_leader
+        return self._reported_holder[0]
 
     def observed_record(self) -> LeaderElectionRecord | None:
         return self._observed.record
@@ -196,6 +202,7 @@ class LeaderElector:
             renewing = leadership is not None and not leadership.ended.is_set()
             desired = LeaderElectionRecord(
                 holder_identity=self._identity,
+                holder_instance=self._instance,
                 lease_duration=self._lease,
                 term=leadership.term if (renewing and leadership) else 0,
             )
@@ -257,16 +264,22 @@ class LeaderElector:
         if record is None:
             # Malformed: replace it only once it has stood unchanged for a lease.
             return self._observed_time + self._lease <= now
-        if not record.holder_identity or record.holder_identity == self._identity:
+        # Our own record (this instance) is renewed at once.  One with our
+        # identity but another instance is another running elector (or an
+        # earlier run of this replica): INVARIANT: it is waited out like any
+        # other holder, so two replicas given one identity never both lead.
+        if not record.holder_identity or record.held_by(self._identity, self._instance):
             return True
         # INVARIANT: expiry judged on our monotonic clock from when we saw it change.
         return self._observed_time + record.lease_duration <= now
 
     def _observe(self, observation: Observation, now: float) -> None:
         with self._state:
-            if observation.raw != self._observed.raw:
+            previous = self._observed
+            if observation.raw != previous.raw:
                 self._observed = observation
                 self._observed_time = now
+                self._warn_if_identity_is_shared(previous, observation)
             if observation.ttl is not None:
                 self._observed_ttl_deadline = now + observation.ttl
             else:
@@ -277,13 +290,34 @@ class LeaderElector:
                 log.error("leader election %s: malformed lease record in %s (%s); it will "
                           "be replaced once it has stood for one lease", self._name,
                           self.lock.describe(), observation.error)
-            holder = observation.record.holder_identity if observation.record else ""
-            if not holder or holder == self._reported_leader:
+            record = observation.record
+            holder = (record.holder_identity, record.holder_instance) if record else ("", "")
+            if not holder[0] or holder == self._reported_holder:
                 return
-            self._reported_leader = holder
+            self._reported_holder = holder
         callback = self.config.callbacks.on_new_leader
         if callback is not None:
-            _call_safely("on_new_leader", callback, holder)
+            _call_safely("on_new_leader", callback, holder[0])  # the identity, as configured
+
+    def _warn_if_identity_is_shared(self, previous: Observation, current: Observation) -> None:
+        """Warn once per other instance seen *renewing* a lease under our identity.
+
+        A record of ours from an earlier run of this replica merely waits to
+        expire; one that changes while we watch has a live writer: a second
+        replica was given this identity.
+        """
+        record, earlier = current.record, previous.record
+        if (record is None or earlier is None
+                or record.holder_identity != self._identity
+                or record.holder_instance == self._instance
+                or not earlier.held_by(record.holder_identity, record.holder_instance)
+                or record.holder_instance == self._duplicate_warned):
+            return
+        self._duplicate_warned = record.holder_instance
+        log.warning("leader election %s: identity %r is in use by another running elector "
+                    "(instance %s; this one is %s): every replica needs its own identity "
+                    "(e.g. POD_NAME unset?). This one follows until that one stops.",
+                    self._name, self._identity, record.holder_instance or "-", self._instance)
 
     # ------------------------------------------------------------------ follower
 

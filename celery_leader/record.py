@@ -28,9 +28,13 @@ class LeaderElectionRecord:
     term: int = 0
     # CAS version: a fresh counter value on every write, so bytes never repeat.
     version: int = 0
+    # Which running elector holds it: a random id per lock object, so two
+    # replicas given the same identity are still two holders.  '' in a record
+    # written by an older celery-leader, or by a lock that cannot tell them apart.
+    holder_instance: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "holderIdentity": self.holder_identity,
             "leaseDurationMs": round(self.lease_duration * 1000),
             "acquireTimeMs": round(self.acquire_time * 1000),
@@ -39,9 +43,18 @@ class LeaderElectionRecord:
             "term": self.term,
             "version": self.version,
         }
+        # A field of its own beside holderIdentity, so older readers (which
+        # ignore unknown fields) still see the configured identity.
+        if self.holder_instance:
+            data["holderInstance"] = self.holder_instance
+        return data
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), separators=(",", ":"), sort_keys=True)
+
+    def held_by(self, identity: str, instance: str) -> bool:
+        """True when this record names exactly that holder (identity and instance)."""
+        return self.holder_identity == identity and self.holder_instance == instance
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> LeaderElectionRecord:
@@ -55,6 +68,9 @@ class LeaderElectionRecord:
             holder = data["holderIdentity"]
             if not isinstance(holder, str):
                 raise TypeError("holderIdentity must be a string")
+            instance = data.get("holderInstance", "")
+            if not isinstance(instance, str):
+                raise TypeError("holderInstance must be a string")
             return cls(
                 holder_identity=holder,
                 lease_duration=_int(data, "leaseDurationMs") / 1000.0,
@@ -63,6 +79,7 @@ class LeaderElectionRecord:
                 leader_transitions=_int(data, "leaderTransitions", 0),
                 term=_int(data, "term"),
                 version=_int(data, "version", 0),
+                holder_instance=instance,
             )
         # ValueError/OverflowError: NaN, Infinity or a huge integer in a number field.
         except (KeyError, TypeError, ValueError, OverflowError) as exc:

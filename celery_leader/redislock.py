@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import secrets
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -26,10 +27,12 @@ from .record import LeaderElectionRecord, MalformedRecordError
 from .resourcelock import ClaimResult, LockConflictError, Observation, ResourceLock
 
 log = logging.getLogger(__name__)
-events_log = logging.getLogger("celery_leader.events")
 
 # Shared by every script: reads the lease as a string; a key of another type
-# reads as a marker so the ordinary CAS path can replace it.
+# reads as a marker so the ordinary CAS path can replace it.  ``holder`` is
+# '<instance>:<identity>' (an instance holds no ':', so the first one splits): a
+# term is held only by the one running elector that took it, even when another
+# was given the same identity.
 READ_LEASE_LUA = """
 local function read_lease(key)
   local value = redis.pcall('GET', key)
@@ -38,12 +41,14 @@ local function read_lease(key)
   end
   return value
 end
-local function holds_term(key, identity, term)
+local function holds_term(key, holder, term)
+  local instance, identity = string.match(holder, '^([^:]+):(.*)$')
+  if not instance then return false end
   local current = read_lease(key)
   if not current then return false end
   local ok, rec = pcall(cjson.decode, current)
   return ok and type(rec) == 'table' and rec.holderIdentity == identity
-     and rec.term == tonumber(term)
+     and rec.holderInstance == instance and rec.term == tonumber(term)
 end
 """
 
@@ -55,8 +60,9 @@ return {raw, redis.call('PTTL', KEYS[1])}
 """
 
 # Guarantees compare-and-swap on the exact stored bytes ('' = must be absent);
-# a new holder, or a term the caller does not present, takes a fresh term from
-# the counter, so a term names exactly one leadership.
+# a new holder (identity ARGV[2] and instance ARGV[6]), or a term the caller
+# does not present, takes a fresh term from the counter, so a term names
+# exactly one leadership of one running elector.
 WRITE_LUA = READ_LEASE_LUA + """
 local current = read_lease(KEYS[1])
 local expected = ARGV[1]
@@ -65,6 +71,7 @@ if (expected == '' and current) or (expected ~= '' and current ~= expected) then
   return {0, current, redis.call('PTTL', KEYS[1])}
 end
 local holder, lease_ms, want_term = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local instance = ARGV[6]
 local prev = nil
 if current then
   local ok, rec = pcall(cjson.decode, current)
@@ -78,7 +85,8 @@ if type(version) == 'table' then
     tostring(version.err) .. '); repair it by hand: deleting it restarts terms at 1')
 end
 local term, acquire_ms, transitions
-if want_term ~= 0 and prev and prev.holderIdentity == holder and prev.term == want_term then
+if want_term ~= 0 and prev and prev.holderIdentity == holder
+   and (prev.holderInstance or '') == instance and prev.term == want_term then
   term = want_term
   acquire_ms = tonumber(prev.acquireTimeMs) or now_ms
   transitions = tonumber(prev.leaderTransitions) or 0
@@ -89,14 +97,15 @@ else
 end
 local raw = cjson.encode({holderIdentity = holder, leaseDurationMs = lease_ms,
   acquireTimeMs = acquire_ms, renewTimeMs = now_ms, leaderTransitions = transitions,
-  term = term, version = version})
+  term = term, version = version, holderInstance = (instance ~= '' and instance) or nil})
 redis.call('SET', KEYS[1], raw, 'PX', lease_ms)
 if term == version then redis.call('PUBLISH', ARGV[5], 'acquired') end
 return {1, raw, lease_ms}
 """
 
-# Guarantees the lease is deleted only while it names this holder and term, so
-# a stale leader can never clear a newer holder's lease; then wakes followers.
+# Guarantees the lease is deleted only while it names this holder (ARGV[1] =
+# '<instance>:<identity>') and term, so a stale leader can never clear a newer
+# holder's lease; then wakes followers.
 RELEASE_LUA = READ_LEASE_LUA + """
 if not holds_term(KEYS[1], ARGV[1], ARGV[2]) then return 0 end
 redis.call('DEL', KEYS[1])
@@ -105,7 +114,8 @@ return 1
 """
 
 # Prepended to every fenced script: nothing after it runs unless KEYS[1] names
-# ARGV[1] as holder with term ARGV[2], checked in the same atomic step.
+# ARGV[1] ('<instance>:<identity>') as holder with term ARGV[2], checked in the
+# same atomic step.
 FENCE_LUA = READ_LEASE_LUA + """
 if not holds_term(KEYS[1], ARGV[1], ARGV[2]) then return -1 end
 """
@@ -133,7 +143,7 @@ class ReplicationError(Exception):
 class FencedScript:
     """A Lua script that runs only while the caller holds a given term.
 
-    The body sees KEYS[1] = lease, ARGV[1] = identity, ARGV[2] = term; the
+    The body sees KEYS[1] = lease, ARGV[1] = the holder, ARGV[2] = term; the
     caller's own keys and arguments follow.  It returns :data:`FENCED` (-1)
     when the term is not current; the body must never return -1 itself.
     """
@@ -145,7 +155,7 @@ class FencedScript:
     def __call__(self, term: int, keys: Sequence[str] = (), args: Sequence[Any] = ()) -> Any:
         lock = self._lock
         result = self._script(
-            keys=[lock.lease_key, *keys], args=[lock.identity(), term, *args]
+            keys=[lock.lease_key, *keys], args=[lock.holder(), term, *args]
         )
         if result != FENCED:
             lock.wait_for_replicas("a fenced write")
@@ -167,6 +177,9 @@ class RedisLock(ResourceLock):
         self.client = client
         self.name = name
         self._identity = identity
+        # INVARIANT: one instance id per lock object, never reused, so a second
+        # elector given the same identity is a different holder (see instance()).
+        self._instance = secrets.token_hex(8)
         self.key_prefix = key_prefix
         # Opt-in: after acquiring and after each claim, WAIT until this many
         # replicas acknowledged.  Narrows, never closes, the window in which a
@@ -192,6 +205,13 @@ class RedisLock(ResourceLock):
     def identity(self) -> str:
         return self._identity
 
+    def instance(self) -> str:
+        return self._instance
+
+    def holder(self) -> str:
+        """This holder as the scripts check it (ARGV[1] of release, claim and fenced scripts)."""
+        return f"{self._instance}:{self._identity}"
+
     def describe(self) -> str:
         return f"redis:{self.lease_key}"
 
@@ -209,9 +229,14 @@ class RedisLock(ResourceLock):
 
     def _write_record(self, record: LeaderElectionRecord, expected: bytes) -> Observation:
         lease_ms = max(1, round(record.lease_duration * 1000))
+        # A record naming this lock's identity without an instance is written
+        # as this lock's own, so it can release, claim and fence with it.
+        instance = record.holder_instance or (
+            self._instance if record.holder_identity == self._identity else "")
         written, raw, ttl_ms = self._write(
             keys=[self.lease_key, self.counter_key],
-            args=[expected, record.holder_identity, lease_ms, record.term, self.channel],
+            args=[expected, record.holder_identity, lease_ms, record.term, self.channel,
+                  instance],
         )
         observation = _observation(raw, ttl_ms)
         if not written:
@@ -262,14 +287,14 @@ class RedisLock(ResourceLock):
         return warnings
 
     def release(self, term: int) -> bool:
-        return bool(self._release(keys=[self.lease_key], args=[self._identity, term, self.channel]))
+        return bool(self._release(keys=[self.lease_key], args=[self.holder(), term, self.channel]))
 
     def claim(
         self, key: str, term: int, value: str = "1", ttl: float | None = None
     ) -> ClaimResult:
         ttl_ms = 0 if ttl is None else max(1, round(ttl * 1000))
         result = self._claim(
-            keys=[self.lease_key, self.key(key)], args=[self._identity, term, value, ttl_ms]
+            keys=[self.lease_key, self.key(key)], args=[self.holder(), term, value, ttl_ms]
         )
         if result == FENCED:
             return ClaimResult.FENCED
@@ -277,9 +302,6 @@ class RedisLock(ResourceLock):
             self.wait_for_replicas(f"claim {key!r}")
             return ClaimResult.CLAIMED
         return ClaimResult.ALREADY_CLAIMED
-
-    def record_event(self, message: str) -> None:
-        events_log.info("%s: %s", self.describe(), message)
 
     def subscribe(self, on_change: Callable[[], None]) -> Callable[[], None]:
         stopped = threading.Event()

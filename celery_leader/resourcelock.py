@@ -64,20 +64,34 @@ class ResourceLock(ABC):
 
     @abstractmethod
     def release(self, term: int) -> bool:
-        """Give up the lease only if this identity still holds ``term``."""
+        """Give up the lease only if this holder (identity and instance) still holds ``term``."""
 
     @abstractmethod
     def claim(
         self, key: str, term: int, value: str = "1", ttl: float | None = None
     ) -> ClaimResult:
-        """Record ``key`` once, and only while this identity holds ``term``."""
+        """Record ``key`` once, and only while this holder holds ``term``."""
 
-    @abstractmethod
     def record_event(self, message: str) -> None:
-        """Report a leadership event to whoever watches this lock."""
+        """Publish a leadership event where this lock's watchers look (client-go
+        posts a Kubernetes Event).  The elector logs every transition itself, so
+        the default publishes nothing: a lock that logged here would log it twice."""
+        return None
 
     @abstractmethod
-    def identity(self) -> str: ...
+    def identity(self) -> str:
+        """The configured name of this replica, as records and callbacks show it."""
+
+    def instance(self) -> str:
+        """A random id of this lock object, written beside the identity.
+
+        Tells apart two running electors given the same identity (a copied pod
+        name): each is its own holder, so exactly one leads.  One lock object
+        per elector; processes forked from it share it, and act under its lease.
+        The default '' cannot tell them apart: such a lock must not be given
+        the same identity twice.
+        """
+        return ""
 
     @abstractmethod
     def describe(self) -> str:

@@ -5,6 +5,8 @@ it, with the semantics of :class:`celery_leader.RedisLock`:
 
 - compare-and-swap on the exact stored bytes (``create`` needs the record absent);
 - ``version`` is a fresh counter value on every write, so bytes never repeat;
+- the holder is identity + instance (each FakeLock has its own instance, as
+  each RedisLock object does), so two locks given one identity are two holders;
 - the term is a fresh counter value when the holder changes or the caller
   passes term 0, and is kept when the caller presents the stored holder + term;
 - ``release`` and ``claim`` succeed only for the stored holder and term.
@@ -16,6 +18,7 @@ with a hook that runs before every call (``lock.before_call``).
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections.abc import Callable
@@ -114,15 +117,19 @@ class FakeStore:
         except MalformedRecordError as exc:
             return Observation(raw=raw, record=None, error=str(exc))
 
-    def holds_term(self, identity: str, term: int) -> bool:
+    def holds_term(self, identity: str, instance: str, term: int) -> bool:
         record = self.record()
-        return record is not None and record.holder_identity == identity and record.term == term
+        return record is not None and record.held_by(identity, instance) and record.term == term
+
+
+_instances = itertools.count(1)
 
 
 class FakeLock(ResourceLock):
     def __init__(self, store: FakeStore, identity: str) -> None:
         self.store = store
         self._identity = identity
+        self._instance = f"{next(_instances):04x}"
         self.fail_with: BaseException | None = None
         self.before_call: Callable[[str], None] | None = None
         self.calls: list[str] = []
@@ -158,10 +165,12 @@ class FakeLock(ResourceLock):
             previous = store.record()
             store.version += 1
             now = store.server_time
+            instance = record.holder_instance or (
+                self._instance if record.holder_identity == self._identity else "")
             keep_term = (
                 record.term != 0
                 and previous is not None
-                and previous.holder_identity == record.holder_identity
+                and previous.held_by(record.holder_identity, instance)
                 and previous.term == record.term
             )
             if keep_term and previous is not None:
@@ -175,6 +184,7 @@ class FakeLock(ResourceLock):
                 store.acquisitions += 1
             written = LeaderElectionRecord(
                 holder_identity=record.holder_identity,
+                holder_instance=instance,
                 lease_duration=record.lease_duration,
                 acquire_time=acquire_time,
                 renew_time=now,
@@ -188,7 +198,7 @@ class FakeLock(ResourceLock):
     def release(self, term: int) -> bool:
         self._enter("release")
         with self.store.guard:
-            if not self.store.holds_term(self._identity, term):
+            if not self.store.holds_term(self._identity, self._instance, term):
                 return False
             self.store.raw = None
             self.store.released += 1
@@ -198,7 +208,7 @@ class FakeLock(ResourceLock):
               ) -> ClaimResult:
         self._enter("claim")
         with self.store.guard:
-            if not self.store.holds_term(self._identity, term):
+            if not self.store.holds_term(self._identity, self._instance, term):
                 return ClaimResult.FENCED
             if key in self.store.claims:
                 return ClaimResult.ALREADY_CLAIMED
@@ -210,6 +220,9 @@ class FakeLock(ResourceLock):
 
     def identity(self) -> str:
         return self._identity
+
+    def instance(self) -> str:
+        return self._instance
 
     def describe(self) -> str:
         return f"fake:{self._identity}"

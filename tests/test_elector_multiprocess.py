@@ -97,8 +97,8 @@ Spawn = Callable[..., Proc]
 def spawn(tmp_path: Path) -> Iterator[Spawn]:
     procs: list[Proc] = []
 
-    def _spawn(url: str, name: str, identity: str, *extra: str) -> Proc:
-        stderr_path = tmp_path / f"{identity}.stderr"
+    def _spawn(url: str, name: str, identity: str, *extra: str, label: str = "") -> Proc:
+        stderr_path = tmp_path / f"{label or identity}.stderr"
         cmd = [sys.executable, str(HELPER), "--url", url, "--name", name,
                "--identity", identity, "--lease", str(LEASE), "--renew", str(RENEW),
                "--retry", str(RETRY), *extra]
@@ -199,6 +199,31 @@ def test_three_processes_exactly_one_leads(spawn: Spawn, redis_url: str, electio
     assert len(claims) >= 10  # it kept working the whole time
     assert {(t, result) for t, result, *_ in claims} == {(term, "CLAIMED")}
     assert all(not p.claims() for p in procs if p is not leader)
+
+
+def test_two_processes_with_one_identity_one_leads_the_other_follows(
+        spawn: Spawn, redis_url: str, election_name: str) -> None:
+    # POD_NAME unset: two replicas fall back to the same configured identity.
+    procs = [spawn(redis_url, election_name, "same", label=f"same-{i}") for i in (1, 2)]
+    wait_until(lambda: all(p.ready() for p in procs), 15.0, message="processes ready")
+
+    def never_both() -> None:
+        assert len([p for p in procs if p.leading()]) <= 1, dump(procs)
+        assert sum(len(p.starts()) for p in procs) <= 1, dump(procs)  # no flapping
+
+    observe(5 * LEASE, never_both)  # 25 retry periods from start-up
+    leaders = [p for p in procs if p.leading()]
+    assert len(leaders) == 1, dump(procs)
+    leader, follower = leaders[0], next(p for p in procs if p is not leaders[0])
+    assert not leader.stops() and not follower.starts(), dump(procs)
+    assert {(term, result) for term, result, *_ in leader.claims()} == \
+        {(leader.starts()[0][0], "CLAIMED")}
+    # Both report the configured identity as the leader, and the follower says why
+    # it does not lead (the warning goes to stderr: the helper sets up no logging).
+    assert all([e[1] for e in p.events("NEWLEADER")] == ["same"] for p in procs), dump(procs)
+    wait_until(lambda: "identity 'same' is in use by another running elector"
+               in follower.stderr.read_text(errors="replace"), 2 * LEASE,
+               message="the duplicate-identity warning")
 
 
 def test_sigkill_of_the_leader_fails_over_within_one_lease(

@@ -173,6 +173,55 @@ def test_three_electors_exactly_one_leads(cluster: Cluster) -> None:
         assert leader.identity in r.new_leaders
 
 
+def test_two_electors_with_one_identity_one_leads_the_other_follows(
+        cluster: Cluster, caplog: pytest.LogCaptureFixture) -> None:
+    # A copy-pasted identity: both must not lead, not even in turns.
+    first, second = cluster.add("same"), cluster.add("same")
+    leaders_seen: set[int] = set()
+
+    def at_most_one_and_always_the_same() -> None:
+        leading = cluster.leaders()
+        assert len(leading) <= 1, "both electors believe they lead"
+        leaders_seen.update(id(r) for r in leading)
+        assert len(leaders_seen) <= 1, "leadership moved between the two"
+
+    # From start-up on, for five leases (25 retry periods).
+    observe(5 * LEASE, at_most_one_and_always_the_same)
+    leader = cluster.wait_for_leader(1.0)
+    follower = second if leader is first else first
+    assert leader.count("started") == 1 and follower.count("started") == 0
+    wait_until(lambda: "in use by another running elector" in caplog.text, 2 * LEASE,
+               message="the duplicate-identity warning")
+    warnings = [r.getMessage() for r in caplog.records
+                if "in use by another running elector" in r.getMessage()]
+    assert len(warnings) == 1 and "'same'" in warnings[0], warnings
+    # Callbacks and get_leader() speak of the configured identity.
+    assert leader.new_leaders == ["same"] and follower.new_leaders == ["same"]
+    assert follower.elector.get_leader() == "same" and cluster.stored_holder() == "same"
+
+    # The follower is a real follower: it takes over when the leader stops.
+    term = leader.elector.term
+    leader.elector.stop()
+    new = cluster.wait_for_leader(LEASE + 1.0, among=[follower])
+    assert new.elector.term > term and follower.new_leaders == ["same", "same"]
+
+
+def test_each_leadership_change_is_logged_once(
+        cluster: Cluster, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO")
+    only = cluster.add("solo")
+    cluster.wait_for_leader(5.0)
+    only.elector.stop()
+    assert only.thread is not None
+    only.thread.join(RENEW + 3.0)
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("celery_leader")]
+    became = [line for line in lines if "became leader" in line]
+    assert len(became) == 1, lines
+    assert became[0].startswith(f"leader election {cluster.name}: solo became leader (term ")
+    ended = [line for line in lines if "stopped leading" in line or "released" in line]
+    assert len(ended) == 1, lines
+
+
 def test_graceful_stop_with_release_on_cancel_hands_over_quickly(cluster: Cluster) -> None:
     for i in range(3):
         cluster.add(f"r{i}")

@@ -193,17 +193,61 @@ def test_empty_holder_is_taken_at_once(store: FakeStore, clock: FakeClock) -> No
     assert rec.new_leaders == ["b"]  # an empty holder is not a leader
 
 
-def test_own_record_is_retaken_at_once_with_a_new_term(store: FakeStore, clock: FakeClock) -> None:
-    # A restarted replica with the same identity finds its old record: it may
-    # take it immediately, but as a new leadership (new term).
+def test_own_record_is_renewed_at_once_after_losing_track_of_it(
+        store: FakeStore, clock: FakeClock) -> None:
+    # The same elector (same lock object) that forgot its leadership finds its
+    # own record: it may take it at once, as a new leadership (new term).
     a, _, _ = make(store, "a", clock)
     assert a.try_acquire_or_renew()
     old = store.record()
-    restarted, _, _ = make(store, "a", clock)
-    assert restarted.try_acquire_or_renew()
+    forget_leadership(a)
+    assert a.try_acquire_or_renew()
     new = store.record()
     assert old is not None and new is not None
     assert new.term > old.term
+
+
+def test_an_earlier_run_with_the_same_identity_is_waited_out(
+        store: FakeStore, clock: FakeClock, caplog: pytest.LogCaptureFixture) -> None:
+    # A restarted replica (a new lock object) finds the record of its earlier
+    # run under its own identity.  It cannot tell that run from a live second
+    # replica with the same name, so it waits the lease out like any follower.
+    a, _, _ = make(store, "a", clock)
+    assert a.try_acquire_or_renew()
+    old = store.record()
+    restarted, _, rec = make(store, "a", clock)
+    assert not restarted.try_acquire_or_renew()
+    clock.now = T0 + LEASE - EPS
+    assert not restarted.try_acquire_or_renew()
+    clock.now = T0 + LEASE
+    assert restarted.try_acquire_or_renew()
+    new = store.record()
+    assert old is not None and new is not None and new.term > old.term
+    assert new.holder_identity == "a" and new.holder_instance != old.holder_instance
+    # The earlier run never renewed while watched: nothing to warn about.
+    assert "in use by another running elector" not in caplog.text
+    assert rec.new_leaders == ["a", "a"]  # the old holder, then itself
+
+
+def test_a_second_elector_with_the_same_identity_follows_and_warns(
+        store: FakeStore, clock: FakeClock, caplog: pytest.LogCaptureFixture) -> None:
+    a, a_lock, _ = make(store, "same", clock)
+    b, b_lock, rec = make(store, "same", clock)
+    lead_without_threads(a)
+    assert not b.try_acquire_or_renew()  # first sight: could be an earlier run
+    assert "in use by another running elector" not in caplog.text
+    for step in range(1, 9):  # a renews every retry period; b never takes over
+        clock.now = T0 + step * RETRY
+        assert a.try_acquire_or_renew()
+        assert not b.try_acquire_or_renew()
+    warnings = [r for r in caplog.records if "in use by another running elector" in r.message]
+    assert len(warnings) == 1, caplog.text  # once, not once per retry
+    assert "'same'" in warnings[0].getMessage() and a_lock.instance() in warnings[0].getMessage()
+    assert a.is_leader() and not b.is_leader()
+    assert b.get_leader() == "same" and rec.new_leaders == ["same"]
+    # b cannot fence with a's term either: the term belongs to a's instance.
+    assert b_lock.claim("k", a.term) is ClaimResult.FENCED
+    assert a_lock.claim("k", a.term) is ClaimResult.CLAIMED
 
 
 # ---------------------------------------------------------------- malformed records

@@ -66,6 +66,19 @@ def test_empty_holder_is_a_valid_record() -> None:
     assert parsed.holder_identity == ""
 
 
+def test_holder_instance_is_a_field_beside_the_identity() -> None:
+    record = LeaderElectionRecord(holder_identity="pod-0", holder_instance="9f3a",
+                                  lease_duration=1.0, term=5)
+    data = json.loads(record.to_json())
+    assert (data["holderIdentity"], data["holderInstance"]) == ("pod-0", "9f3a")
+    assert LeaderElectionRecord.from_json(record.to_json()) == record
+    assert record.held_by("pod-0", "9f3a") and not record.held_by("pod-0", "other")
+    # Without one (a record of an older version) the field is absent, not "".
+    old = LeaderElectionRecord(holder_identity="pod-0", lease_duration=1.0, term=5)
+    assert "holderInstance" not in json.loads(old.to_json())
+    assert LeaderElectionRecord.from_json(old.to_json()).holder_instance == ""
+
+
 def test_unicode_identity_round_trips() -> None:
     record = LeaderElectionRecord(holder_identity="wörker-☃", lease_duration=1.0, term=5)
     assert LeaderElectionRecord.from_json(record.to_json().encode("utf-8")) == record
@@ -102,6 +115,8 @@ MALFORMED: list[bytes | str] = [
     _with(holderIdentity=None),
     _with(holderIdentity=7),
     _with(holderIdentity=["a"]),
+    _with(holderInstance=7),
+    _with(holderInstance=None),
     _with(leaseDurationMs=_MISSING),
     _with(leaseDurationMs=None),
     _with(leaseDurationMs="1000"),
@@ -174,7 +189,7 @@ JSON_VALUES = st.recursive(
     max_leaves=10,
 )
 FIELDS = ["holderIdentity", "leaseDurationMs", "acquireTimeMs", "renewTimeMs",
-          "leaderTransitions", "term", "version"]
+          "leaderTransitions", "term", "version", "holderInstance"]
 
 
 NUMBERS = (
@@ -189,7 +204,7 @@ FIELD_VALUES = NUMBERS | JSON_SCALARS | JSON_VALUES
 def record_shaped(draw: st.DrawFn) -> dict[str, Any]:
     """Mostly well-formed records with one or more fields replaced or removed."""
     data: dict[str, Any] = {"holderIdentity": draw(st.text(max_size=8))}
-    for name in FIELDS[1:]:
+    for name in FIELDS[1:-1]:
         data[name] = draw(NUMBERS)
     for name in draw(st.lists(st.sampled_from(FIELDS), max_size=3)):
         if draw(st.booleans()):

@@ -276,6 +276,51 @@ def test_fenced_script_runs_only_inside_the_term(redis_client: redis.Redis,
     assert redis_client.get(counter) == b"7"  # nothing ran after the fence
 
 
+# ---------------------------------------------------------------- two locks, one identity
+
+
+def test_two_locks_with_one_identity_are_two_holders(redis_client: redis.Redis,
+                                                     election_name: str) -> None:
+    # A copy-pasted identity: b must not release, claim, fence or renew under a's term.
+    a, b = locks(redis_client, election_name, "same", "same")
+    assert a.instance() != b.instance()
+    written = a.create(rec("same"))
+    term = record_of(written).term
+    assert record_of(written).holder_instance == a.instance()
+    assert b.claim("tick", term) is ClaimResult.FENCED
+    assert b.fenced_script("return 1")(term) == FENCED
+    assert not b.release(term)
+    assert a.get().raw == written.raw
+    # b writing over a's bytes while presenting a's term is a new holder: new term.
+    taken = record_of(b.update(LeaderElectionRecord(
+        holder_identity="same", holder_instance=b.instance(), lease_duration=5.0, term=term),
+        written.raw or b""))
+    assert taken.term > term and taken.holder_instance == b.instance()
+    assert a.claim("tick", term) is ClaimResult.FENCED
+    assert b.claim("tick", taken.term) is ClaimResult.CLAIMED
+
+
+def test_the_stored_record_keeps_the_identity_readable_by_older_versions(
+        redis_client: redis.Redis, election_name: str) -> None:
+    (a,) = locks(redis_client, election_name, "pod-0")
+    a.create(rec("pod-0"))
+    stored = json.loads(redis_client.get(a.lease_key) or b"")
+    # What an older reader looks at is unchanged; the instance is a field of its own.
+    assert stored["holderIdentity"] == "pod-0"
+    assert stored["holderInstance"] == a.instance()
+    assert {"leaseDurationMs", "term", "version"} <= stored.keys()
+
+
+def test_a_record_without_an_instance_is_another_holders(redis_client: redis.Redis,
+                                                         election_name: str) -> None:
+    # Written by an older celery-leader under our identity: not ours to fence with.
+    (a,) = locks(redis_client, election_name, "pod-0")
+    redis_client.set(a.lease_key, json.dumps(
+        {"holderIdentity": "pod-0", "leaseDurationMs": 5000, "term": 3, "version": 3}))
+    assert a.claim("tick", 3) is ClaimResult.FENCED
+    assert not a.release(3)
+
+
 # ---------------------------------------------------------------- foreign data in the lease key
 
 
