@@ -153,8 +153,15 @@ class Replicas:
 
     # ------------------------------------------------------------ election
 
+    def lease_key(self, election: str) -> str:
+        """The lease of the workers' election, or of the beats' (``<name>-beat``,
+        whose keys carry the workers' hash tag)."""
+        if election == self.name:
+            return f"{KEY_PREFIX}:{{{election}}}:lease"
+        return f"{KEY_PREFIX}:{{{self.name}}}:{election}:lease"
+
     def lease(self, election: str) -> dict[str, Any] | None:
-        raw = self.client.get(f"{KEY_PREFIX}:{{{election}}}:lease")
+        raw = self.client.get(self.lease_key(election))
         return None if raw is None else dict(json.loads(raw))
 
     def leader(self, election: str) -> tuple[Proc, int] | None:
