@@ -164,7 +164,8 @@ for i = first_pending, #ARGV, 4 do
     local last = last_of(redis.call('HGET', KEYS[4], ARGV[i + 2]))
     if last and last >= tonumber(ARGV[i + 3]) then
       dropped = dropped + 1
-    elseif redis.call('HSETNX', KEYS[6], tick, ARGV[i + 1]) == 1 then
+    elseif redis.call('HEXISTS', KEYS[6], tick) == 0 then
+      redis.call('HSET', KEYS[6], tick, ARGV[i + 1])
       moved = moved + 1
     end
     redis.call('HSET', KEYS[7], tick, 1)
@@ -210,6 +211,7 @@ end
 return seen
 """
 
+# (Only commands the documented ACL rule allows: scripts are checked too.)
 # Not fenced (an API call): removes runtime entry ARGV[1] and, with ARGV[2] =
 # '1', its progress (state and first-seen time) in the same step, so nothing
 # of a removed entry stays behind and a later entry of that name starts afresh.
@@ -220,7 +222,7 @@ if removed == 1 then
     redis.call('HDEL', KEYS[3], ARGV[1])
     redis.call('HDEL', KEYS[4], ARGV[1])
   end
-  redis.call('INCR', KEYS[2])
+  redis.call('INCRBY', KEYS[2], 1)
 end
 return removed
 """
@@ -605,7 +607,7 @@ class ScheduleRunner:
         refused = warned_legacy = False
         while not stop.is_set() and self.still_leading():
             attempt_at = datetime.fromtimestamp(self._now(), UTC)
-            if self.store.client.exists(self.store.legacy_beat_lease_key):
+            if self.store.client.get(self.store.legacy_beat_lease_key) is not None:
                 if not warned_legacy:
                     warned_legacy = True
                     log.warning(
