@@ -29,9 +29,9 @@ Redis keys (all in the hash slot of ``{<name>}``, values JSON):
 - ``schedule:migrated``    hash tick  -> 1, pending ticks already moved from the
   old standalone-beat keys (only while a migration is under way)
 
-Before 0.x the standalone beat kept its own progress under ``{<name>-beat}``;
-the first owner of the schedule merges those keys in (the later ``last`` of
-each entry wins) and deletes them.
+Before the modes shared one schedule, the standalone beat kept its own progress
+under ``{<name>-beat}``; the first owner of the schedule merges those keys in
+(the later ``last`` of each entry wins) and deletes them.
 """
 
 from __future__ import annotations
