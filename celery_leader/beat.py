@@ -5,6 +5,11 @@ Beat's service loop sleeps whatever ``tick()`` returns and cannot be woken, so
 the dispatching happens in the elector's leadership thread (the same
 ScheduleRunner the worker-embedded mode uses) and ``tick()`` only keeps the
 process alive.
+
+The beats elect among themselves as ``<leader_name>-beat`` (keys in the
+schedule's hash slot) and share the schedule's progress and its dispatcher
+claim with the worker-embedded mode: a beat leader dispatches only while the
+schedule is not owned by a live worker leader with ``leader_beat = True``.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from .elections import ROLE_BEAT, StepDownListener, mark_role
 from .elector import LeaderElector
 from .integration import exit_on_configuration_error
 from .redislock import RedisLock
-from .scheduler import ScheduleRunner, beat_election_name
+from .scheduler import ScheduleRunner, beat_lock
 from .settings import read_settings
 from .worker import run_elector
 
@@ -37,8 +42,7 @@ class LeaderScheduler(Scheduler):  # type: ignore[misc]
             settings = read_settings(app)
             identity = settings.identity or f"beat@{socket.gethostname()}:{os.getpid()}"
             self.leader_settings = settings
-            self.lock: RedisLock = settings.lock(
-                identity, name=beat_election_name(settings, standalone=True))
+            self.lock: RedisLock = beat_lock(settings, identity)
             self.elector: LeaderElector = settings.elector(
                 self.lock, LeaderCallbacks(on_started_leading=self._lead,
                                            on_stopped_leading=lambda: None))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from datetime import datetime, timezone
 from typing import Any
 
 import click
@@ -15,6 +16,7 @@ from .elections import (
     ROLE_BEAT,
     ROLE_WORKERS,
     StepDownRequests,
+    beat_hash_tag,
     election_names,
     read_role,
 )
@@ -92,9 +94,10 @@ def _lock(settings: LeaderSettings, name: str | None, client: Any = None) -> Red
     if name is not None and (not name.strip() or "{" in name or "}" in name):
         raise click.UsageError(f"--name must be a non-empty election name without braces, "
                                f"got {name!r}")
-    return RedisLock(client if client is not None else settings.redis_client(),
-                     name=name or settings.name, identity=CLI_IDENTITY,
-                     key_prefix=settings.key_prefix)
+    client = client if client is not None else settings.redis_client()
+    name = name or settings.name
+    return RedisLock(client, name=name, identity=CLI_IDENTITY, key_prefix=settings.key_prefix,
+                     hash_tag=beat_hash_tag(client, settings.key_prefix, name))
 
 
 def _redis_failure(exc: Exception) -> CommandError:
@@ -218,30 +221,57 @@ def _ask_worker(app: Any, name: str, holder: str, term: int,
 
 
 @leader.group(invoke_without_command=True,
-              help="Show the periodic schedule; subcommands change runtime entries.")
+              help="Show the periodic schedule; subcommands change runtime entries and "
+                   "enable or disable any entry.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
 def schedule(ctx: click.Context, as_json: bool) -> None:
     if ctx.invoked_subcommand is not None:
         return
-    from .scheduler import schedule_report
+    from .scheduler import schedule_owner, schedule_report
 
     try:
         rows = schedule_report(_app(ctx))
+        owner = None if as_json else schedule_owner(_app(ctx))
     except ConfigurationError as exc:
         raise click.UsageError(str(exc)) from None
     if as_json:
         click.echo(json.dumps(rows, sort_keys=True))
         return
+    if owner is not None:
+        mode = "standalone beat" if owner["mode"] == "beat" else "worker (leader_beat = True)"
+        click.echo(f"dispatched by: {mode} {owner.get('identity')}, election "
+                   f"{owner.get('election')!r}, term {owner.get('term')}"
+                   + ("" if owner["leading"] else " (that leadership has ended)"))
     if not rows:
         click.echo("no entries")
         return
-    header = f"{'name':24} {'schedule':32} {'next fire (UTC)':26} {'last fire (UTC)':26} term"
-    click.echo(header)
+    click.echo(schedule_table(rows))
+
+
+def schedule_table(rows: list[dict[str, Any]]) -> str:
+    """The schedule as aligned columns, two spaces apart, nothing truncated; the
+    term is shown with the election that holds it (terms of the workers' and the
+    beats' elections are not comparable)."""
+    header = ("name", "schedule", "next fire (UTC)", "last fire (UTC)", "term (election)")
+    lines = [header]
     for row in rows:
-        nxt = row["next_fire_time"] or ("disabled" if not row["enabled"] else "-")
-        click.echo(f"{row['name'][:24]:24} {row['schedule'][:32]:32} {nxt[:26]:26} "
-                   f"{(row['last_fire_time'] or '-')[:26]:26} {row['term'] or '-'}")
+        nxt = _table_time(row["next_fire_time"]) if row["enabled"] else "disabled"
+        term = "-" if row["term"] is None else f"{row['term']} ({row['election']})"
+        lines.append((row["name"], row["schedule"], nxt, _table_time(row["last_fire_time"]),
+                      term))
+    widths = [max(len(line[column]) for line in lines) for column in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths,
+                                                                         strict=True)).rstrip()
+                     for line in lines)
+
+
+def _table_time(iso: str | None) -> str:
+    if iso is None:
+        return "-"
+    moment = datetime.fromisoformat(iso).astimezone(timezone.utc)
+    text = moment.strftime("%Y-%m-%d %H:%M:%S")
+    return f"{text}.{moment.microsecond // 1000:03d}" if moment.microsecond else text
 
 
 def _store(ctx: click.Context) -> Any:
@@ -283,23 +313,32 @@ def schedule_add(ctx: click.Context, name: str, task: str, cron_expr: str | None
     click.echo(f"added {entry.name}: {entry.describe_schedule()}")
 
 
-@schedule.command(name="remove", help="Remove a runtime entry.")
+@schedule.command(name="remove", help="Remove a runtime entry (and its progress).")
 @click.argument("name")
 @click.pass_context
 def schedule_remove(ctx: click.Context, name: str) -> None:
-    if not _store(ctx).remove(name):
+    from .entries import EntryError
+
+    try:
+        removed = _store(ctx).remove(name)
+    except EntryError as exc:
+        raise click.UsageError(str(exc)) from None
+    if not removed:
         raise click.UsageError(f"no runtime entry named {name!r}")
     click.echo(f"removed {name}")
 
 
-@schedule.command(name="enable", help="Enable a runtime entry.")
+@schedule.command(name="enable",
+                  help="Enable a runtime entry, or a beat_schedule entry disabled here.")
 @click.argument("name")
 @click.pass_context
 def schedule_enable(ctx: click.Context, name: str) -> None:
     _set_enabled(ctx, name, True)
 
 
-@schedule.command(name="disable", help="Disable a runtime entry.")
+@schedule.command(name="disable",
+                  help="Disable a runtime entry, or a beat_schedule entry (kept in Redis "
+                       "until enabled again; beat_schedule is not changed).")
 @click.argument("name")
 @click.pass_context
 def schedule_disable(ctx: click.Context, name: str) -> None:
@@ -310,10 +349,11 @@ def _set_enabled(ctx: click.Context, name: str, enabled: bool) -> None:
     from .entries import EntryError
 
     try:
-        _store(ctx).update(name, enabled=enabled)
+        entry = _store(ctx).enable(name) if enabled else _store(ctx).disable(name)
     except EntryError as exc:
         raise click.UsageError(str(exc)) from None
-    click.echo(f"{'enabled' if enabled else 'disabled'} {name}")
+    kind = "runtime entry" if entry.runtime else "beat_schedule entry"
+    click.echo(f"{'enabled' if enabled else 'disabled'} {name} ({kind})")
 
 
 def _check_schedule_choice(cron_expr: str | None, tz: str | None, every: float | None) -> None:

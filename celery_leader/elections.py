@@ -50,6 +50,10 @@ return 0
 """
 
 
+BEAT_SUFFIX = "-beat"
+"""A standalone beat election is named ``<leader_name>-beat``."""
+
+
 def mark_role(lock: RedisLock, role: str) -> None:
     """Record what ``lock``'s election is for; a failure only costs the label."""
     try:
@@ -67,18 +71,35 @@ def read_role(lock: RedisLock) -> str | None:
 
 def election_names(client: Any, key_prefix: str) -> list[str]:
     """Every election that has a lease or a term counter under ``key_prefix``
-    (a SCAN of the whole database: for the command line, not a hot path)."""
+    (a SCAN of the whole database: for the command line, not a hot path).
+    Standalone beats' keys sit in their schedule's slot: ``{<name>}:<name>-beat:``."""
     escaped = re.sub(r"([*?\[\]\\])", r"\\\1", key_prefix)
     names: set[str] = set()
     for suffix in ("lease", "counter"):
-        tail = f"}}:{suffix}"
-        for raw in client.scan_iter(match=f"{escaped}:{{*{tail}", count=1000):
+        for raw in client.scan_iter(match=f"{escaped}:{{*}}:{suffix}", count=1000):
             key = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
-            name = key[len(key_prefix) + 2:-len(tail)]
-            # A claim key such as <prefix>:{x}:job:lease matches the pattern too.
-            if name and "{" not in name and "}" not in name:
-                names.add(name)
+            middle = key[len(key_prefix) + 2:-len(suffix) - 1]  # "<tag>}" or "<tag>}:<name>"
+            tag, _, rest = middle.partition("}")
+            if not tag or "{" in tag:
+                continue
+            if rest == "":
+                names.add(tag)
+            elif rest == f":{tag}{BEAT_SUFFIX}":
+                names.add(f"{tag}{BEAT_SUFFIX}")
+            # Anything else is a claim key such as <prefix>:{x}:job:lease.
     return sorted(names)
+
+
+def beat_hash_tag(client: Any, key_prefix: str, name: str) -> str | None:
+    """The hash tag of election ``name``: a standalone beat election
+    (``<tag>-beat``) keeps its keys in its schedule's slot, if it has keys there."""
+    if not name.endswith(BEAT_SUFFIX) or len(name) == len(BEAT_SUFFIX):
+        return None
+    tag = name[:-len(BEAT_SUFFIX)]
+    for suffix in ("lease", "counter"):
+        if client.exists(RedisLock.key_of(key_prefix, name, tag, suffix)):
+            return tag
+    return None
 
 
 class StepDownRequests:

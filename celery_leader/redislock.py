@@ -10,6 +10,11 @@ runs in one Cluster slot, and two elections land in different slots:
   the lease key expires).
 - ``<prefix>:{<name>}:<anything>``: claims made through :meth:`RedisLock.claim`.
 - channel ``<prefix>:{<name>}:events``: wakes followers on release/acquire.
+
+A lock built with ``hash_tag=<tag>`` (another election's name) keeps its keys
+in that election's slot instead: ``<prefix>:{<tag>}:<name>:lease`` and so on,
+so one script can read both elections' leases (the standalone beat election
+lives in the workers' slot this way; see scheduler.py).
 """
 
 from __future__ import annotations
@@ -171,11 +176,15 @@ class RedisLock(ResourceLock):
         key_prefix: str = "celery-leader",
         wait_replicas: int = 0,
         wait_timeout: float = 0.5,
+        hash_tag: str | None = None,
     ) -> None:
         if not name or "{" in name or "}" in name:
             raise ValueError(f"name must be non-empty and free of braces, got {name!r}")
+        if hash_tag is not None and (not hash_tag or "{" in hash_tag or "}" in hash_tag):
+            raise ValueError(f"hash_tag must be non-empty and free of braces, got {hash_tag!r}")
         self.client = client
         self.name = name
+        self.hash_tag = hash_tag or name
         self._identity = identity
         # INVARIANT: one instance id per lock object, never reused, so a second
         # elector given the same identity is a different holder (see instance()).
@@ -196,8 +205,15 @@ class RedisLock(ResourceLock):
         self._claim = client.register_script(CLAIM_LUA)
 
     def key(self, suffix: str) -> str:
-        """A key in this election's hash slot."""
-        return f"{self.key_prefix}:{{{self.name}}}:{suffix}"
+        """A key of this election, in its hash slot."""
+        return self.key_of(self.key_prefix, self.name, self.hash_tag, suffix)
+
+    @staticmethod
+    def key_of(key_prefix: str, name: str, hash_tag: str, suffix: str) -> str:
+        """The key ``suffix`` of election ``name`` whose keys carry ``{hash_tag}``."""
+        if hash_tag == name:
+            return f"{key_prefix}:{{{name}}}:{suffix}"
+        return f"{key_prefix}:{{{hash_tag}}}:{name}:{suffix}"
 
     def fenced_script(self, body: str) -> FencedScript:
         return FencedScript(self, body)

@@ -1,16 +1,37 @@
-"""The leader-gated scheduler: only the current leader dispatches, every tick
-is claimed under the leader's term before it is published, and the schedule
-state lives in Redis so the next leader continues exactly where the last one
-stopped.
+"""The leader-gated scheduler: only the leader that owns the schedule
+dispatches, every tick is claimed under the leader's term before it is
+published, and the schedule's progress lives in Redis so the next leader
+continues exactly where the last one stopped.
 
-Redis keys (all in the election's hash slot, values JSON):
+One schedule, two ways to dispatch it: the workers' election ``<name>`` (with
+``leader_beat = True``) or standalone beats, which elect among themselves as
+``<name>-beat``.  Both use the same keys, so a switch from one mode to the
+other neither repeats nor drops a tick, and the schedule has one owner at a
+time: ``schedule:dispatcher`` names the leadership (election, identity, term)
+that dispatches it.  Every script that writes progress checks, atomically,
+that the caller holds its term *and* owns the schedule; a leader of the other
+election takes the schedule over only once the owner's leadership has ended
+(its lease no longer names it), and until then refuses with one log line.
+The beat election's keys carry the workers' hash tag (``RedisLock(...,
+hash_tag=<name>)``) so one script can read both leases.
 
-- ``schedule:state``   hash entry -> {"last": fire_ms, "term": t, "task_id": id}
-- ``schedule:pending`` hash tick  -> the message, between claim and publish
-- ``schedule:entries`` hash name  -> runtime entry definitions
-- ``schedule:version`` counter bumped on every runtime change
-- ``schedule:first-seen`` hash entry -> ms when a leader first loaded it (where
+Redis keys (all in the hash slot of ``{<name>}``, values JSON):
+
+- ``schedule:dispatcher``  the owning leadership {"election", "identity", "term"}
+- ``schedule:state``       hash entry -> {"last": fire_ms, "term": t, "election": e,
+  "task_id": id, "skipped": bool}
+- ``schedule:pending``     hash tick  -> the message, between claim and publish
+- ``schedule:first-seen``  hash entry -> ms when a leader first loaded it (where
   an entry that has not fired yet is anchored)
+- ``schedule:entries``     hash name  -> runtime entry definitions
+- ``schedule:overrides``   hash name  -> {"enabled": bool} for beat_schedule entries
+- ``schedule:version``     counter bumped on every runtime change
+- ``schedule:migrated``    hash tick  -> 1, pending ticks already moved from the
+  old standalone-beat keys (only while a migration is under way)
+
+Before the modes shared one schedule, the standalone beat kept its own progress
+under ``{<name>-beat}``; the first owner of the schedule merges those keys in
+(the later ``last`` of each entry wins) and deletes them.
 """
 
 from __future__ import annotations
@@ -21,13 +42,14 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import redis
 
+from .config import ConfigurationError
 from .entries import Entry, EntryError, entries_from_config, entry_from_json, entry_to_json
 from .publish import Unsupported, capture_redis_publish
 from .redislock import FENCED, RedisLock
@@ -38,63 +60,186 @@ log = logging.getLogger(__name__)
 UTC = timezone.utc
 TASK_ID_NAMESPACE = uuid.UUID("6f1c7f5e-3b4e-4d8a-9a57-1f0a5c2f2d11")
 
-# Fenced (FENCE_LUA runs first): advances the entry's state to fire time ARGV[4]
-# only if it is later than the recorded one, and records the message as pending
-# in the same step.  A fire time is thus claimed at most once, by a current term.
-CLAIM_TICK_LUA = """
-local current = redis.call('HGET', KEYS[2], ARGV[3])
+NOT_DISPATCHER = -2
+"""What a schedule script returns when another election's live leadership owns
+the schedule."""
+
+# Used by every schedule script, after FENCE_LUA (which defines holds_term).
+# KEYS[2] = schedule:dispatcher, KEYS[3] = the other election's lease;
+# ARGV[3] = the caller's election, ARGV[4] = the caller's owner record.  The
+# caller owns the schedule if the record is its own, or takes it when it is
+# free, held by an older leadership of its own election (which the election
+# itself has ended), or by a leadership of the other election that ended (its
+# lease no longer names that holder and term).  INVARIANT: a live leadership
+# of the other election is never displaced, so two elections never both own.
+OWN_SCHEDULE_LUA = """
+local function own_schedule()
+  local raw = redis.call('GET', KEYS[2])
+  if raw == ARGV[4] then return true, raw end
+  if raw then
+    local ok, owner = pcall(cjson.decode, raw)
+    if ok and type(owner) == 'table' and owner.election ~= ARGV[3]
+       and holds_term(KEYS[3], owner.identity, owner.term) then
+      return false, raw
+    end
+  end
+  redis.call('SET', KEYS[2], ARGV[4])
+  return true, raw
+end
+"""
+
+# Prefix of the scripts that write progress: nothing after it runs unless the
+# caller owns the schedule (checked and taken in the same atomic step).
+OWNED_LUA = OWN_SCHEDULE_LUA + """
+if not own_schedule() then return -2 end
+"""
+
+# Fenced + owned: takes the schedule if it may; returns {1 or 0, the owner
+# record found before ('' if none)}.
+TAKE_SCHEDULE_LUA = OWN_SCHEDULE_LUA + """
+local owned, previous = own_schedule()
+return {owned and 1 or 0, previous or ''}
+"""
+
+# Fenced + owned: advances the entry's state to fire time ARGV[6] only if it is
+# later than the recorded one, and records the message as pending in the same
+# step.  A fire time is thus claimed at most once, by a current term of the
+# schedule's owner.  A runtime entry (ARGV[10] = '1') that was removed is not
+# claimed (returns 2), so a removal cannot be undone by a claim in flight.
+CLAIM_TICK_LUA = OWNED_LUA + """
+if ARGV[10] == '1' and redis.call('HEXISTS', KEYS[6], ARGV[5]) == 0 then return 2 end
+local current = redis.call('HGET', KEYS[4], ARGV[5])
 if current then
   local ok, state = pcall(cjson.decode, current)
   if ok and type(state) == 'table' and tonumber(state.last)
-     and tonumber(state.last) >= tonumber(ARGV[4]) then
+     and tonumber(state.last) >= tonumber(ARGV[6]) then
     return 0
   end
 end
-redis.call('HSET', KEYS[2], ARGV[3], ARGV[5])
-if ARGV[7] ~= '' then redis.call('HSET', KEYS[3], ARGV[6], ARGV[7]) end
+redis.call('HSET', KEYS[4], ARGV[5], ARGV[7])
+if ARGV[9] ~= '' then redis.call('HSET', KEYS[5], ARGV[8], ARGV[9]) end
 return 1
 """
+TICK_CLAIMED, TICK_ALREADY_CLAIMED, TICK_ENTRY_REMOVED = 1, 0, 2
 
-# Fenced: pushes the broker message(s) ARGV[7..] to the broker lists KEYS[5..]
-# and deletes the pending copy ARGV[3], only if that copy is still ARGV[4]; and
-# records the tick as sent (ARGV[5], unless empty) in KEYS[3], to be looked at
-# after ARGV[6] ms (KEYS[4]), until it starts (tickstart.py).  A tick is thus
-# either published, cleared and tracked, or none of them, and only by its term.
-PUBLISH_TICK_LUA = """
-if redis.call('HGET', KEYS[2], ARGV[3]) ~= ARGV[4] then return 0 end
-for i = 5, #KEYS do redis.call('LPUSH', KEYS[i], ARGV[i + 2]) end
-redis.call('HDEL', KEYS[2], ARGV[3])
-if ARGV[5] ~= '' then
+# Fenced + owned: pushes the broker message(s) ARGV[9..] to the broker lists
+# KEYS[7..] and deletes the pending copy ARGV[5], only if that copy is still
+# ARGV[6]; and records the tick as sent (ARGV[7], unless empty) in KEYS[5], to
+# be looked at after ARGV[8] ms (KEYS[6]), until it starts (tickstart.py).  A
+# tick is thus either published, cleared and tracked, or none of them, and only
+# by its term while it owns the schedule.
+PUBLISH_TICK_LUA = OWNED_LUA + """
+if redis.call('HGET', KEYS[4], ARGV[5]) ~= ARGV[6] then return 0 end
+for i = 7, #KEYS do redis.call('LPUSH', KEYS[i], ARGV[i + 2]) end
+redis.call('HDEL', KEYS[4], ARGV[5])
+if ARGV[7] ~= '' then
   local clock = redis.call('TIME')
   local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
-  redis.call('HSET', KEYS[3], ARGV[3], ARGV[5])
-  redis.call('ZADD', KEYS[4], now + tonumber(ARGV[6]), ARGV[3])
+  redis.call('HSET', KEYS[5], ARGV[5], ARGV[7])
+  redis.call('ZADD', KEYS[6], now + tonumber(ARGV[8]), ARGV[5])
 end
 return 1
 """
 
-# Not fenced (any replica's answer is as good): records ARGV[1] as the first-seen
-# time of each entry ARGV[2..] that has none, and returns every entry's.  The
-# first leader to see an entry sets it; later leaders anchor the entry there.
+# Fenced + owned: takes over a pending message left by another leadership (an
+# older term, or the schedule's previous owner), if unchanged.
+ADOPT_PENDING_LUA = OWNED_LUA + """
+if redis.call('HGET', KEYS[4], ARGV[5]) ~= ARGV[6] then return 0 end
+redis.call('HSET', KEYS[4], ARGV[5], ARGV[7])
+return 1
+"""
+
+# Fenced + owned: merges the old standalone-beat progress into the schedule's.
+# KEYS[4] state, KEYS[5] first-seen, KEYS[6] pending, KEYS[7] migrated;
+# ARGV[5] = number of state pairs, ARGV[6] = number of first-seen pairs, then
+# the state pairs (entry, state), the first-seen pairs (entry, ms) and the
+# pending quadruples (tick, message, entry, fire ms).  A pending tick is moved
+# at most once (``migrated`` remembers it) and only if this schedule has not
+# claimed that fire time itself; a state only moves ``last`` forward; a
+# first-seen time only moves back.  Returns {moved, dropped} pending ticks.
+MIGRATE_LEGACY_LUA = OWNED_LUA + """
+local n_state, n_seen = tonumber(ARGV[5]), tonumber(ARGV[6])
+local first_pending = 7 + 2 * n_state + 2 * n_seen
+local moved, dropped = 0, 0
+local function last_of(raw)
+  if not raw then return nil end
+  local ok, state = pcall(cjson.decode, raw)
+  if ok and type(state) == 'table' then return tonumber(state.last) end
+  return nil
+end
+for i = first_pending, #ARGV, 4 do
+  local tick = ARGV[i]
+  if redis.call('HEXISTS', KEYS[7], tick) == 0 then
+    local last = last_of(redis.call('HGET', KEYS[4], ARGV[i + 2]))
+    if last and last >= tonumber(ARGV[i + 3]) then
+      dropped = dropped + 1
+    elseif redis.call('HEXISTS', KEYS[6], tick) == 0 then
+      redis.call('HSET', KEYS[6], tick, ARGV[i + 1])
+      moved = moved + 1
+    end
+    redis.call('HSET', KEYS[7], tick, 1)
+  end
+end
+for i = 7, 6 + 2 * n_state, 2 do
+  local old = last_of(ARGV[i + 1])
+  local current = last_of(redis.call('HGET', KEYS[4], ARGV[i]))
+  if old and (not current or current < old) then
+    redis.call('HSET', KEYS[4], ARGV[i], ARGV[i + 1])
+  end
+end
+for i = 7 + 2 * n_state, first_pending - 1, 2 do
+  local current = tonumber(redis.call('HGET', KEYS[5], ARGV[i]))
+  if not current or tonumber(ARGV[i + 1]) < current then
+    redis.call('HSET', KEYS[5], ARGV[i], ARGV[i + 1])
+  end
+end
+return {moved, dropped}
+"""
+
+# Not fenced (any replica's answer is as good): for each entry ARGV[3..]
+# (prefixed 'r' for a runtime entry, 's' for a beat_schedule one) records
+# ARGV[1] as its first-seen time if it has none (ARGV[2] = 'keep') or in any
+# case (ARGV[2] = 'move'), and returns each entry's.  The first leader to see an
+# entry sets it; later leaders anchor the entry there.  A runtime entry that no
+# longer exists gets none (false), so a removed entry leaves nothing behind.
 FIRST_SEEN_LUA = """
 local seen = {}
-for i = 2, #ARGV do
-  local at = redis.call('HGET', KEYS[1], ARGV[i])
-  if not at then
-    at = ARGV[1]
-    redis.call('HSET', KEYS[1], ARGV[i], at)
+for i = 3, #ARGV do
+  local kind, name = string.sub(ARGV[i], 1, 1), string.sub(ARGV[i], 2)
+  if kind == 'r' and redis.call('HEXISTS', KEYS[2], name) == 0 then
+    seen[#seen + 1] = false
+  else
+    local at = redis.call('HGET', KEYS[1], name)
+    if not at or ARGV[2] == 'move' then
+      at = ARGV[1]
+      redis.call('HSET', KEYS[1], name, at)
+    end
+    seen[#seen + 1] = at
   end
-  seen[#seen + 1] = at
 end
 return seen
 """
 
-# Fenced: takes over a pending message left by an older term, if unchanged.
-ADOPT_PENDING_LUA = """
-if redis.call('HGET', KEYS[2], ARGV[3]) ~= ARGV[4] then return 0 end
-redis.call('HSET', KEYS[2], ARGV[3], ARGV[5])
-return 1
+# (Only commands the documented ACL rule allows: scripts are checked too.)
+# Not fenced (an API call): removes runtime entry ARGV[1] and, with ARGV[2] =
+# '1', its progress (state and first-seen time) in the same step, so nothing
+# of a removed entry stays behind and a later entry of that name starts afresh.
+REMOVE_RUNTIME_ENTRY_LUA = """
+local removed = redis.call('HDEL', KEYS[1], ARGV[1])
+if removed == 1 then
+  if ARGV[2] == '1' then
+    redis.call('HDEL', KEYS[3], ARGV[1])
+    redis.call('HDEL', KEYS[4], ARGV[1])
+  end
+  redis.call('INCRBY', KEYS[2], 1)
+end
+return removed
 """
+
+
+class ScheduleTakenOver(Exception):
+    """A schedule script found another election's live leadership owning the
+    schedule: this leadership must stop dispatching and take it again first."""
 
 
 def _ms(dt: datetime) -> int:
@@ -105,40 +250,124 @@ def _from_ms(ms: int) -> datetime:
     return datetime.fromtimestamp(ms / 1000, UTC)
 
 
+def _text(raw: Any) -> str:
+    return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+
 def beat_election_name(settings: LeaderSettings, standalone: bool) -> str:
     """Standalone beat replicas elect among themselves, apart from the workers'
     election (which leads the leader queue), so a worker can never win the
-    schedule and leave it idle."""
+    beats' election and leave the schedule idle."""
     return f"{settings.name}-beat" if standalone else settings.name
 
 
-class ScheduleStore:
-    """Runtime entries and schedule state, shared by every replica through Redis.
+def beat_lock(settings: LeaderSettings, identity: str) -> RedisLock:
+    """The standalone beats' election lock: its own lease and terms, in the
+    schedule's hash slot (so the schedule scripts can read both elections)."""
+    lock: RedisLock = settings.lock(identity, name=beat_election_name(settings, True),
+                                    hash_tag=settings.name)
+    return lock
 
-    State and pending ticks live in the dispatching election's hash slot (the
-    fenced claim touches them with the lease); runtime entries always live
-    under ``leader_name``, so the API need not know which mode dispatches.
+
+def next_fire_time(entry: Entry, last: datetime | None, first_seen: datetime | None,
+                   now: datetime) -> datetime:
+    """Where the runner puts an entry's next tick when it loads it: after its last
+    claimed fire time; if it never fired, after where the schedule first saw it;
+    if no leader has seen it yet, after ``now``.  ``celery leader schedule``
+    shows the same."""
+    return entry.next_fire_after(last or first_seen or now)
+
+
+class ScheduleStore:
+    """The schedule's entries, overrides and progress, shared through Redis by
+    every replica and both dispatch modes.
+
+    Every key lives under the schedule's name (``leader_name``), whichever
+    election dispatches, so the API need not know which mode runs.
     """
 
     def __init__(self, app: Any, lock: RedisLock, entries_name: str | None = None) -> None:
         self.app = app
         self.lock = lock
         self.client = lock.client
-        self.state_key = lock.key("schedule:state")
-        self.pending_key = lock.key("schedule:pending")
-        self.first_seen_key = lock.key("schedule:first-seen")
+        self.name = entries_name or lock.hash_tag
+        prefix = lock.key_prefix
+
+        def key(suffix: str) -> str:
+            return RedisLock.key_of(prefix, self.name, self.name, f"schedule:{suffix}")
+
+        self.state_key = key("state")
+        self.pending_key = key("pending")
+        self.first_seen_key = key("first-seen")
+        self.entries_key = key("entries")
+        self.version_key = key("version")
+        self.overrides_key = key("overrides")
+        self.dispatcher_key = key("dispatcher")
+        self.migrated_key = key("migrated")
+        self.sent_key = key("sent")  # tickstart.py: pushed, not started yet
+        self.sent_at_key = key("sent-at")
+        self.started_prefix = key("started:")
+        # The standalone beat's own progress before both modes shared one.
+        legacy = f"{self.name}-beat"
+        self.legacy_beat_election = legacy
+        self.legacy_beat_lease_key = RedisLock.key_of(prefix, legacy, legacy, "lease")
+        self.legacy_state_key = RedisLock.key_of(prefix, legacy, legacy, "schedule:state")
+        self.legacy_pending_key = RedisLock.key_of(prefix, legacy, legacy, "schedule:pending")
+        self.legacy_first_seen_key = RedisLock.key_of(prefix, legacy, legacy,
+                                                      "schedule:first-seen")
         self._first_seen = self.client.register_script(FIRST_SEEN_LUA)
-        home = entries_name or lock.name
-        self.entries_key = f"{lock.key_prefix}:{{{home}}}:schedule:entries"
-        self.version_key = f"{lock.key_prefix}:{{{home}}}:schedule:version"
+        self._remove = self.client.register_script(REMOVE_RUNTIME_ENTRY_LUA)
+        self._warned_clashes: set[str] = set()
 
     @classmethod
-    def for_app(cls, app: Any, standalone: bool = False) -> ScheduleStore:
+    def for_app(cls, app: Any) -> ScheduleStore:
         from .settings import read_settings
 
         settings = read_settings(app)
-        lock = settings.lock("celery-leader-api", name=beat_election_name(settings, standalone))
-        return cls(app, lock, entries_name=settings.name)
+        return cls(app, settings.lock("celery-leader-api"), entries_name=settings.name)
+
+    # -- beat_schedule entries and their overrides -----------------------------
+
+    def static_entries(self) -> dict[str, Entry]:
+        """The app's ``beat_schedule`` (EntryError for a bad one), overrides applied."""
+        return self.apply_overrides(entries_from_config(self.app) if self.app is not None
+                                    else {})
+
+    def overrides(self) -> dict[str, bool]:
+        """beat_schedule entry -> enabled, as set by enable()/disable()."""
+        overrides: dict[str, bool] = {}
+        for raw_name, raw in (self.client.hgetall(self.overrides_key) or {}).items():
+            name = _text(raw_name)
+            try:
+                value = json.loads(raw)
+                if isinstance(value, dict) and isinstance(value.get("enabled"), bool):
+                    overrides[name] = value["enabled"]
+                    continue
+            except (ValueError, UnicodeDecodeError):
+                pass
+            log.error("celery-leader: ignoring malformed override of entry %r: %r", name, raw)
+        return overrides
+
+    def apply_overrides(self, static: dict[str, Entry]) -> dict[str, Entry]:
+        overrides = self.overrides()
+        return {name: replace(entry, enabled=overrides.get(name, entry.enabled))
+                for name, entry in static.items()}
+
+    def entries(self, static: dict[str, Entry]) -> dict[str, Entry]:
+        """``static`` (beat_schedule, overrides applied) and the runtime entries.  A
+        runtime entry named like a beat_schedule entry (stored before that entry
+        was added to beat_schedule) is ignored, with an error logged once."""
+        entries = self.apply_overrides(static)
+        for name, entry in self.runtime_entries().items():
+            if name not in entries:
+                entries[name] = entry
+            elif name not in self._warned_clashes:
+                self._warned_clashes.add(name)
+                log.error("celery-leader: ignoring runtime entry %r (task %r): beat_schedule "
+                          "has an entry %r (task %r), which wins; remove the runtime one with "
+                          "`celery leader schedule remove %s`", name, entry.task, name,
+                          entries[name].task, name)
+        return entries
 
     # -- runtime entries (validated before anything is written) --------------
 
@@ -155,6 +384,12 @@ class ScheduleStore:
         entry = replace(entry_from_config(name, spec, self.app, what="runtime entry"),
                         runtime=True)
         encoded = entry_to_json(entry)  # also rejects schedules JSON cannot carry
+        static = self.static_entries().get(name)
+        if static is not None:
+            raise EntryError(
+                f"runtime entry {name!r} (task {task!r}) would clash with beat_schedule entry "
+                f"{name!r} (task {static.task!r}); pick another name (a beat_schedule entry "
+                f"is changed in beat_schedule, and can be disabled and enabled at runtime)")
         if not replace_existing and self.client.hexists(self.entries_key, name):
             raise EntryExistsError(f"runtime entry {name!r} already exists; use update()")
         self._write(name, encoded)
@@ -174,21 +409,50 @@ class ScheduleStore:
         return self.add(name, spec.pop("task"), schedule, replace_existing=True, **spec)
 
     def enable(self, name: str) -> Entry:
-        return self.update(name, enabled=True)
+        """Enable a runtime entry, or a beat_schedule entry (an override in Redis)."""
+        return self._set_enabled(name, True)
 
     def disable(self, name: str) -> Entry:
-        return self.update(name, enabled=False)
+        """Disable a runtime entry, or a beat_schedule entry (an override in Redis,
+        kept until enable(); beat_schedule itself is not changed)."""
+        return self._set_enabled(name, False)
+
+    def _set_enabled(self, name: str, enabled: bool) -> Entry:
+        if self.client.hexists(self.entries_key, name):
+            return self.update(name, enabled=enabled)
+        configured = entries_from_config(self.app) if self.app is not None else {}
+        entry = configured.get(name)
+        if entry is None:
+            raise EntryError(f"no entry named {name!r}: neither a runtime entry nor in "
+                             "beat_schedule")
+        pipe = self.client.pipeline()
+        if enabled == entry.enabled:
+            pipe.hdel(self.overrides_key, name)  # back to what beat_schedule says
+        else:
+            pipe.hset(self.overrides_key, name, json.dumps({"enabled": enabled}))
+        pipe.incr(self.version_key)
+        pipe.execute()
+        return replace(entry, enabled=enabled)
 
     def remove(self, name: str) -> bool:
-        pipe = self.client.pipeline()
-        pipe.hdel(self.entries_key, name)
-        pipe.incr(self.version_key)
-        removed, _ = pipe.execute()
+        """Remove a runtime entry and its progress; False if there is none.  A
+        beat_schedule entry cannot be removed here (EntryError)."""
+        static = name in (entries_from_config(self.app) if self.app is not None else {})
+        # Its progress belongs to the beat_schedule entry of that name, if any.
+        removed = self._remove(keys=[self.entries_key, self.version_key, self.state_key,
+                                     self.first_seen_key], args=[name, "0" if static else "1"])
+        if not removed and static:
+            raise EntryError(f"{name!r} is a beat_schedule entry: remove it from beat_schedule, "
+                             f"or disable it (`celery leader schedule disable {name}`)")
         return bool(removed)
 
     def get(self, name: str) -> Entry:
         raw = self.client.hget(self.entries_key, name)
         if raw is None:
+            if self.app is not None and name in entries_from_config(self.app):
+                raise EntryError(f"{name!r} is a beat_schedule entry, not a runtime one: "
+                                 "change it in beat_schedule (it can only be disabled and "
+                                 "enabled at runtime)")
             raise EntryError(f"no runtime entry named {name!r}")
         return entry_from_json(name, raw, self.app)
 
@@ -202,7 +466,7 @@ class ScheduleStore:
         """Valid runtime entries; a bad one is logged and skipped, never fatal."""
         entries: dict[str, Entry] = {}
         for raw_name, raw in (self.client.hgetall(self.entries_key) or {}).items():
-            name = raw_name.decode() if isinstance(raw_name, bytes) else str(raw_name)
+            name = _text(raw_name)
             try:
                 entries[name] = entry_from_json(name, raw, self.app)
             except EntryError as exc:
@@ -216,26 +480,46 @@ class ScheduleStore:
         except ValueError:
             return -1
 
-    def first_seen(self, names: list[str], now_ms: int) -> dict[str, int]:
-        """When the schedule first saw each entry (``now_ms`` if never): where an
-        interval entry that has not fired yet is anchored, whoever leads."""
-        if not names:
+    # -- progress -------------------------------------------------------------
+
+    def first_seen(self, entries: Iterable[Entry], now_ms: int,
+                   move: bool = False) -> dict[str, int]:
+        """When the schedule first saw each entry (``now_ms`` if never, or with
+        ``move``): where an interval entry that has not fired yet is anchored,
+        whoever leads.  A runtime entry removed meanwhile is left out."""
+        entries = list(entries)
+        if not entries:
             return {}
         seen: dict[str, int] = {}
-        replies = self._first_seen(keys=[self.first_seen_key], args=[now_ms, *names])
-        for name, raw in zip(names, replies, strict=True):
+        replies = self._first_seen(
+            keys=[self.first_seen_key, self.entries_key],
+            args=[now_ms, "move" if move else "keep",
+                  *(("r" if e.runtime else "s") + e.name for e in entries)])
+        for entry, raw in zip(entries, replies, strict=True):
+            if raw is None:
+                continue  # a runtime entry that was removed
             try:
-                seen[name] = int(raw)
+                seen[entry.name] = int(raw)
             except (TypeError, ValueError):
                 log.error("celery-leader: ignoring malformed first-seen time for %r: %r",
-                          name, raw)
-                seen[name] = now_ms
+                          entry.name, raw)
+                seen[entry.name] = now_ms
         return seen
 
-    def states(self) -> dict[str, dict[str, Any]]:
+    def first_seen_times(self) -> dict[str, int]:
+        """Every recorded first-seen time (read only)."""
+        times: dict[str, int] = {}
+        for raw_name, raw in (self.client.hgetall(self.first_seen_key) or {}).items():
+            try:
+                times[_text(raw_name)] = int(raw)
+            except (TypeError, ValueError):
+                continue
+        return times
+
+    def states(self, key: str | None = None) -> dict[str, dict[str, Any]]:
         states: dict[str, dict[str, Any]] = {}
-        for raw_name, raw in (self.client.hgetall(self.state_key) or {}).items():
-            name = raw_name.decode() if isinstance(raw_name, bytes) else str(raw_name)
+        for raw_name, raw in (self.client.hgetall(key or self.state_key) or {}).items():
+            name = _text(raw_name)
             try:
                 value = json.loads(raw)
                 if isinstance(value, dict) and isinstance(value.get("last"), int):
@@ -246,6 +530,15 @@ class ScheduleStore:
             log.error("celery-leader: ignoring malformed schedule state for %r: %r", name, raw)
         return states
 
+    def dispatcher(self) -> dict[str, Any] | None:
+        """The leadership that owns the schedule, as last recorded (it may have ended)."""
+        raw = self.client.get(self.dispatcher_key)
+        try:
+            owner = json.loads(raw) if raw is not None else None
+        except (ValueError, UnicodeDecodeError):
+            return None
+        return owner if isinstance(owner, dict) else None
+
 
 @dataclass
 class _Slot:
@@ -255,12 +548,22 @@ class _Slot:
 
 
 class ScheduleRunner:
-    """Dispatches the schedule while this replica leads (a leadership hook)."""
+    """Dispatches the schedule while this replica leads (a leadership hook) and
+    its leadership owns the schedule.
+
+    ``lock`` is the workers' election (worker-embedded mode) or the beats'
+    (:func:`beat_lock`); either way its keys must share the schedule's slot.
+    """
 
     def __init__(self, app: Any, lock: RedisLock, settings: LeaderSettings,
                  entries: dict[str, Entry] | None = None,
                  still_leading: Callable[[], bool] = lambda: True,
                  now: Callable[[], float] = time.time) -> None:
+        if lock.hash_tag != settings.name:
+            raise ConfigurationError(
+                f"the scheduler's election {lock.name!r} must keep its keys in the schedule's "
+                f"hash slot {{{settings.name}}} (build its lock with hash_tag="
+                f"{settings.name!r})")
         self.app = app
         self.lock = lock
         self.settings = settings
@@ -268,11 +571,19 @@ class ScheduleRunner:
         self.config_entries = entries_from_config(app) if entries is None else entries
         self.still_leading = still_leading
         self._now = now
+        # Which mode this runner dispatches for, and the other mode's lease.
+        self.standalone = lock.name != settings.name
+        other = settings.name if self.standalone else beat_election_name(settings, True)
+        self.other_election = other
+        self.other_lease_key = RedisLock.key_of(lock.key_prefix, other, settings.name, "lease")
+        self._take = lock.fenced_script(TAKE_SCHEDULE_LUA)
+        self._migrate = lock.fenced_script(MIGRATE_LEGACY_LUA)
         self._claim = lock.fenced_script(CLAIM_TICK_LUA)
         self._adopt = lock.fenced_script(ADOPT_PENDING_LUA)
         self._publish_tick = lock.fenced_script(PUBLISH_TICK_LUA)
         # Ticks are tracked from their push to their start (tickstart.py).
-        self.ticks = TickKeys(lock)
+        self.ticks = TickKeys(self.store.sent_key, self.store.sent_at_key,
+                              self.store.started_prefix)
         self.tick_look_after = max(10.0, 2 * settings.lease_duration)
         self.lost_ticks = (LostTicks(lock, self.ticks, self.tick_look_after)
                            if settings.tick_run_once else None)
@@ -289,19 +600,158 @@ class ScheduleRunner:
     def wake(self) -> None:
         self._wake.set()
 
+    # -- owning the schedule ------------------------------------------------
+
+    def _owner(self, term: int) -> str:
+        """This leadership's record in ``schedule:dispatcher``."""
+        return json.dumps({"election": self.lock.name, "identity": self.lock.identity(),
+                           "term": term}, sort_keys=True)
+
+    def _owned(self, script: Any, term: int, keys: list[str], args: list[Any]) -> Any:
+        """Run a schedule script (fenced + owned): FENCED when the term is over;
+        ScheduleTakenOver when another election's live leadership owns the schedule."""
+        result = script(term, keys=[self.store.dispatcher_key, self.other_lease_key, *keys],
+                        args=[self.lock.name, self._owner(term), *args])
+        if result == NOT_DISPATCHER:
+            raise ScheduleTakenOver(
+                f"the schedule is owned by {self.store.dispatcher()!r}, not by "
+                f"{self.lock.name!r} term {term}")
+        return result
+
+    def _take_schedule(self, term: int, stop: threading.Event) -> datetime | None:
+        """Own the schedule, waiting while another election's live leadership owns
+        it (one log line).  Returns when this leadership began to own it (ticks due
+        before are "missed", for the catch-up policy), or None when the term ended
+        or ``stop`` was set."""
+        refused = warned_legacy = False
+        while not stop.is_set() and self.still_leading():
+            attempt_at = datetime.fromtimestamp(self._now(), UTC)
+            if self.store.client.get(self.store.legacy_beat_lease_key) is not None:
+                if not warned_legacy:
+                    warned_legacy = True
+                    log.warning(
+                        "celery-leader: not dispatching the schedule: a standalone beat of an "
+                        "older celery-leader version leads election %r (%s) with its own "
+                        "progress; stop every old beat (upgrade them together): this "
+                        "leader starts once that lease is gone",
+                        self.store.legacy_beat_election, self.store.legacy_beat_lease_key)
+                stop.wait(self.settings.retry_period)
+                continue
+            result = self._take(term, keys=[self.store.dispatcher_key, self.other_lease_key],
+                                args=[self.lock.name, self._owner(term)])
+            if result == FENCED:
+                log.info("celery-leader: term %d is over; not dispatching", term)
+                return None
+            owned, previous = int(result[0]), _text(result[1])
+            if owned:
+                self._log_owner_change(previous, term, refused)
+                return attempt_at if self._migrate_legacy(term) else None
+            if not refused:
+                refused = True
+                log.warning("%s", self._refusal(previous))
+            stop.wait(self.settings.retry_period)
+        return None
+
+    def _log_owner_change(self, previous: str, term: int, refused: bool) -> None:
+        try:
+            owner = json.loads(previous) if previous else {}
+        except ValueError:
+            owner = {}
+        if isinstance(owner, dict) and owner.get("election") == self.other_election:
+            log.warning("celery-leader: %s (election %r, term %d) takes over the schedule "
+                        "from %s %s (election %r, term %s), whose leadership ended",
+                        self._mode(), self.lock.name, term,
+                        "the workers' leader" if self.standalone else "the standalone beat",
+                        owner.get("identity"), owner.get("election"), owner.get("term"))
+        elif refused:
+            log.info("celery-leader: %s now dispatches the schedule (term %d)", self._mode(),
+                     term)
+
+    def _mode(self) -> str:
+        return "this standalone beat" if self.standalone else "this worker"
+
+    def _refusal(self, previous: str) -> str:
+        """The one line a leader logs when the other mode owns the schedule."""
+        try:
+            owner = json.loads(previous)
+        except ValueError:
+            owner = {}
+        holder = (f"{owner.get('identity')} (election {owner.get('election')!r}, "
+                  f"term {owner.get('term')})") if isinstance(owner, dict) else previous
+        if self.standalone:
+            return (f"celery-leader: this standalone beat is not dispatching the schedule: the "
+                    f"leading worker {holder} dispatches it (its workers run with "
+                    f"leader_beat = True). Set leader_beat = False (or --no-leader-beat) on "
+                    f"the workers to dispatch from standalone beats, or stop the standalone "
+                    f"beats; this beat takes over when that leadership ends.")
+        return (f"celery-leader: this worker is not dispatching the schedule: the standalone "
+                f"beat {holder} dispatches it. Set leader_beat = False (or --no-leader-beat) "
+                f"on the workers while standalone beats run, or stop the standalone beats; "
+                f"this worker takes over when that leadership ends.")
+
+    def _migrate_legacy(self, term: int) -> bool:
+        """Merge the standalone beat's pre-shared progress (``{<name>-beat}``
+        keys) into the schedule's, then delete it.  False if the term ended."""
+        store = self.store
+        client = store.client
+        old_states = store.states(store.legacy_state_key)
+        old_seen = client.hgetall(store.legacy_first_seen_key) or {}
+        old_pending = client.hgetall(store.legacy_pending_key) or {}
+        if not (old_states or old_seen or old_pending):
+            return True
+        states = [part for name, state in old_states.items() for part in
+                  (name, json.dumps({"election": store.legacy_beat_election, **state}))]
+        seen = []
+        for raw_name, raw in old_seen.items():
+            try:
+                seen += [_text(raw_name), int(raw)]
+            except (TypeError, ValueError):
+                log.error("celery-leader: dropping malformed old first-seen time %r: %r",
+                          raw_name, raw)
+        pending = []
+        for raw_tick, raw in old_pending.items():
+            try:
+                data = json.loads(raw)
+                pending += [_text(raw_tick), _text(raw), str(data["entry"]), int(data["fire_ms"])]
+            except (ValueError, KeyError, TypeError):
+                log.error("celery-leader: dropping malformed old pending tick %r: %r",
+                          raw_tick, raw)
+        result = self._owned(self._migrate, term, keys=[
+            store.state_key, store.first_seen_key, store.pending_key, store.migrated_key],
+            args=[len(states) // 2, len(seen) // 2, *states, *seen, *pending])
+        if result == FENCED:
+            return False
+        moved, dropped = (int(n) for n in result)
+        log.warning("celery-leader: merged the old standalone beat progress (%s) into the "
+                    "schedule: %d entries, %d pending ticks moved, %d dropped (their fire "
+                    "time was already claimed here)", store.legacy_state_key,
+                    len(old_states), moved, dropped)
+        for key in (store.legacy_pending_key, store.legacy_state_key,
+                    store.legacy_first_seen_key, store.migrated_key):
+            client.delete(key)  # one at a time: they live in different slots
+        return True
+
     # -- the loop -----------------------------------------------------------
 
     def run(self, term: int, stop: threading.Event) -> None:
-        """Dispatch until ``stop`` is set or the term is no longer current.
+        """Own the schedule, then dispatch until ``stop`` is set or the term is no
+        longer current.
 
         Redis or broker errors never end it while the term lasts: it backs off
         one retry period and carries on from the state in Redis.
         """
-        started_at = datetime.fromtimestamp(self._now(), UTC)
+        started_at: datetime | None = None  # when this leadership began dispatching
         while not stop.is_set() and self.still_leading():
             try:
+                if started_at is None:
+                    started_at = self._take_schedule(term, stop)
+                    if started_at is None:
+                        return
                 self._run(term, stop, started_at)
                 return
+            except ScheduleTakenOver as lost:
+                log.warning("celery-leader: stopped dispatching: %s", lost)
+                started_at = None
             except Exception:
                 log.exception("celery-leader: scheduler error; retrying in %.1fs",
                               self.settings.retry_period)
@@ -351,8 +801,7 @@ class ScheduleRunner:
 
     def _load_slots(self, started_at: datetime,
                     previous: dict[str, _Slot] | None = None) -> dict[str, _Slot]:
-        entries = dict(self.config_entries)
-        entries.update(self.store.runtime_entries())
+        entries = self.store.entries(self.config_entries)
         states = self.store.states()
         self._warn_unknown_tasks(entries)
         slots: dict[str, _Slot] = {}
@@ -365,9 +814,10 @@ class ScheduleRunner:
                 slots[name] = replace(old)
         # An entry that has not fired is anchored where the schedule first saw
         # it, by whichever leader: a fail-over must not postpone its first tick.
-        fresh = [name for name in entries if name not in states and name not in slots]
+        fresh = [entry for name, entry in entries.items()
+                 if name not in states and name not in slots]
         first_seen = self.store.first_seen(fresh, _ms(started_at))
-        moved: dict[str, int] = {}
+        moved: list[Entry] = []
         for name, entry in entries.items():
             if name in slots:
                 continue
@@ -375,20 +825,19 @@ class ScheduleRunner:
             last = _from_ms(state["last"]) if state else None
             seen = first_seen.get(name, _ms(started_at))
             # Stored in whole ms; when it is this leader's own start, keep the exact instant.
-            anchor = last or (started_at if seen == _ms(started_at) else _from_ms(seen))
+            seen_at = started_at if seen == _ms(started_at) else _from_ms(seen)
+            fire = next_fire_time(entry, last, seen_at, started_at)
             old = previous.get(name) if previous is not None else None
             if previous is not None and last is None:
                 # Added, changed or re-enabled while leading, never fired: count
                 # from now, and so does every later leader.
-                anchor = started_at
-                moved[name] = _ms(started_at)
+                fire = entry.next_fire_after(started_at)
+                moved.append(entry)
             elif previous is not None and (old is None or not old.entry.enabled):
                 # Re-enabled while leading: no catch-up for the time it was disabled.
-                anchor = max(anchor, started_at)
-            slots[name] = _Slot(entry, last, entry.next_fire_after(anchor))
-        if moved:
-            self.store.client.hset(self.store.first_seen_key,
-                                   items=[part for pair in moved.items() for part in pair])
+                fire = entry.next_fire_after(max(last or seen_at, started_at))
+            slots[name] = _Slot(entry, last, fire)
+        self.store.first_seen(moved, _ms(started_at), move=True)
         return slots
 
     def _warn_unknown_tasks(self, entries: dict[str, Entry]) -> None:
@@ -447,20 +896,25 @@ class ScheduleRunner:
         fire_ms = _ms(fire)
         tick = f"{entry.name}@{fire_ms}"
         task_id = str(uuid.uuid5(TASK_ID_NAMESPACE, f"{self.settings.name}:{tick}"))
-        state = json.dumps({"last": fire_ms, "term": term, "task_id": task_id,
-                            "skipped": not publish})
+        state = json.dumps({"last": fire_ms, "term": term, "election": self.lock.name,
+                            "task_id": task_id, "skipped": not publish})
         message = ""
         if publish:
             message = json.dumps({
                 "entry": entry.name, "task": entry.task, "args": list(entry.args),
                 "kwargs": entry.kwargs, "options": _jsonable_options(entry.options),
-                "fire_ms": fire_ms, "term": term, "task_id": task_id}, default=str)
-        result = self._claim(term, keys=[self.store.state_key, self.store.pending_key],
-                             args=[entry.name, fire_ms, state, tick, message])
+                "fire_ms": fire_ms, "term": term, "election": self.lock.name,
+                "task_id": task_id}, default=str)
+        result = self._owned(self._claim, term, keys=[
+            self.store.state_key, self.store.pending_key, self.store.entries_key],
+            args=[entry.name, fire_ms, state, tick, message, "1" if entry.runtime else ""])
         if result == FENCED:
             log.info("celery-leader: term %d is over; not dispatching %s", term, tick)
             return False
-        if result == 1 and publish:
+        if result == TICK_ENTRY_REMOVED:
+            log.info("celery-leader: runtime entry %r was removed; not dispatching %s",
+                     entry.name, tick)
+        elif result == TICK_CLAIMED and publish:
             self._publish(tick, message, term)
         return True
 
@@ -516,9 +970,10 @@ class ScheduleRunner:
                 return False
             sent = ("" if self.lost_ticks is None else
                     self.ticks.sent_record(tick, pushes, broker_keys.get("unacked", "")))
-            result = self._publish_tick(
-                term, keys=[self.store.pending_key, self.ticks.sent, self.ticks.sent_at,
-                            *(key for key, _ in pushes)],
+            result = self._owned(
+                self._publish_tick, term,
+                keys=[self.store.pending_key, self.ticks.sent, self.ticks.sent_at,
+                      *(key for key, _ in pushes)],
                 args=[tick, message, sent, round(self.tick_look_after * 1000),
                       *(payload for _, payload in pushes)])
         except Unsupported as why:
@@ -528,6 +983,8 @@ class ScheduleRunner:
                             "it (%s): a leader that dies in between makes the next one send "
                             "it again", entry, why)
             return False
+        except ScheduleTakenOver:
+            raise
         except Exception as error:
             # NOPERM: Redis refuses the script's keys before running it (or, inside
             # a script, at the first LPUSH, before it wrote anything).
@@ -553,11 +1010,12 @@ class ScheduleRunner:
         return True
 
     def _recover_pending(self, term: int) -> bool:
-        """Send what an older term claimed but may not have published, and what
-        this term failed to send."""
+        """Send what another leadership (an older term, or the schedule's previous
+        owner) claimed but may not have published, and what this term failed to
+        send."""
         self._unsent = False
         for raw_tick, raw in (self.store.client.hgetall(self.store.pending_key) or {}).items():
-            tick = raw_tick.decode() if isinstance(raw_tick, bytes) else str(raw_tick)
+            tick = _text(raw_tick)
             if tick in self._sent_pending:  # only the clean-up after the send failed
                 self.store.client.hdel(self.store.pending_key, tick)
                 self._sent_pending.discard(tick)
@@ -569,18 +1027,19 @@ class ScheduleRunner:
                 log.error("celery-leader: dropping malformed pending tick %r: %r", tick, raw)
                 self.store.client.hdel(self.store.pending_key, tick)
                 continue
-            if old_term == term:
-                self._publish(tick, raw.decode() if isinstance(raw, bytes) else raw, term)
+            if old_term == term and data.get("election") == self.lock.name:
+                self._publish(tick, _text(raw), term)
                 continue
-            if old_term > term:
-                continue
-            adopted = json.dumps(dict(data, term=term))
-            result = self._adopt(term, keys=[self.store.pending_key], args=[tick, raw, adopted])
+            # Its writer can no longer publish it: that leadership ended (the fence),
+            # or lost the schedule to this one (the ownership check), both atomic.
+            adopted = json.dumps(dict(data, term=term, election=self.lock.name))
+            result = self._owned(self._adopt, term, keys=[self.store.pending_key],
+                                 args=[tick, raw, adopted])
             if result == FENCED:
                 return False
             if result == 1:
-                log.warning("celery-leader: sending %s claimed by term %d but maybe not sent",
-                            tick, old_term)
+                log.warning("celery-leader: sending %s claimed by %s term %d but maybe not "
+                            "sent", tick, data.get("election", "an earlier leader"), old_term)
                 self._publish(tick, adopted, term)
         return True
 
@@ -592,26 +1051,50 @@ def _jsonable_options(options: dict[str, Any]) -> dict[str, Any]:
 
 
 def schedule_report(app: Any) -> list[dict[str, Any]]:
-    """Every entry with its schedule, next and last fire time and dispatching term
-    (whichever mode, worker-embedded or standalone, dispatched it last)."""
+    """Every entry with its schedule, next and last fire time, and the term and
+    election that claimed its last fire time.  The next fire time is the one the
+    runner computes (:func:`next_fire_time`), from the state and first-seen time."""
     store = ScheduleStore.for_app(app)
-    entries = entries_from_config(app)
-    entries.update(store.runtime_entries())
+    entries = store.entries(entries_from_config(app))
     states = store.states()
-    for name, state in ScheduleStore.for_app(app, standalone=True).states().items():
+    # Progress of a standalone beat that has not been merged yet (an older version).
+    for name, state in store.states(store.legacy_state_key).items():
         if name not in states or state["last"] > states[name]["last"]:
-            states[name] = state
+            states[name] = {"election": store.legacy_beat_election, **state}
+    first_seen = store.first_seen_times()
     now = datetime.now(UTC)
     rows = []
     for name, entry in sorted(entries.items()):
         state = states.get(name, {})
         last = _from_ms(state["last"]) if "last" in state else None
+        seen = _from_ms(first_seen[name]) if name in first_seen else None
         rows.append({
             "name": name, "task": entry.task, "schedule": entry.describe_schedule(),
             "enabled": entry.enabled, "runtime": entry.runtime,
             "last_fire_time": last.isoformat() if last else None,
-            "next_fire_time": entry.next_fire_after(max(last, now) if last else now).isoformat()
+            "next_fire_time": next_fire_time(entry, last, seen, now).isoformat()
             if entry.enabled else None,
             "term": state.get("term"),
+            "election": state.get("election", store.name if state else None),
         })
     return rows
+
+
+def schedule_owner(app: Any) -> dict[str, Any] | None:
+    """The leadership recorded as owning the schedule, and whether it still leads
+    its election (``leading``); None if no leader has dispatched it yet."""
+    store = ScheduleStore.for_app(app)
+    owner = store.dispatcher()
+    if owner is None:
+        return None
+    election = str(owner.get("election", ""))
+    lease = store.client.get(RedisLock.key_of(store.lock.key_prefix, election, store.name,
+                                              "lease")) if election else None
+    try:
+        record = json.loads(lease) if lease is not None else {}
+    except (ValueError, UnicodeDecodeError):
+        record = {}
+    leading = isinstance(record, dict) and record.get("holderIdentity") == owner.get(
+        "identity") and record.get("term") == owner.get("term")
+    return {**owner, "mode": "beat" if election != store.name else "worker",
+            "leading": leading}

@@ -52,13 +52,14 @@ class LeaderSettings:
     def default_identity(self, hostname: str | None = None) -> str:
         return self.identity or f"{hostname or socket.gethostname()}:{os.getpid()}"
 
-    def lock(self, identity: str, name: str | None = None) -> Any:
-        """The election's RedisLock (``name`` overrides the election name)."""
+    def lock(self, identity: str, name: str | None = None, hash_tag: str | None = None) -> Any:
+        """The election's RedisLock (``name`` overrides the election name,
+        ``hash_tag`` puts its keys in another election's slot)."""
         from .redislock import RedisLock
 
         return RedisLock(self.redis_client(), name=name or self.name, identity=identity,
                          key_prefix=self.key_prefix, wait_replicas=self.wait_replicas,
-                         wait_timeout=self.wait_timeout)
+                         wait_timeout=self.wait_timeout, hash_tag=hash_tag)
 
     def elector(self, lock: Any, callbacks: Any, watchdog: Any = None) -> Any:
         """A LeaderElector on ``lock`` with these settings' timings."""

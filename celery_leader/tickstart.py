@@ -108,10 +108,10 @@ return pushed
 class TickKeys:
     """Where one schedule keeps its sent ticks and their start markers."""
 
-    def __init__(self, lock: RedisLock) -> None:
-        self.sent = lock.key("schedule:sent")
-        self.sent_at = lock.key("schedule:sent-at")
-        self._started_prefix = lock.key("schedule:started:")
+    def __init__(self, sent: str, sent_at: str, started_prefix: str) -> None:
+        self.sent = sent
+        self.sent_at = sent_at
+        self._started_prefix = started_prefix
 
     def started(self, tick: str) -> str:
         return self._started_prefix + tick

@@ -75,6 +75,7 @@ class Replicas:
         self.name = name
         self.env = dict(env or {})
         self.procs: list[Proc] = []
+        self.retired: set[int] = set()  # PIDs a test stopped on purpose
         self.client = redis.Redis.from_url(redis_url)
 
     # ------------------------------------------------------------ processes
@@ -112,9 +113,10 @@ class Replicas:
     def wait_workers_ready(self, timeout: float = 60.0) -> None:
         def ready() -> bool:
             for proc in self.procs:
-                if not proc.alive():
+                if proc.pid not in self.retired and not proc.alive():
                     raise AssertionError(f"{proc.describe()} exited early\n{self.logs()}")
-            return all(" ready." in p.log() for p in self.procs if p.kind == "worker")
+            return all(" ready." in p.log() for p in self.procs
+                       if p.kind == "worker" and p.pid not in self.retired)
 
         wait_until(ready, timeout, "workers to be ready", self.logs)
 
@@ -151,8 +153,15 @@ class Replicas:
 
     # ------------------------------------------------------------ election
 
+    def lease_key(self, election: str) -> str:
+        """The lease of the workers' election, or of the beats' (``<name>-beat``,
+        whose keys carry the workers' hash tag)."""
+        if election == self.name:
+            return f"{KEY_PREFIX}:{{{election}}}:lease"
+        return f"{KEY_PREFIX}:{{{self.name}}}:{election}:lease"
+
     def lease(self, election: str) -> dict[str, Any] | None:
-        raw = self.client.get(f"{KEY_PREFIX}:{{{election}}}:lease")
+        raw = self.client.get(self.lease_key(election))
         return None if raw is None else dict(json.loads(raw))
 
     def leader(self, election: str) -> tuple[Proc, int] | None:

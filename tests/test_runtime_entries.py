@@ -8,8 +8,10 @@ schedule through the API and the CLI while they run.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Iterator
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -99,27 +101,159 @@ def test_existing_entry_needs_update_or_replace(store: ScheduleStore) -> None:
         store.update("one", colour="red")
 
 
-def test_schedule_report_merges_config_runtime_and_both_modes_state(
+def test_schedule_report_merges_config_runtime_and_state_of_either_mode(
         redis_url: str, election_name: str) -> None:
     app = api_app(redis_url, election_name, beat_schedule={
-        "conf": {"task": TICK, "schedule": cron("* * * * * *"), "args": ("c",)}})
-    workers = ScheduleStore.for_app(app)
-    beats = ScheduleStore.for_app(app, standalone=True)
-    workers.add("rt", TICK, 60.0)
-    workers.add("off", TICK, 60.0, enabled=False)
+        "conf": {"task": TICK, "schedule": cron("* * * * * *"), "args": ("c",)},
+        "old": {"task": TICK, "schedule": 60.0}})
+    store = ScheduleStore.for_app(app)
+    store.add("rt", TICK, 60.0)
+    store.add("off", TICK, 60.0, enabled=False)
     client = redis.Redis.from_url(redis_url)
-    # The worker election dispatched "conf" last at 1000 s, the beat election at 2000 s.
-    client.hset(workers.state_key, "conf", json.dumps({"last": 1_000_000, "term": 3}))
-    client.hset(beats.state_key, "conf", json.dumps({"last": 2_000_000, "term": 9}))
-    client.hset(workers.state_key, "rt", "garbage")
+    # One progress for both modes; each state says which election claimed it.
+    client.hset(store.state_key, "conf", json.dumps(
+        {"last": 2_000_000, "term": 9, "election": f"{election_name}-beat"}))
+    client.hset(store.state_key, "old", json.dumps({"last": 1_000_000, "term": 3}))
+    # Progress of a standalone beat of an older version, not merged yet: the later wins.
+    client.hset(store.legacy_state_key, "old", json.dumps({"last": 1_500_000, "term": 5}))
+    client.hset(store.state_key, "rt", "garbage")
     rows = {row["name"]: row for row in schedule_report(app)}
     client.close()
-    assert set(rows) == {"conf", "rt", "off"}
+    assert set(rows) == {"conf", "old", "rt", "off"}
     assert rows["conf"]["last_fire_time"] == "1970-01-01T00:33:20+00:00"
-    assert rows["conf"]["term"] == 9 and rows["conf"]["runtime"] is False
+    assert (rows["conf"]["term"], rows["conf"]["election"]) == (9, f"{election_name}-beat")
+    assert rows["conf"]["runtime"] is False
+    assert (rows["old"]["term"], rows["old"]["election"]) == (5, f"{election_name}-beat")
     assert rows["rt"]["last_fire_time"] is None and rows["rt"]["runtime"] is True
-    assert rows["rt"]["schedule"] == "every 60s"
+    assert rows["rt"]["schedule"] == "every 60s" and rows["rt"]["election"] is None
     assert rows["off"]["enabled"] is False and rows["off"]["next_fire_time"] is None
+
+
+def test_schedule_report_next_fire_is_the_one_the_runner_computes(
+        redis_url: str, election_name: str) -> None:
+    """After the last claimed fire time, or (never fired) after the first-seen time;
+    not "now + interval", which changes with every call."""
+    app = api_app(redis_url, election_name, beat_schedule={
+        "fired": {"task": TICK, "schedule": 10.0},
+        "seen": {"task": TICK, "schedule": 10.0},
+        "cron": {"task": TICK, "schedule": cron("*/15 * * * * *")}})
+    store = ScheduleStore.for_app(app)
+    now_ms = round(time.time() * 1000)
+    store.client.hset(store.state_key, "fired", json.dumps({"last": now_ms - 5_000, "term": 1}))
+    store.client.hset(store.first_seen_key, "seen", now_ms - 3_000)
+
+    def iso_ms(ms: int) -> str:
+        return datetime.fromtimestamp(ms / 1000, timezone.utc).isoformat()
+
+    reports = []
+    for _ in range(3):
+        reports.append({row["name"]: row["next_fire_time"] for row in schedule_report(app)})
+        time.sleep(0.01)  # later calls, the same answer
+    assert reports[0] == reports[1] == reports[2]
+    assert reports[0]["fired"] == iso_ms(now_ms + 5_000)
+    assert reports[0]["seen"] == iso_ms(now_ms + 7_000)
+    assert datetime.fromisoformat(reports[0]["cron"]).second % 15 == 0
+
+
+def test_a_runtime_entry_may_not_take_a_beat_schedule_name(
+        redis_url: str, election_name: str) -> None:
+    app = api_app(redis_url, election_name,
+                  beat_schedule={"nightly": {"task": "proj.report", "schedule": 60.0}})
+    store = ScheduleStore.for_app(app)
+    for replace_existing in (False, True):
+        with pytest.raises(EntryError) as info:
+            store.add("nightly", TICK, 5.0, replace_existing=replace_existing)
+        message = str(info.value)
+        assert "runtime entry 'nightly'" in message and "beat_schedule entry 'nightly'" in message
+        assert "'proj.report'" in message and repr(TICK) in message
+    assert store.client.hlen(store.entries_key) == 0 and store.version() == 0
+    with pytest.raises(EntryError, match="is a beat_schedule entry"):
+        store.update("nightly", args=[1])
+    with pytest.raises(EntryError, match="is a beat_schedule entry"):
+        store.remove("nightly")
+    with pytest.raises(EntryError, match="no entry named 'nope'"):
+        store.disable("nope")
+
+
+def test_beat_schedule_entries_are_disabled_and_enabled_by_an_override(
+        redis_url: str, election_name: str) -> None:
+    app = api_app(redis_url, election_name, beat_schedule={
+        "nightly": {"task": "proj.report", "schedule": 60.0},
+        "paused": {"task": "proj.report", "schedule": 60.0, "enabled": False}})
+    store = ScheduleStore.for_app(app)
+    assert store.disable("nightly").enabled is False
+    assert store.enable("paused").enabled is True
+    assert store.version() == 2
+    rows = {row["name"]: row for row in schedule_report(app)}
+    assert rows["nightly"]["enabled"] is False and rows["nightly"]["next_fire_time"] is None
+    assert rows["paused"]["enabled"] is True and rows["paused"]["next_fire_time"] is not None
+    assert store.static_entries()["nightly"].enabled is False
+    # Back to what beat_schedule says: the override is gone.
+    store.enable("nightly")
+    store.disable("paused")
+    assert store.client.hlen(store.overrides_key) == 0
+
+
+def test_removing_a_runtime_entry_removes_its_progress(
+        redis_url: str, election_name: str) -> None:
+    app = api_app(redis_url, election_name,
+                  beat_schedule={"nightly": {"task": "proj.report", "schedule": 60.0}})
+    store = ScheduleStore.for_app(app)
+    store.add("rt", TICK, 5.0)
+    # A runtime entry named like a beat_schedule entry, stored by an older version.
+    store.client.hset(store.entries_key, "nightly", store.client.hget(store.entries_key, "rt"))
+    for name in ("rt", "nightly"):
+        store.client.hset(store.state_key, name, json.dumps({"last": 1_000, "term": 1}))
+        store.client.hset(store.first_seen_key, name, 500)
+    assert store.remove("rt") is True
+    assert not store.client.hexists(store.state_key, "rt")
+    assert not store.client.hexists(store.first_seen_key, "rt")
+    # The progress of "nightly" belongs to the beat_schedule entry: kept.
+    assert store.remove("nightly") is True
+    assert store.client.hexists(store.state_key, "nightly")
+    assert store.client.hexists(store.first_seen_key, "nightly")
+
+
+def test_cli_schedule_table_and_commands_on_beat_schedule_entries(
+        tmp_path: Path, redis_url: str, election_name: str) -> None:
+    r = Replicas(tmp_path, redis_url, election_name)  # only runs the CLI
+    try:
+        result = r.celery("leader", "schedule", "disable", "every-second")
+        assert result.returncode == 0, result.stderr
+        assert "disabled every-second (beat_schedule entry)" in result.stdout
+        rows = json.loads(r.celery("leader", "schedule", "--json").stdout)
+        assert [row["enabled"] for row in rows if row["name"] == "every-second"] == [False]
+        result = r.celery("leader", "schedule", "enable", "every-second")
+        assert result.returncode == 0 and "enabled every-second" in result.stdout, result.stderr
+        result = r.celery("leader", "schedule", "add", "every-second", "--task", TICK,
+                          "--every", "5")
+        assert result.returncode != 0
+        assert "runtime entry 'every-second'" in result.stderr
+        assert "beat_schedule entry 'every-second'" in result.stderr
+        result = r.celery("leader", "schedule", "remove", "every-second")
+        assert result.returncode != 0 and "is a beat_schedule entry" in result.stderr
+
+        # The table: nothing truncated, columns apart, each term with its election.
+        store = ScheduleStore.for_app(api_app(redis_url, election_name))
+        long_name = "reconcile-customer-invoices-across-regions"
+        zone = "America/Argentina/Buenos_Aires"
+        store.add(long_name, TICK, cron("*/15 * * * * *", tz=zone))
+        r.client.hset(store.state_key, "every-second", json.dumps(
+            {"last": 1_700_000_000_123, "term": 7, "election": f"{election_name}-beat"}))
+        result = r.celery("leader", "schedule")
+        assert result.returncode == 0, result.stderr
+        lines = result.stdout.splitlines()
+        header = next(line for line in lines if line.startswith("name"))
+        body = lines[lines.index(header) + 1:]
+        assert len(body) == 2
+        row = {line.split()[0]: re.split(r"\s{2,}", line) for line in body}
+        assert row[long_name][:2] == [long_name, f"cron('*/15 * * * * *', tz='{zone}')"]
+        assert row[long_name][-1] == "-"
+        assert row["every-second"][3:] == ["2023-11-14 22:13:20.123",
+                                           f"7 ({election_name}-beat)"]
+        assert all(len(re.split(r"\s{2,}", line)) == 5 for line in [header, *body])
+    finally:
+        r.stop()
 
 
 # ---------------------------------------------------------------- live replicas

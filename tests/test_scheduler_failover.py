@@ -19,6 +19,7 @@ a gap can only come from the scheduler, not from a lost broker message.
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 from collections.abc import Iterator
@@ -155,4 +156,6 @@ def test_standalone_beat_replicas_catch_up_all_every_second_exactly_once(
     # its own election (the workers') dispatched nothing.
     assert consumer.alive()
     assert {int(t["pid"]) for t in replicas.ticks()} == {consumer.pid}
-    assert replicas.client.hlen(f"celery-leader:{{{election_name}}}:schedule:state") == 0
+    state = json.loads(replicas.client.hget(
+        f"celery-leader:{{{election_name}}}:schedule:state", "every-second") or b"{}")
+    assert state["election"] == beat_election, state

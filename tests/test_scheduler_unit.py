@@ -26,6 +26,7 @@ import redis
 from celery import Celery
 
 from celery_leader import cron
+from celery_leader.config import ConfigurationError
 from celery_leader.entries import EntryError
 from celery_leader.record import LeaderElectionRecord
 from celery_leader.redislock import RedisLock
@@ -34,6 +35,7 @@ from celery_leader.scheduler import (
     ScheduleRunner,
     ScheduleStore,
     beat_election_name,
+    beat_lock,
 )
 from celery_leader.settings import LeaderSettings
 from tests.sched_procs import wait_until
@@ -731,18 +733,31 @@ def test_bad_beat_schedule_entry_raises_naming_it(h: Harness, spec: Any,
     assert "'broken-entry'" in str(info.value)
 
 
-def test_standalone_election_keeps_state_apart_but_shares_runtime_entries(
-        h: Harness) -> None:
-    app = h.app()
+def test_both_modes_share_one_schedule_in_one_hash_slot(h: Harness) -> None:
+    """The beats' election has its own lease and terms, but its keys carry the
+    workers' hash tag, and the schedule's keys are the same whichever mode runs."""
     settings = h.settings()
     assert beat_election_name(settings, standalone=False) == h.name
     assert beat_election_name(settings, standalone=True) == f"{h.name}-beat"
-    workers = ScheduleStore.for_app(app)
-    beats = ScheduleStore.for_app(app, standalone=True)
-    assert beats.state_key == f"celery-leader:{{{h.name}-beat}}:schedule:state"
-    assert workers.state_key == f"celery-leader:{{{h.name}}}:schedule:state"
-    assert beats.entries_key == workers.entries_key == \
-        f"celery-leader:{{{h.name}}}:schedule:entries"
+    worker_lock = h.lock("w")
+    beats = beat_lock(settings, "b")
+    assert beats.lease_key == f"celery-leader:{{{h.name}}}:{h.name}-beat:lease"
+    assert beats.counter_key == f"celery-leader:{{{h.name}}}:{h.name}-beat:counter"
+    assert worker_lock.lease_key == f"celery-leader:{{{h.name}}}:lease"
+    app = h.app()
+    as_worker = ScheduleRunner(app, worker_lock, settings)
+    as_beat = ScheduleRunner(app, beats, settings)
+    assert (as_worker.standalone, as_beat.standalone) == (False, True)
+    assert as_worker.other_lease_key == beats.lease_key
+    assert as_beat.other_lease_key == worker_lock.lease_key
+    for attribute in ("state_key", "pending_key", "first_seen_key", "entries_key",
+                      "dispatcher_key", "overrides_key"):
+        assert getattr(as_worker.store, attribute) == getattr(as_beat.store, attribute) == \
+            getattr(ScheduleStore.for_app(app), attribute)
+    assert as_beat.store.state_key == f"celery-leader:{{{h.name}}}:schedule:state"
+    # A lock outside the schedule's slot is refused at construction.
+    with pytest.raises(ConfigurationError, match="hash slot"):
+        ScheduleRunner(app, RedisLock(h.client, name=f"{h.name}-beat", identity="x"), settings)
 
 
 def test_runtime_change_does_not_postpone_an_entry_that_has_not_fired_yet(h: Harness) -> None:

@@ -33,6 +33,7 @@ from celery_leader import (
 )
 from celery_leader.decorators import TASK_START_LUA
 from celery_leader.embedded import EmbeddedRedis
+from celery_leader.entries import entry_from_config
 from celery_leader.redislock import FENCED
 from celery_leader.scheduler import ScheduleRunner, ScheduleStore
 from celery_leader.settings import LeaderSettings, redis_client_from_url
@@ -513,18 +514,41 @@ def cluster_client(cluster: ClusterTopology) -> Iterator[Any]:
         client.close()
 
 
+def exercise_beat_schedule(client: Any, name: str) -> None:
+    """The standalone beats' election (keys in the schedule's slot) takes the
+    schedule over from the workers' ended leadership and claims a tick."""
+    app = Celery("topologies-beat", set_as_current=False)
+    app.send_task = lambda task, **options: None
+    beats = RedisLock(client, name=f"{name}-beat", identity="beat", hash_tag=name)
+    record = beats.create(_record("beat")).record
+    assert record is not None
+    settings = LeaderSettings(redis_url="redis://unused", name=name)
+    runner = ScheduleRunner(app, beats, settings, entries={})
+    assert runner._take_schedule(record.term, threading.Event()) is not None
+    entry = entry_from_config("job", {"task": "tasks.ping", "schedule": 60.0}, app)
+    assert runner._claim_and_publish(entry, datetime(2030, 1, 1, tzinfo=UTC), record.term,
+                                     publish=True)
+    assert runner.store.dispatcher() == {"election": f"{name}-beat", "identity": "beat",
+                                         "term": record.term}
+    assert beats.release(record.term)
+
+
 def test_cluster_every_script_runs_in_one_slot(cluster_client: Any) -> None:
     """create/update/get/release/claim and a fenced script with extra keys work
     through RedisCluster (no CROSSSLOT); all keys and the channel of one election
     share a slot, and two elections land in different slots on different nodes."""
     exercise_lock(cluster_client, "alpha")
     exercise_schedule(cluster_client, "alpha-schedule")
+    exercise_beat_schedule(cluster_client, "alpha-schedule")
 
     alpha = RedisLock(cluster_client, name="alpha", identity="x")
     beta = RedisLock(cluster_client, name="beta", identity="x")
     store = ScheduleStore(Celery("slots", set_as_current=False), alpha)
+    beats = RedisLock(cluster_client, name="alpha-beat", identity="x", hash_tag="alpha")
     keys = [alpha.lease_key, alpha.counter_key, alpha.channel, alpha.key("tick:1"),
-            store.state_key, store.pending_key, store.entries_key, store.version_key]
+            store.state_key, store.pending_key, store.entries_key, store.version_key,
+            store.first_seen_key, store.overrides_key, store.dispatcher_key,
+            beats.lease_key, beats.counter_key, beats.channel]
     slots = {key: cluster_client.cluster_keyslot(key) for key in keys}
     assert len(set(slots.values())) == 1, slots
     alpha_slot = slots[alpha.lease_key]
@@ -574,6 +598,7 @@ def _everything(client: Any, name: str) -> None:
     """Every call the library makes, as the restricted user."""
     exercise_lock(client, name)
     exercise_schedule(client, name)
+    exercise_beat_schedule(client, name)
     lock = RedisLock(client, name=name, identity="task-runner")
     term = lock.create(_record("task-runner")).record.term  # type: ignore[union-attr]
     task_key = lock.key("task:some-id")
