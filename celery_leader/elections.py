@@ -76,7 +76,7 @@ def election_names(client: Any, key_prefix: str) -> list[str]:
     escaped = re.sub(r"([*?\[\]\\])", r"\\\1", key_prefix)
     names: set[str] = set()
     for suffix in ("lease", "counter"):
-        for raw in client.scan_iter(match=f"{escaped}:{{*}}:{suffix}", count=1000):
+        for raw in client.scan_iter(match=f"{escaped}:{{*:{suffix}", count=1000):
             key = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
             middle = key[len(key_prefix) + 2:-len(suffix) - 1]  # "<tag>}" or "<tag>}:<name>"
             tag, _, rest = middle.partition("}")

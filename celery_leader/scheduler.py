@@ -17,7 +17,7 @@ hash_tag=<name>)``) so one script can read both leases.
 
 Redis keys (all in the hash slot of ``{<name>}``, values JSON):
 
-- ``schedule:dispatcher``  the owning leadership {"election", "identity", "term"}
+- ``schedule:dispatcher``  the owning leadership {"election", "identity", "holder", "term"}
 - ``schedule:state``       hash entry -> {"last": fire_ms, "term": t, "election": e,
   "task_id": id, "skipped": bool}
 - ``schedule:pending``     hash tick  -> the message, between claim and publish
@@ -79,7 +79,7 @@ local function own_schedule()
   if raw then
     local ok, owner = pcall(cjson.decode, raw)
     if ok and type(owner) == 'table' and owner.election ~= ARGV[3]
-       and holds_term(KEYS[3], owner.identity, owner.term) then
+       and type(owner.holder) == 'string' and holds_term(KEYS[3], owner.holder, owner.term) then
       return false, raw
     end
   end
@@ -605,7 +605,7 @@ class ScheduleRunner:
     def _owner(self, term: int) -> str:
         """This leadership's record in ``schedule:dispatcher``."""
         return json.dumps({"election": self.lock.name, "identity": self.lock.identity(),
-                           "term": term}, sort_keys=True)
+                           "holder": self.lock.holder(), "term": term}, sort_keys=True)
 
     def _owned(self, script: Any, term: int, keys: list[str], args: list[Any]) -> Any:
         """Run a schedule script (fenced + owned): FENCED when the term is over;

@@ -68,11 +68,12 @@ def test_standalone_beat_election_shown_by_name_and_all_and_stepped_down(
     assert code == 0, info
     assert (info["name"], info["role"], info["leader"], info["term"]) == (
         beat_name, "beat", beat_holder, beat_term)
-    assert info["key"] == f"{KEY_PREFIX}:{{{beat_name}}}:lease"
+    # The beats' keys sit in the schedule's hash slot.
+    assert info["key"] == f"{KEY_PREFIX}:{{{name}}}:{beat_name}:lease"
 
     # --all lists both elections.  Run as an app with another leader_name, the
     # roles can only come from what each election's leader recorded.
-    for key in (f"{KEY_PREFIX}:{{{name}}}:role", f"{KEY_PREFIX}:{{{beat_name}}}:role"):
+    for key in (f"{KEY_PREFIX}:{{{name}}}:role", f"{KEY_PREFIX}:{{{name}}}:{beat_name}:role"):
         wait_until(lambda k=key: replicas.client.exists(k), 10, f"{key} to be written")
     code, rows = cli_json(replicas, "status", "--all", leader_name="some-other-app")
     assert code == 0, rows
