@@ -193,22 +193,33 @@ class _InflightChannel:
 class _Session:
     """One leadership's deliveries: its slots, and what is still outstanding."""
 
-    def __init__(self, queue: LeaderQueue, term: int, capacity: int) -> None:
+    def __init__(self, queue: LeaderQueue, term: int, capacity: Callable[[], int]) -> None:
         self.queue = queue
         self.term = term
-        self.capacity = capacity
-        self.outstanding: dict[str, bool] = {}  # tag -> guarded and acks early
+        self._capacity = capacity  # read each time: the consumer may attach later
+        self.outstanding: dict[str, bool] = {}  # tag -> the body's end ends its record
         self.changed = threading.Condition()
         self.channel = _InflightChannel(self)
+        self._batches_handed = 0
 
     def free_slots(self) -> int:
         with self.changed:
-            return self.capacity - len(self.outstanding)
+            return max(1, self._capacity()) - len(self.outstanding)
 
-    def wait_for_slot(self, stop: threading.Event, timeout: float) -> None:
+    def wait_for_slot(self, stop: threading.Event, timeout: float) -> bool:
+        """Wait until a slot frees; True if the event loop handed a batch to Celery
+        meanwhile (its acks then wait in the loop, which does not wake itself)."""
         with self.changed:
-            if len(self.outstanding) >= self.capacity and not stop.is_set():
+            if (len(self.outstanding) >= max(1, self._capacity()) and not stop.is_set()
+                    and not self._batches_handed):
                 self.changed.wait(timeout)
+            handed, self._batches_handed = self._batches_handed, 0
+            return handed > 0
+
+    def batch_handed(self) -> None:
+        with self.changed:
+            self._batches_handed += 1
+            self.changed.notify_all()
 
     def settled(self, tag: str, requeue: bool | None) -> None:
         """Celery acked (``requeue`` None) or rejected the message."""
@@ -276,7 +287,7 @@ class LeaderQueue:
                 doorbell.close()
 
     def _run(self, term: int, stop: threading.Event) -> None:
-        session = self._session = _Session(self, term, max(1, self._capacity()))
+        session = self._session = _Session(self, term, self._capacity)
         last_recovery = float("-inf")
         failures = 0
         while not stop.is_set():
@@ -290,7 +301,10 @@ class LeaderQueue:
                     continue
                 free = session.free_slots()
                 if free <= 0:
-                    session.wait_for_slot(stop, DOORBELL_TIMEOUT)
+                    if session.wait_for_slot(stop, DOORBELL_TIMEOUT):
+                        # kombu's loop runs callbacks queued from its own thread (Celery's
+                        # acks) only after its next poll: wake it from this one.
+                        self._deliver(_nothing)
                     continue
                 taken = self._take(term, keys=[self.inflight_key,
                                                self.lock.key(SEQUENCE_SUFFIX), *self.lists],
@@ -336,6 +350,7 @@ class LeaderQueue:
         self._requeue(keys=[self.inflight_key], args=[tag])
 
     def _hand_over(self, session: _Session, taken: list[Any]) -> None:
+        batch: list[tuple[str, dict[str, Any]]] = []
         for index in range(0, len(taken), 2):
             tag = _text(taken[index])
             try:
@@ -353,20 +368,26 @@ class LeaderQueue:
                 continue
             with session.changed:
                 session.outstanding[tag] = keeps_record
-            self._deliver(functools.partial(self._receive, session, tag, payload))
+            batch.append((tag, payload))
+        # One callback per batch: kombu keeps queued callbacks unordered.
+        self._deliver(functools.partial(self._receive, session, batch))
 
-    def _receive(self, session: _Session, tag: str, payload: dict[str, Any]) -> None:
-        """In the consumer's event loop: hand one message to Celery."""
-        handler = self._handler()
-        if handler is None:  # no consumer (reconnecting): the next term, or we, take it again
-            self._give_back(session, tag)
-            return
+    def _receive(self, session: _Session, batch: list[tuple[str, dict[str, Any]]]) -> None:
+        """In the consumer's event loop: hand a batch to Celery, oldest first."""
         try:
-            handler(_kombu_message(payload, session.channel))
-        except Exception:
-            log.exception("celery-leader: the worker could not take leader-queue message %s",
-                          tag)
-            self._give_back(session, tag)
+            for tag, payload in batch:
+                handler = self._handler()
+                if handler is None:  # no consumer (reconnecting): take it again later
+                    self._give_back(session, tag)
+                    continue
+                try:
+                    handler(_kombu_message(payload, session.channel))
+                except Exception:
+                    log.exception("celery-leader: the worker could not take leader-queue "
+                                  "message %s", tag)
+                    self._give_back(session, tag)
+        finally:
+            session.batch_handed()
 
     def _give_back(self, session: _Session, tag: str) -> None:
         with session.changed:
@@ -387,6 +408,10 @@ class LeaderQueue:
             tags = list(session.outstanding)
         for tag in tags:
             self._give_back(session, tag)
+
+
+def _nothing() -> None:
+    """Queued only to wake the event loop."""
 
 
 def _is_acl_denial(error: Exception) -> bool:
