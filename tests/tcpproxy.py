@@ -29,6 +29,7 @@ Loopback only: it listens on 127.0.0.1 and connects to the upstream it is given.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import select
 import socket
@@ -93,6 +94,12 @@ class TcpProxy:
         self._closed = False
         self._cut_after: Callable[[bytes], bool] | None = None
         self.partitioned_at: float | None = None  # when the current cut began
+        # (monotonic time, connection, ">" to Redis or "<" from it, first bytes) of
+        # the latest forwarded chunks, for a failing test to show.
+        self.trace: collections.deque[tuple[float, int, str, bytes]] = collections.deque(
+            maxlen=400)
+        # (monotonic time, the last command) of every connection the client closed.
+        self.closed: list[tuple[float, bytes]] = []
         self._thread = threading.Thread(target=self._run, name=f"tcpproxy-{self.port}",
                                         daemon=True)
         self._thread.start()
@@ -283,6 +290,8 @@ class TcpProxy:
                     other.setblocking(True)
                     other.settimeout(0.5)
                     other.sendall(pending)
+            if sock is pipe.client:
+                self.closed.append((time.monotonic(), pipe.last_command))
             self._drop(pipe)
             return
         now = time.monotonic()
@@ -305,6 +314,8 @@ class TcpProxy:
             return
         chunk = bytes(buffer[:sent])
         del buffer[:sent]
+        self.trace.append((time.monotonic(), pipe.ident, ">" if to_upstream else "<",
+                           chunk[:120]))
         if to_upstream and self._cut_after is not None and self._cut_after(chunk):
             self._cut_after = None
             self._cut_locked()
