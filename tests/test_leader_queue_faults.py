@@ -19,7 +19,10 @@ Every test checks the same thing (:func:`check_runs`): every message sent ran
 once, by task id (bounded wait for all, then a short settle to catch doubles),
 and each run happened on a replica that was leading: its recorded term is
 non-zero and is a term that replica started leading under (``started_leading``),
-at or after that start and not after that leadership stopped.
+at or after that start and not after that leadership stopped.  The one double
+allowed is Celery's at-least-once: a run the fault caught in flight on the
+replica it cut off (its "done" claim or its ack could not reach Redis) may run
+again under the next term (tests/leader_runs.py).
 """
 
 from __future__ import annotations
@@ -299,7 +302,7 @@ def test_message_sent_right_after_the_leader_is_killed_runs_once(
         time.sleep(max(0.0, killed + delay_ms / 1000 - time.monotonic()))
     sender.send("after-kill")
     late = sender.at["after-kill"] - killed
-    assert late < delay_ms / 1000 + 0.02, f"sent {late * 1000:.1f} ms after the kill"
+    assert late < delay_ms / 1000 + 0.1, f"sent {late * 1000:.1f} ms after the kill"
     assert leader.wait_exit(10) == -signal.SIGKILL
     faults.leader(after_term=term, timeout=FAILOVER_BOUND + 15)
     closed = [at for at, command in faults.proxy(leader).closed if b"BRPOP" in command]
