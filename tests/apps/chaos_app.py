@@ -1,7 +1,9 @@
 """The app of the chaos suite (tests/chaos): a per-second schedule, a claiming
 leader-only task, and fault hooks installed at import time.
 
-Env: REDIS_URL (broker and election), LEADER_NAME, LEADER_CATCH_UP,
+Env: REDIS_URL (broker and election: the replica's own TCP proxy in the
+suite), CHAOS_EVENTS_URL (the real Redis the records go to, so a partitioned
+replica's records are not held by its cut; REDIS_URL if unset), LEADER_NAME, LEADER_CATCH_UP,
 LEADER_LEASE / LEADER_RENEW / LEADER_RETRY, LEADER_HEALTHZ_PORT, and the fault
 hooks, each a file that arms the fault while it exists:
 
@@ -25,7 +27,9 @@ so comparable across the processes of this host and with the test's clock):
   the messages themselves are the dispatch record, one per publish, kept by
   Redis through restarts (AOF, fsync always) and unaffected by killed consumers;
 - ``test:events``: leadership signals (``started_leading`` / ``stopped_leading``
-  / ``new_leader``) and the start of every ``claimer`` run;
+  / ``new_leader``), the start of every ``claimer`` run, and every run of the
+  no-op leader-only task ``noop`` (``leader_run``: task id, the term it was
+  claimed under, ``current_term()`` and the replica's identity);
 - ``test:claims``: every fenced claim the ``claimer`` task makes.
 
 Recording never blocks the elector: events go through an in-memory queue that
@@ -61,6 +65,7 @@ REDIS_URL = os.environ["REDIS_URL"]
 TICK_QUEUE = "chaos-ticks"
 TICK_TASK = "tests.apps.chaos_app.tick"
 CLAIMER_TASK = "tests.apps.chaos_app.claimer"
+NOOP_TASK = "tests.apps.chaos_app.noop"
 EVENTS_KEY = "test:events"
 CLAIMS_KEY = "test:claims"
 CLAIMER_STOP_KEY = "test:claimer-stop"
@@ -78,6 +83,10 @@ app.conf.update(
                          "args": ("every-second",), "options": {"queue": TICK_QUEUE}},
     },
     worker_prefetch_multiplier=1,
+    # A leader-only message a killed or cut-off leader had taken (kombu's
+    # ``unacked`` hash) comes back within seconds, not the default hour.
+    broker_transport_options={"visibility_timeout": 6, "unacked_restore_interval": 1,
+                              "unacked_restore_throttle": 1},
     broker_connection_retry_on_startup=True,
     worker_hijack_root_logger=False,
 )
@@ -147,7 +156,8 @@ celery_leader.decorators._task_start_script = _losing_task_start_script
 # ---------------------------------------------------------------- recording
 
 # No retries and short timeouts: the recorder must never add its own stalls.
-_recorder = redis.Redis.from_url(REDIS_URL, socket_timeout=0.5, socket_connect_timeout=0.5,
+_recorder = redis.Redis.from_url(os.environ.get("CHAOS_EVENTS_URL", REDIS_URL),
+                                 socket_timeout=0.5, socket_connect_timeout=0.5,
                                  retry=Retry(NoBackoff(), 0))
 _outbox: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
 _flusher_pid = 0
@@ -188,6 +198,22 @@ def _record(kind: str, key: str = EVENTS_KEY, **fields: Any) -> None:
                                  daemon=True).start()
 
 
+def _record_now(kind: str, **fields: Any) -> None:
+    """Record before returning (a run must not be lost with a pool child killed
+    right after it); only a Redis down for 20 s leaves it to the flusher."""
+    line = json.dumps({**fields, "kind": kind, "pid": os.getpid(), "at": time.monotonic()})
+    deadline = time.monotonic() + 20.0
+    while True:
+        try:
+            _recorder.rpush(EVENTS_KEY, line)
+            return
+        except Exception:
+            if time.monotonic() > deadline:
+                _record(kind, **fields)
+                return
+            time.sleep(0.2)
+
+
 def _flush_now(timeout: float) -> None:
     """Best effort: wait until the outbox was taken by the flusher."""
     deadline = time.monotonic() + timeout
@@ -226,6 +252,17 @@ def _stamp(sender: Any = None, headers: dict[str, Any] | None = None, **kw: Any)
 @app.task(name=TICK_TASK)
 def tick(label: str) -> None:
     """Never consumed in the suite: its messages are the record."""
+
+
+@leader_only
+@app.task(bind=True, acks_late=True, name=NOOP_TASK)
+def noop(self: Any, label: str) -> None:
+    """Leader-only traffic alongside the ticks: each run is recorded."""
+    controller = celery_leader.worker.current_controller()
+    _record_now("leader_run", label=label, task_id=self.request.id,
+                term=int(getattr(self.request, "leader_term", 0) or 0),
+                current_term=celery_leader.current_term(),
+                identity=controller.identity if controller is not None else "")
 
 
 @leader_only

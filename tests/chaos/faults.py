@@ -34,9 +34,10 @@ from tests.chaos.harness import (
     send,
     wait_until,
 )
+from tests.leader_runs import Interruption
 
 FAULTS = ("sigkill", "sigstop", "sigterm", "redis_restart", "redis_outage", "client_pause",
-          "wedge", "orphan")
+          "wedge", "orphan", "partition", "frozen_kill")
 # A crash fails over within the lease plus two jittered retry periods; bounded
 # waits use this plus generous slack for a loaded 2-core machine.
 FAILOVER = LEASE + 2 * (1 + 1.2) * RETRY
@@ -75,6 +76,9 @@ class Chaos:
         # before it was started again)
         self.outages: list[tuple[float, float, float]] = []
         self.first_outlive = first_outlive
+        # Every moment a fault cut a replica (or, with pid None, all of them) off
+        # from Redis or froze it: a leader-only run in flight then may run again.
+        self.interruptions: list[Interruption] = []
         self.sender = Celery("chaos-sender", broker=cluster.server.url, set_as_current=False)
         self.sender.conf.broker_connection_retry_on_startup = True
 
@@ -133,6 +137,7 @@ class Chaos:
     def sigkill(self, record: FaultRecord) -> None:
         leader, term, _ = self.cluster.wait_leader(WAIT)
         killed = leader.signal(signal.SIGKILL)
+        self.interruptions.append(Interruption(leader.pid, killed))
         leader.popen.wait(10)
         _, new_term, seen = self.cluster.wait_leader(WAIT, after_term=term)
         record.facts.update(target=leader.name, term=term, new_term=new_term,
@@ -146,6 +151,7 @@ class Chaos:
         leader, term, _ = cluster.wait_leader(WAIT)
         pause = FAILOVER + self.rng.uniform(0.3, 1.5)
         stopped = leader.signal(signal.SIGSTOP)
+        self.interruptions.append(Interruption(leader.pid, stopped))
         _, new_term, seen = cluster.wait_leader(WAIT, after_term=term, not_pid=leader.pid)
         time.sleep(max(0.0, stopped + pause - time.monotonic()))  # let the pause last
         resumed = leader.signal(signal.SIGCONT)
@@ -174,6 +180,57 @@ class Chaos:
         assert code == 0, f"{leader.describe()} exited with {code} after SIGTERM"
         self.replace(record)
 
+    def partition(self, record: FaultRecord) -> None:
+        """The leader's network is cut (no FIN, no RST: its proxy stops forwarding)
+        right after it sent its BRPOP on the leader queue, so the next leader-only
+        message is popped into the cut; another replica takes over; then the cut
+        ends with an RST of every connection that lived through it, or with the
+        held bytes delivered.  The replica follows the new leader afterwards."""
+        cluster = self.cluster
+        leader, term, _ = cluster.wait_leader(WAIT)
+        proxy = leader.proxy
+        proxy.partition_after(lambda chunk: b"BRPOP" in chunk
+                              and LEADER_QUEUE.encode() in chunk)
+        wait_until(lambda: proxy.partitioned, WAIT, f"{leader.name} cut inside its BRPOP")
+        cut = proxy.partitioned_at
+        assert cut is not None
+        self.interruptions.append(Interruption(leader.pid, cut))
+        _, new_term, seen = cluster.wait_leader(WAIT, after_term=term, not_pid=leader.pid)
+        time.sleep(max(0.0, cut + LEASE + self.rng.uniform(0.5, 3.0) - time.monotonic()))
+        how = self.rng.choice(["reset", "heal"])
+        dropped = proxy.reset() if how == "reset" else proxy.heal() or {}
+        ended = time.monotonic()
+        record.facts.update(target=leader.name, term=term, new_term=new_term,
+                            failover=seen - cut, cut_for=ended - cut, end=how,
+                            dropped_bytes=sum(len(held) for held in dropped.values()))
+
+        def follows() -> bool:
+            view = leader.view()
+            return (leader.healthz() == 200 and view is not None and not view["is_leader"]
+                    and (view["leader_term"] or 0) >= new_term)
+
+        wait_until(follows, WAIT, f"{leader.name} to follow term {new_term} after the cut",
+                   cluster.describe_state)
+
+    def frozen_kill(self, record: FaultRecord) -> None:
+        """SIGSTOP the leader while it waits in its BRPOP on the leader queue (the
+        next leader-only message is popped into its socket), past its lease; once
+        another replica leads, SIGKILL it without ever resuming it."""
+        cluster = self.cluster
+        leader, term, _ = cluster.wait_leader(WAIT)
+        queue = LEADER_QUEUE.encode()
+        wait_until(lambda: leader.proxy.blocked_in(b"BRPOP") is not None
+                   and leader.proxy.blocked_in(queue) is not None, WAIT,
+                   f"{leader.name} waiting in its BRPOP on the leader queue")
+        stopped = leader.signal(signal.SIGSTOP)
+        self.interruptions.append(Interruption(leader.pid, stopped))
+        _, new_term, seen = cluster.wait_leader(WAIT, after_term=term, not_pid=leader.pid)
+        killed = leader.signal(signal.SIGKILL)
+        leader.popen.wait(10)
+        record.facts.update(target=leader.name, term=term, new_term=new_term,
+                            failover=seen - stopped, stopped_for=killed - stopped)
+        self.replace(record)
+
     # ------------------------------------------------------------ Redis faults
 
     def _durable_state(self) -> tuple[int, int, int]:
@@ -191,6 +248,7 @@ class Chaos:
         how = self.rng.choice(["SIGKILL", "SIGTERM"])
         before = self._durable_state()
         stopped = time.monotonic()
+        self.interruptions.append(Interruption(None, stopped))
         server.stop(signal.SIGKILL if how == "SIGKILL" else signal.SIGTERM)
         server.start()
         after = self._durable_state()
@@ -208,6 +266,7 @@ class Chaos:
         current = self.cluster.leader()
         term = current[1] if current else 0
         down_for = RENEW + self.rng.uniform(0.5, 2.0)
+        self.interruptions.append(Interruption(None, time.monotonic()))
         server.stop(signal.SIGTERM)  # returns once redis-server has exited
         down, down_wall = time.monotonic(), time.time()
         time.sleep(max(0.0, down + down_for - time.monotonic()))  # let the outage last
@@ -231,6 +290,7 @@ class Chaos:
         client = self.cluster.server.client()
         try:
             paused = time.monotonic()
+            self.interruptions.append(Interruption(None, paused + millis / 1000))
             client.execute_command("CLIENT", "PAUSE", millis, "ALL")
         finally:
             client.close()
@@ -303,6 +363,7 @@ class Chaos:
         main = cluster.by_pid(main_pid)
         assert main is not None, f"claimer ran in {child} whose parent {main_pid} is no replica"
         killed = main.signal(signal.SIGKILL)
+        self.interruptions.append(Interruption(main.pid, killed))
         main.popen.wait(10)
         if outlive:
             survived = pid_alive(child)

@@ -21,9 +21,11 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -31,14 +33,17 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from celery import Celery
 
 from celery_leader.embedded import EmbeddedRedis, free_port
+from tests.tcpproxy import TcpProxy
 from tests.waiting import wait_until as _wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 APP = "tests.apps.chaos_app"
 TICK_QUEUE = "chaos-ticks"  # tests/apps/chaos_app.py
 CLAIMER_TASK = "tests.apps.chaos_app.claimer"
+NOOP_TASK = "tests.apps.chaos_app.noop"
 EVENTS_KEY = "test:events"
 CLAIMS_KEY = "test:claims"
 CLAIMER_STOP_KEY = "test:claimer-stop"
@@ -129,6 +134,7 @@ class Replica:
     wedge_file: Path
     freeze_file: Path
     lose_reply_file: Path
+    proxy: TcpProxy  # its own way to Redis (broker and lease), which a fault can cut
     started_at: float = field(default_factory=time.monotonic)
     stopped: bool = False  # SIGSTOPped by the test
 
@@ -312,7 +318,10 @@ class ChaosCluster:
         port = free_port()
         wedge, freeze, lose = (self.tmp_path / f"{name}.{hook}"
                                for hook in ("wedge", "freeze", "lose-reply"))
-        env = self.base_env({"LEADER_HEALTHZ_PORT": str(port), "CHAOS_WEDGE_FILE": str(wedge),
+        proxy = TcpProxy("127.0.0.1", self.server.port)  # stays valid across Redis restarts
+        env = self.base_env({"REDIS_URL": proxy.url(self.server.url),
+                             "CHAOS_EVENTS_URL": self.server.url,
+                             "LEADER_HEALTHZ_PORT": str(port), "CHAOS_WEDGE_FILE": str(wedge),
                              "CHAOS_FREEZE_FILE": str(freeze),
                              "CHAOS_LOSE_REPLY_FILE": str(lose)})
         command = [sys.executable, "-m", "celery", "-A", APP, "worker", "--pool", "prefork",
@@ -323,7 +332,7 @@ class ChaosCluster:
             popen = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      start_new_session=True)
-        replica = Replica(name, popen, log_path, port, wedge, freeze, lose)
+        replica = Replica(name, popen, log_path, port, wedge, freeze, lose, proxy)
         self.replicas.append(replica)
         return replica
 
@@ -347,7 +356,10 @@ class ChaosCluster:
         return next((r for r in self.replicas if r.pid == pid), None)
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Every process this cluster started, by PID: SIGCONT, SIGTERM, wait, SIGKILL."""
+        """Every process this cluster started, by PID: SIGCONT, SIGTERM, wait, SIGKILL;
+        partitions end first (nobody waits on a cut), every proxy is closed last."""
+        for replica in self.replicas:
+            replica.proxy.reset()
         for replica in self.replicas:
             for hook in (replica.wedge_file, replica.freeze_file, replica.lose_reply_file):
                 with contextlib.suppress(OSError):
@@ -374,6 +386,8 @@ class ChaosCluster:
             send(pid, signal.SIGKILL)
         with contextlib.suppress(AssertionError):
             wait_until(lambda: not any(pid_alive(p) for p in leftovers), 10, "leftovers")
+        for replica in self.replicas:
+            replica.proxy.close()
         self.client.close()
 
     def logs(self, tail: int = 6000) -> str:
@@ -443,3 +457,51 @@ class ChaosCluster:
                                     result=data["result"], begin=data["begin"],
                                     end=data["end"], page_term=data["page_term"]))
         return claims
+
+
+# ---------------------------------------------------------------- leader-only traffic
+
+
+class LeaderTraffic(threading.Thread):
+    """Sends the leader-only ``noop`` task every ``every`` seconds from a plain
+    Celery app (no celery_leader.install) for as long as the sequence runs.  A
+    publish that fails (Redis down or paused) is sent again with the same task id
+    until it succeeds: a message counts as sent once a publish of it returned."""
+
+    def __init__(self, redis_url: str, every: float = 0.1) -> None:
+        super().__init__(name="chaos-leader-traffic", daemon=True)
+        self.app = Celery("chaos-traffic", broker=redis_url, set_as_current=False)
+        self.app.conf.broker_connection_retry_on_startup = True
+        self.every = every
+        self.sent: dict[str, str] = {}  # task id -> label
+        self.at: dict[str, float] = {}  # label -> monotonic time of its first publish
+        self.failed_publishes = 0
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        index = 0
+        while not self.done.is_set():
+            label, task_id = f"m{index}", str(uuid.uuid4())
+            self.at[label] = time.monotonic()
+            while True:
+                try:
+                    self.app.send_task(NOOP_TASK, args=[label], queue=LEADER_QUEUE,
+                                       task_id=task_id)
+                except Exception:
+                    self.failed_publishes += 1
+                    if self.done.wait(0.2):
+                        break  # given up at the end: it may or may not be in Redis
+                    continue
+                self.sent[task_id] = label
+                break
+            index += 1
+            self.done.wait(self.every)
+
+    def stop(self) -> dict[str, str]:
+        self.done.set()
+        self.join(30.0)
+        self.app.close()
+        return dict(self.sent)
+
+    def runs(self, cluster: ChaosCluster) -> list[dict[str, Any]]:
+        return [e for e in cluster.events("leader_run") if e["task_id"] in self.sent]

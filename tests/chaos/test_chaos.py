@@ -12,7 +12,12 @@ random faults while CHAOS_SECONDS (default 40) have not passed:
 - every client stalled by ``CLIENT PAUSE <ms> ALL``;
 - the leader's elector thread wedged in the lock while its process lives on;
 - the leader's main process SIGKILLed while its pool child runs a leader-only
-  task that keeps claiming under its term.
+  task that keeps claiming under its term;
+- the leader's network cut (its TCP proxy stops forwarding: no FIN, no RST)
+  right after it sent its BRPOP on the leader queue, past its lease, then ended
+  by an RST of its connections or by delivering the held bytes;
+- the leader SIGSTOPped inside that BRPOP, past its lease, then SIGKILLed
+  without ever resuming.
 
 The tick queue has no consumer: its messages are the dispatch record (one per
 publish, stamped with the publisher's pid, monotonic time and shared leadership
@@ -21,7 +26,9 @@ each fire time dispatched once, only under a valid lease, terms never
 overlapping, and with catch_up="all" no fire time missing (those that fell in a
 Redis outage dispatched after it came back) — and every replica must be
 contending again: healthy, following the current lease, and ``celery leader
-status`` naming a live replica.
+status`` naming a live replica.  Leader-only traffic flows alongside the ticks
+(a no-op task every 100 ms from a plain Celery sender): every message sent must
+have run exactly once, on a replica leading under the term it ran with.
 
 Targeted tests hit, on purpose, windows the random sequence only rarely lands
 in: a leader that crashes, or is paused past its lease, while publishing a
@@ -49,10 +56,12 @@ from tests.chaos.harness import (
     ROOT,
     ChaosCluster,
     Dispatch,
+    LeaderTraffic,
     Replica,
     check_dispatches,
     wait_until,
 )
+from tests.leader_runs import check_leader_runs
 
 pytestmark = pytest.mark.chaos
 
@@ -105,13 +114,18 @@ def test_chaos_sequence(request: pytest.FixtureRequest, chaos_cluster: ClusterFa
     def report() -> str:
         return "\n".join(journal + [r.line() for r in chaos.records])
 
+    traffic = LeaderTraffic(cluster.server.url)
     try:
         cluster.wait_leader(WAIT)
+        traffic.start()
         chaos.run(chaos_seconds)
         journal.append(settle_and_check(cluster, catch_up, chaos.outages))
+        journal.append(check_leader_traffic(cluster, traffic, chaos))
     except AssertionError as exc:
         raise AssertionError(f"{exc}\n--- chaos journal ---\n{report()}") from None
     finally:
+        if traffic.is_alive():
+            traffic.stop()
         chaos.close()
         journal.append(f"sequence took {time.monotonic() - began:.1f}s")
         (tmp_path / "journal.txt").write_text(report() + "\n")
@@ -180,6 +194,37 @@ def settle_and_check(cluster: ChaosCluster, catch_up: str,
                f"{sum(f in by_fire for f, _ in in_outages)}")
     assert not result.problems, "\n".join([summary, *result.problems])
     return summary
+
+
+def check_leader_traffic(cluster: ChaosCluster, traffic: LeaderTraffic, chaos: Chaos) -> str:
+    """Every leader-only message the traffic sent ran exactly once, on a replica
+    leading under the term it ran with (tests/leader_runs.py); returns a summary."""
+    sent = traffic.stop()
+    # A message a dead or cut-off leader had taken comes back within the
+    # visibility timeout (6 s, chaos_app): bounded, and what is missing after is lost.
+    deadline = time.monotonic() + WAIT + 6.0
+    while {r["task_id"] for r in traffic.runs(cluster)} < set(sent):
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(0.1)
+    time.sleep(1.5)  # a moment for doubles
+    runs = traffic.runs(cluster)
+    problems, excused = check_leader_runs(sent, runs, cluster.events(), chaos.interruptions)
+    summary = (f"leader-only messages: {len(sent)} sent ({traffic.failed_publishes} failed "
+               f"publishes sent again), {len(excused)} ran again after a fault caught them "
+               f"in flight")
+    ran = {run["task_id"] for run in runs}
+    for task_id, label in sent.items():
+        if task_id in ran:
+            continue
+        at = traffic.at[label]
+        before = [r for r in chaos.records if r.began <= at]
+        when = ("before the first fault" if not before else
+                f"during {before[-1].line()}" if at <= before[-1].ended else
+                f"{at - before[-1].ended:.2f}s after {before[-1].line()}")
+        problems.append(f"{label} [{task_id}] was lost; sent {when}")
+    assert not problems, "\n".join([summary, *problems, *excused])
+    return summary + (f": {excused}" if excused else "")
 
 
 # ---------------------------------------------------------------- targeted faults
