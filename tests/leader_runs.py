@@ -54,8 +54,13 @@ def leaderships(events: Iterable[dict[str, Any]]) -> dict[tuple[str, int], tuple
 
 
 def _interrupted(run: dict[str, Any], interruptions: Iterable[Interruption]) -> bool:
+    """The run was in flight when a fault cut its replica off.  A body can start
+    just after the cut too: its start claim's reply crossed before the cut (no
+    claim can cross after it, and once the cut ends the term is over), so its
+    end, not its start, was caught."""
     pid = identity_pid(run["identity"])
-    return any((cut.pid is None or cut.pid == pid) and cut.at - IN_FLIGHT <= run["at"] <= cut.at
+    return any((cut.pid is None or cut.pid == pid)
+               and cut.at - IN_FLIGHT <= run["at"] <= cut.at + IN_FLIGHT
                for cut in interruptions)
 
 

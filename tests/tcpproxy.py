@@ -180,6 +180,14 @@ class TcpProxy:
                        and p.command_at > since]
         return min(waiting) if waiting else None
 
+    def waiting_in(self, match: Callable[[bytes], bool], since: float = 0.0) -> float | None:
+        """Like :meth:`blocked_in`, for a command for which ``match(command)`` is true."""
+        with self._lock:
+            waiting = [p.command_at for p in self._pipes.values()
+                       if match(p.last_command) and p.command_at > p.reply_at
+                       and p.command_at > since]
+        return min(waiting) if waiting else None
+
     def connections(self) -> int:
         with self._lock:
             return len(self._pipes)

@@ -264,18 +264,20 @@ def settled(faults: FaultCluster, task_id: str) -> bool:
     return claim == b"done" and _backlog(faults.events.client) == 0
 
 
-def wait_in_brpop(proxy: TcpProxy, queue: bytes, since: float, what: str) -> None:
-    """Until the replica behind ``proxy`` waits in a BRPOP on ``queue`` sent after
-    ``since`` (no reply to it yet)."""
-    def waiting() -> bool:
-        return (proxy.blocked_in(b"BRPOP", since=since) is not None
-                and proxy.blocked_in(queue, since=since) is not None)
+def waits_on(queue: bytes) -> Any:
+    """A blocking wait on ``queue``: kombu's BRPOP, or the reliable leader queue's
+    doorbell (BLMOVE), whichever the code under test uses."""
+    return lambda chunk: (b"BRPOP" in chunk or b"BLMOVE" in chunk) and queue in chunk
 
-    wait_until(waiting, 10.0, what)
+
+def wait_in_brpop(proxy: TcpProxy, queue: bytes, since: float, what: str) -> None:
+    """Until the replica behind ``proxy`` waits on ``queue`` in a blocking command
+    sent after ``since`` (no reply to it yet)."""
+    wait_until(lambda: proxy.waiting_in(waits_on(queue), since=since) is not None, 10.0, what)
 
 
 def brpop_on(queue: bytes) -> Any:
-    return lambda chunk: b"BRPOP" in chunk and queue in chunk
+    return waits_on(queue)
 
 
 # ---------------------------------------------------------------- 1. SIGKILL, then send
@@ -305,7 +307,8 @@ def test_message_sent_right_after_the_leader_is_killed_runs_once(
     assert late < delay_ms / 1000 + 0.1, f"sent {late * 1000:.1f} ms after the kill"
     assert leader.wait_exit(10) == -signal.SIGKILL
     faults.leader(after_term=term, timeout=FAILOVER_BOUND + 15)
-    closed = [at for at, command in faults.proxy(leader).closed if b"BRPOP" in command]
+    closed = [at for at, command in faults.proxy(leader).closed
+              if waits_on(LEADER_QUEUE.encode())(command)] or [float("nan")]
     print(f"sent {late * 1000:.1f} ms after the kill; the dying leader's BRPOP connection "
           f"reached EOF at the proxy {(closed[0] - killed) * 1000:.1f} ms after it")
     check_runs(faults, sender.sent)
@@ -371,6 +374,33 @@ def test_leader_frozen_past_its_lease_then_killed_loses_nothing_sent_meanwhile(
         time.sleep(0.5)  # the stream runs on across the kill
         sent = stream.stop()
     check_runs(faults, sent, interrupted=(leader, stopped))
+
+
+@pytest.mark.parametrize("pool", POOLS)
+def test_leader_killed_as_its_take_reaches_redis_loses_nothing_it_took(
+        faults: FaultCluster, pool: str) -> None:
+    """The worst moment for the reliable leader queue: the leader's fenced TAKE
+    has moved messages out of the list (into the in-flight hash under its term)
+    and its reply is held in the cut; the leader is SIGKILLed and never sees
+    them.  The next term must put them back and run each once."""
+    faults.start(2, pool)
+    leader, term = faults.leader()
+    sender = faults.sender()
+    before = sender.send("before")
+    wait_until(lambda: settled(faults, before), BOOT, "the first message to run and be acked")
+    proxy = faults.proxy(leader)
+    proxy.partition_after(lambda chunk: b"EVALSHA" in chunk
+                          and b"leader-queue:sequence" in chunk)  # only TAKE names it
+    taken = [sender.send(f"taken-{index}") for index in range(3)]
+    wait_until(lambda: proxy.partitioned, 10.0, f"{leader.name} cut as its TAKE went out")
+    cut = proxy.partitioned_at
+    assert cut is not None
+    os.kill(leader.pid, signal.SIGKILL)
+    proxy.reset()
+    assert leader.wait_exit(10) == -signal.SIGKILL
+    assert taken
+    faults.leader(after_term=term, timeout=FAILOVER_BOUND + 15)
+    check_runs(faults, sender.sent, interrupted=(leader, cut))
 
 
 # ---------------------------------------------------------------- 4. a follower's ticks

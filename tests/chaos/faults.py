@@ -43,6 +43,12 @@ FAULTS = ("sigkill", "sigstop", "sigterm", "redis_restart", "redis_outage", "cli
 FAILOVER = LEASE + 2 * (1 + 1.2) * RETRY
 WAIT = FAILOVER + 15.0
 BOOT = 45.0
+
+
+def waits_on_leader_queue(chunk: bytes) -> bool:
+    """A blocking wait on the leader queue: kombu's BRPOP, or the reliable leader
+    queue's doorbell (BLMOVE), whichever the code under test uses."""
+    return (b"BRPOP" in chunk or b"BLMOVE" in chunk) and LEADER_QUEUE.encode() in chunk
 # How long after SIGKILL an acknowledged renew sent just before it may still land.
 IN_FLIGHT = 0.25
 
@@ -189,8 +195,7 @@ class Chaos:
         cluster = self.cluster
         leader, term, _ = cluster.wait_leader(WAIT)
         proxy = leader.proxy
-        proxy.partition_after(lambda chunk: b"BRPOP" in chunk
-                              and LEADER_QUEUE.encode() in chunk)
+        proxy.partition_after(waits_on_leader_queue)
         wait_until(lambda: proxy.partitioned, WAIT, f"{leader.name} cut inside its BRPOP")
         cut = proxy.partitioned_at
         assert cut is not None
@@ -218,9 +223,7 @@ class Chaos:
         another replica leads, SIGKILL it without ever resuming it."""
         cluster = self.cluster
         leader, term, _ = cluster.wait_leader(WAIT)
-        queue = LEADER_QUEUE.encode()
-        wait_until(lambda: leader.proxy.blocked_in(b"BRPOP") is not None
-                   and leader.proxy.blocked_in(queue) is not None, WAIT,
+        wait_until(lambda: leader.proxy.waiting_in(waits_on_leader_queue) is not None, WAIT,
                    f"{leader.name} waiting in its BRPOP on the leader queue")
         stopped = leader.signal(signal.SIGSTOP)
         self.interruptions.append(Interruption(leader.pid, stopped))
