@@ -377,15 +377,22 @@ class Chaos:
         _, new_term, seen = cluster.wait_leader(WAIT, after_term=term)
         if survived:
             # The orphan carries on: wait until it has tried again after the new term.
-            wait_until(lambda: any(c.begin > seen for c in cluster.claims(run_id)), WAIT,
+            wait_until(lambda: any(c.begin > seen and c.pid == child
+                                   for c in cluster.claims(run_id)), WAIT,
                        f"orphan {child} to claim after term {new_term} began")
         cluster.client.set(f"{CLAIMER_STOP_KEY}:{run_id}", 1)
         send(child, signal.SIGKILL)
         wait_until(lambda: not pid_alive(child), 10, f"orphan {child} to end")
-        claims = cluster.claims(run_id)
+        # The claimer was in flight when its leader died: the next term runs it
+        # again (at least once for in-flight work); only the orphan's own claims
+        # are the subject here, and the re-run's must come from a later term.
+        claims = [c for c in cluster.claims(run_id) if c.pid == child]
+        rerun = [c for c in cluster.claims(run_id) if c.pid != child]
+        assert all(c.term > term for c in rerun), rerun
         record.facts.update(target=main.name, term=term, new_term=new_term, outlive=outlive,
                             pdeathsig=start["pdeathsig"], child_survived=survived,
-                            failover=seen - killed, **claim_summary(claims, killed, seen))
+                            failover=seen - killed, rerun_claims=len(rerun),
+                            **claim_summary(claims, killed, seen))
         check_orphan_claims(claims, killed, seen, term, survived)
         self.replace(record)
 
