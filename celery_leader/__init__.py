@@ -1,43 +1,91 @@
 """celery-leader: highly available leader election and periodic work for Celery.
 
-The elector modules (clock, config, record, resourcelock, redislock, elector,
-healthz, metrics) import nothing from Celery; the Celery glue (settings,
-signals, worker, decorators, integration, cli) depends on them, never the
-other way round.
+Three layers, each importing only the ones below it (docs/design.md; checked
+by tests/test_layers.py):
+
+1. ``celery_leader.election``: client-go's leader election on a Redis lock
+   with fencing terms.  No Celery import: usable, and importable, without it.
+2. ``celery_leader.schedule``: the schedule dispatched by whoever leads, every
+   tick claimed under the leader's term.  Takes a small options object, never
+   the ``leader_*`` settings.
+3. The Celery glue, the modules at this level: ``integration`` (``install``),
+   ``settings``, ``worker`` and ``beat`` (the worker step and the beat
+   scheduler), ``decorators`` (``@leader_only``), ``signals``, ``control``,
+   ``cli``, ``leaderqueue``, ``state``, ``schedule_api``.
+
+``celery_leader.testing`` holds tools for tests (an embedded Redis, a fake
+clock).  The other modules at this level are the old names of moved modules,
+kept so existing imports work.
+
+Importing this package needs no Celery: the Celery-dependent names below
+(``install``, ``leader_only``, ``NotLeaderError``, ``cron``) load on first use.
 """
 
+import sys
+import types
 from typing import Any
 
-from .clock import Clock, FakeClock, SystemClock
-from .config import ConfigurationError, LeaderCallbacks, LeaderElectionConfig
-
-# Bound after the submodule import so the name is the class, not the module.
-from .cron import cron
-from .elector import HealthCheckError, LeaderElector
-from .healthz import HealthzAdaptor, HealthzServer, serve_healthz
-from .record import LeaderElectionRecord, MalformedRecordError
-from .redislock import FencedScript, RedisLock, ReplicationError
-from .resourcelock import ClaimResult, LockConflictError, Observation, ResourceLock
+from .election import (
+    ClaimResult,
+    Clock,
+    ConfigurationError,
+    FencedScript,
+    HealthCheckError,
+    HealthzAdaptor,
+    HealthzServer,
+    LeaderCallbacks,
+    LeaderElectionConfig,
+    LeaderElectionRecord,
+    LeaderElector,
+    LockConflictError,
+    MalformedRecordError,
+    Observation,
+    RedisLock,
+    ReplicationError,
+    ResourceLock,
+    SystemClock,
+    serve_healthz,
+)
 from .state import current_term, is_leader
 
 __version__ = "0.1.0"
 
-
-def install(app: Any) -> Any:
-    """Run the elector in every worker of ``app``; behaviour comes from ``leader_*`` settings."""
-    from .integration import install as _install
-
-    return _install(app)
+# Public name -> (module, attribute), loaded on first use (PEP 562).
+_LAZY = {
+    "install": ("celery_leader.integration", "install"),
+    "leader_only": ("celery_leader.decorators", "leader_only"),
+    "NotLeaderError": ("celery_leader.decorators", "NotLeaderError"),
+    "cron": ("celery_leader.schedule.cronexpr", "cron"),
+    "FakeClock": ("celery_leader.testing", "FakeClock"),
+}
 
 
 def __getattr__(name: str) -> Any:
-    # Celery-dependent names load lazily so the elector stays usable without Celery.
-    if name in ("leader_only", "NotLeaderError"):
-        from . import decorators
-
-        return getattr(decorators, name)
+    if name in _LAZY:
+        module_name, attribute = _LAZY[name]
+        __import__(module_name)
+        value = getattr(sys.modules[module_name], attribute)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'celery_leader' has no attribute {name!r}")
 
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
+
+class _Package(types.ModuleType):
+    """Keeps ``celery_leader.cron`` the class: importing the old module path
+    ``celery_leader.cron`` (an alias of ``celery_leader.schedule.cronexpr``)
+    would otherwise bind the module over the public name."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _LAZY and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 __all__ = [
     "ClaimResult",

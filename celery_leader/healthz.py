@@ -1,108 +1,12 @@
-"""Health check adaptor (client-go ``HealthzAdaptor``) and a tiny HTTP server.
+"""Moved to :mod:`celery_leader.election.healthz`; this name stays for existing imports.
 
-A liveness probe on ``/healthz`` restarts a replica whose elector is wedged or
-that believes it leads without having renewed, instead of letting it sit there.
+The old name is the very same module object (its names, private ones too, and
+any attribute set on it), not a copy.
 """
 
-from __future__ import annotations
+import sys
 
-import json
-import threading
-from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING, Any
+from .election import healthz as _moved
+from .election.healthz import *  # noqa: F403  (the names, for type checkers and readers)
 
-if TYPE_CHECKING:
-    from .elector import LeaderElector
-
-
-class HealthzAdaptor:
-    """Associates a health check with an elector created later (pass it as
-    ``LeaderElectionConfig.watchdog``)."""
-
-    name = "leaderElection"
-
-    def __init__(self, timeout: float = 20.0) -> None:
-        # Tolerance past the lease (client-go ``maxTolerableExpiredLease``).
-        self.timeout = timeout
-        self._elector: LeaderElector | None = None
-        self._guard = threading.Lock()
-
-    @classmethod
-    def for_lease(cls, lease_duration: float) -> HealthzAdaptor:
-        """The worker's check: unhealthy once a leader has gone two lease
-        durations without renewing (the lease, plus one lease of tolerance), or
-        once the election loop has stalled a lease past its own bound.
-
-        A leader stops acting at its renew deadline whatever happens, so this
-        only catches a wedged process; the tolerance keeps a slow Redis from
-        getting a healthy replica restarted.
-        """
-        return cls(timeout=lease_duration)
-
-    def set_leader_election(self, elector: LeaderElector) -> None:
-        with self._guard:
-            self._elector = elector
-
-    def check(self) -> None:
-        """Raise HealthCheckError when unhealthy; healthy before an elector is set."""
-        with self._guard:
-            elector = self._elector
-        if elector is not None:
-            elector.check(self.timeout)
-
-
-Route = Callable[[], tuple[int, Any]]
-
-
-class HealthzServer:
-    """Serves ``GET /healthz`` (plus extra JSON routes) from a daemon thread."""
-
-    def __init__(self, adaptor: HealthzAdaptor, port: int, host: str = "0.0.0.0",
-                 routes: dict[str, Route] | None = None) -> None:
-        extra = dict(routes or {})
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                path = self.path.split("?", 1)[0]
-                if path == "/healthz":
-                    try:
-                        adaptor.check()
-                    except Exception as exc:
-                        self._send(500, f"[-]{adaptor.name} failed: {exc}\n", "text/plain")
-                    else:
-                        self._send(200, "ok\n", "text/plain")
-                elif path in extra:
-                    status, body = extra[path]()
-                    self._send(status, json.dumps(body, sort_keys=True) + "\n",
-                               "application/json")
-                else:
-                    self._send(404, "not found\n", "text/plain")
-
-            def _send(self, status: int, body: str, content_type: str) -> None:
-                data = body.encode()
-                self.send_response(status)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass  # probes every few seconds would flood the worker log
-
-        self._server = ThreadingHTTPServer((host, port), Handler)
-        self._server.daemon_threads = True
-        self.port: int = self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever,
-                                        name="celery-leader-healthz", daemon=True)
-        self._thread.start()
-
-    def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-
-
-def serve_healthz(adaptor: HealthzAdaptor, port: int, host: str = "0.0.0.0",
-                  routes: dict[str, Route] | None = None) -> HealthzServer:
-    """Start serving ``/healthz``; port 0 picks a free one (see ``.port``)."""
-    return HealthzServer(adaptor, port, host, routes)
+sys.modules[__name__] = _moved

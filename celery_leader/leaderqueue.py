@@ -53,7 +53,7 @@ from typing import Any
 import redis
 from kombu.transport.virtual.base import Message
 
-from .redislock import FENCED, RedisLock
+from .election.redislock import FENCED, RedisLock
 
 log = logging.getLogger(__name__)
 

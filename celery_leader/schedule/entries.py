@@ -1,0 +1,267 @@
+"""Schedule entries: validated at start-up or at the API call, and exact fire times.
+
+The scheduler needs "the next fire time strictly after t" as an exact instant
+so that every leader computes the same ticks from the same state; Celery's
+schedules only answer "how long from now", so each kind is mapped here.
+Runtime entries travel through Redis as JSON, never pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from celery.schedules import BaseSchedule, crontab, maybe_schedule, schedule
+
+from ..election.config import ConfigurationError
+from .cronexpr import cron
+from .options import CATCH_UP_POLICIES, app_setting, closest
+
+UTC = timezone.utc
+OPTION_KEYS = frozenset({
+    "queue", "exchange", "routing_key", "priority", "expires", "headers", "serializer",
+    "compression", "time_limit", "soft_time_limit", "countdown", "link", "link_error",
+    "immediate", "mandatory", "delivery_mode", "ignore_result", "shadow",
+})
+# The fields that define an entry (its spec), in one place: the API's add and
+# update, the runtime JSON and the beat_schedule keys all follow this list.
+SPEC_FIELDS = ("task", "schedule", "args", "kwargs", "options", "catch_up", "misfire_grace",
+               "enabled")
+# What one entry may say: Celery's beat_schedule keys plus celery-leader's own.
+ENTRY_KEYS = frozenset({*SPEC_FIELDS, "relative"})
+
+
+class EntryError(ConfigurationError):
+    """An entry is invalid; the message names the entry."""
+
+
+class EntryExistsError(EntryError):
+    """A runtime entry of that name exists and the caller did not ask to replace it."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    task: str
+    schedule: Any  # a Celery schedule object bound to the app
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
+    catch_up: str | None = None  # None: the global leader_catch_up
+    misfire_grace: float | None = None
+    enabled: bool = True
+    runtime: bool = False  # added through the API, stored in Redis
+
+    def next_fire_after(self, after: datetime) -> datetime:
+        return next_fire_after(self.schedule, after)
+
+    def describe_schedule(self) -> str:
+        return describe_schedule(self.schedule)
+
+    def spec(self) -> dict[str, Any]:
+        """The entry's definition (SPEC_FIELDS), as ``entry_from_config`` takes it."""
+        return {name: getattr(self, name) for name in SPEC_FIELDS}
+
+
+def next_fire_after(sched: Any, after: datetime) -> datetime:
+    """The first fire time strictly after ``after`` (aware, UTC)."""
+    after = after.astimezone(UTC)
+    if isinstance(sched, cron):
+        return sched.next_fire_after(after)
+    if isinstance(sched, schedule) and not isinstance(sched, crontab):
+        run_every: timedelta = sched.run_every
+        return after + run_every
+    if isinstance(sched, crontab):
+        start, delta, _ = sched.remaining_delta(after)
+        nxt = (start + delta).astimezone(UTC)
+        # remaining_delta works at minute precision; never return a time <= after.
+        return nxt if nxt > after else next_fire_after(sched, after + timedelta(minutes=1)
+                                                       - timedelta(seconds=after.second))
+    # Any other BaseSchedule (solar, user classes): ask it with "now" pinned to after.
+    pinned = _pinned(sched, after)
+    remaining = pinned.remaining_estimate(after)
+    seconds = remaining.total_seconds() if isinstance(remaining, timedelta) else float(remaining)
+    return after + timedelta(seconds=max(seconds, 0.001))
+
+
+def _pinned(sched: Any, now: datetime) -> Any:
+    clone = sched.__class__.__new__(sched.__class__)
+    clone.__dict__.update(sched.__dict__)
+    clone.nowfun = lambda: now
+    return clone
+
+
+def describe_schedule(sched: Any) -> str:
+    if isinstance(sched, cron):
+        return repr(sched)
+    if isinstance(sched, schedule) and not isinstance(sched, crontab):
+        return f"every {sched.run_every.total_seconds():g}s"
+    return repr(sched)
+
+
+# --------------------------------------------------------------------- parsing
+
+def entry_from_config(name: str, spec: Any, app: Any,
+                      what: str = "beat_schedule entry") -> Entry:
+    """One ``beat_schedule`` item, validated; raise EntryError naming it.
+
+    ``what`` is how the messages call it (``"runtime entry"`` for the API and
+    the command line, where there is no beat_schedule).
+    """
+    if not isinstance(spec, dict):
+        raise EntryError(f"{what} {name!r} must be a dict, got {spec!r}")
+    _reject_unknown(f"{what} {name!r}", "key", spec, ENTRY_KEYS)
+    task = spec.get("task")
+    if not isinstance(task, str) or not task:
+        raise EntryError(f"{what} {name!r} needs a task name, got {task!r}")
+    raw = spec.get("schedule")
+    if isinstance(raw, bool) or not isinstance(raw, (int, float, timedelta, BaseSchedule)):
+        raise EntryError(f"{what} {name!r} has an invalid schedule {raw!r}; use "
+                         "seconds, a timedelta, schedule, crontab, solar or celery_leader.cron")
+    if isinstance(raw, (int, float, timedelta)):
+        interval_seconds(f"{what} {name!r}", raw)
+    args = spec.get("args", ())
+    if not isinstance(args, (list, tuple)):
+        raise EntryError(f"{what} {name!r}: args must be a list or tuple")
+    kwargs = spec.get("kwargs", {}) or {}
+    if not isinstance(kwargs, dict):
+        raise EntryError(f"{what} {name!r}: kwargs must be a dict")
+    options = _options(f"{what} {name!r}", spec.get("options", {}) or {})
+    catch_up = spec.get("catch_up", options.pop("catch_up", None))
+    if catch_up is not None and catch_up not in CATCH_UP_POLICIES:
+        raise EntryError(f"{what} {name!r}: catch_up must be one of "
+                         f"{', '.join(CATCH_UP_POLICIES)}, got {catch_up!r}")
+    grace = spec.get("misfire_grace", options.pop("misfire_grace", None))
+    if grace is not None and (isinstance(grace, bool) or not isinstance(grace, (int, float))
+                              or grace <= 0):
+        raise EntryError(f"{what} {name!r}: misfire_grace must be positive seconds")
+    sched = maybe_schedule(raw, relative=bool(spec.get("relative", False)), app=app)
+    try:
+        next_fire_after(sched, datetime.now(UTC))
+    except Exception as exc:
+        raise EntryError(f"{what} {name!r}: schedule {raw!r} cannot compute its "
+                         f"next fire time: {exc}") from exc
+    return Entry(name=name, task=task, schedule=sched, args=tuple(args), kwargs=dict(kwargs),
+                 options=options, catch_up=catch_up,
+                 misfire_grace=float(grace) if grace is not None else None,
+                 enabled=bool(spec.get("enabled", True)))
+
+
+def interval_seconds(what: str, value: Any) -> float:
+    """An interval schedule's seconds (a number or a timedelta), which must be
+    finite and positive; EntryError naming ``what`` otherwise."""
+    if isinstance(value, timedelta):
+        seconds = value.total_seconds()
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        raise EntryError(f"{what}: interval must be seconds or a timedelta, got {value!r}")
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise EntryError(f"{what}: interval must be positive, got {value!r}")
+    return seconds
+
+
+def _options(entry: str, options: Any) -> dict[str, Any]:
+    if not isinstance(options, dict):
+        raise EntryError(f"{entry}: options must be a dict, got {options!r}")
+    checked: dict[str, Any] = dict(options)
+    options = checked
+    _reject_unknown(entry, "option", options, OPTION_KEYS | {"catch_up", "misfire_grace"})
+    if "headers" in options and not isinstance(options["headers"], dict):
+        raise EntryError(f"{entry}: options['headers'] must be a dict")
+    priority = options.get("priority")
+    if priority is not None and (isinstance(priority, bool) or not isinstance(priority, int)
+                                 or not 0 <= priority <= 255):
+        raise EntryError(f"{entry}: priority must be an int 0-255")
+    expires = options.get("expires")
+    if expires is not None and not isinstance(expires, (int, float, datetime)):
+        raise EntryError(f"{entry}: expires must be seconds or a datetime")
+    return checked
+
+
+def _reject_unknown(entry: str, kind: str, given: dict[Any, Any],
+                    valid: frozenset[str]) -> None:
+    """Unknown keys are an error, naming each with the closest valid one: a
+    typo (``"scheduel"``, ``"optons"``) would otherwise be dropped silently."""
+    unknown = sorted(str(key) for key in given if key not in valid)
+    if not unknown:
+        return
+    described = []
+    for key in unknown:
+        match = closest(key, valid)
+        described.append(f"{key!r} (did you mean {match!r}?)" if match else repr(key))
+    raise EntryError(f"{entry}: unknown {kind}{'s' if len(unknown) > 1 else ''} "
+                     f"{', '.join(described)}; valid: {', '.join(sorted(valid))}")
+
+
+def entries_from_config(app: Any) -> dict[str, Entry]:
+    """Every ``beat_schedule`` entry, or EntryError for the first bad one."""
+    schedule_conf = app_setting(app, "beat_schedule", None) or {}
+    if not isinstance(schedule_conf, dict):
+        raise EntryError(f"beat_schedule must be a dict, got {type(schedule_conf).__name__}")
+    return {name: entry_from_config(name, spec, app) for name, spec in schedule_conf.items()}
+
+
+# ---------------------------------------------------------------- runtime JSON
+
+def schedule_to_json(sched: Any) -> dict[str, Any]:
+    if isinstance(sched, cron):
+        zone = sched._tz_arg
+        return {"type": "cron", "expr": sched.expression,
+                "tz": getattr(zone, "key", zone) if zone is not None else None}
+    if isinstance(sched, crontab):
+        fields: dict[str, Any] = {
+                "type": "crontab", "minute": sched._orig_minute, "hour": sched._orig_hour,
+                "day_of_week": sched._orig_day_of_week,
+                "day_of_month": sched._orig_day_of_month,
+                "month_of_year": sched._orig_month_of_year}
+        return fields
+    if isinstance(sched, schedule):
+        return {"type": "interval", "seconds": sched.run_every.total_seconds()}
+    if isinstance(sched, timedelta):
+        return {"type": "interval", "seconds": sched.total_seconds()}
+    if isinstance(sched, (int, float)) and not isinstance(sched, bool):
+        return {"type": "interval", "seconds": float(sched)}
+    raise EntryError(f"runtime entries support cron, crontab and intervals, got {sched!r}")
+
+
+def schedule_from_json(name: str, data: Any) -> Any:
+    if not isinstance(data, dict):
+        raise EntryError(f"entry {name!r}: schedule must be a JSON object, got {data!r}")
+    kind = data.get("type")
+    try:
+        if kind == "cron":
+            return cron(data["expr"], tz=data.get("tz"))
+        if kind == "crontab":
+            return crontab(**{k: str(data[k]) for k in ("minute", "hour", "day_of_week",
+                                                         "day_of_month", "month_of_year")
+                              if k in data})
+        if kind == "interval":
+            seconds = data["seconds"]
+            if isinstance(seconds, timedelta):
+                raise TypeError(f"interval seconds must be a number, got {seconds!r}")
+            return interval_seconds(f"entry {name!r}", seconds)
+    except EntryError:
+        raise
+    except (KeyError, ValueError, TypeError) as exc:
+        raise EntryError(f"entry {name!r}: invalid schedule {data!r}: {exc}") from exc
+    raise EntryError(f"entry {name!r}: unknown schedule type {kind!r}")
+
+
+def entry_to_json(entry: Entry) -> str:
+    return json.dumps(dict(entry.spec(), schedule=schedule_to_json(entry.schedule),
+                           args=list(entry.args)), sort_keys=True)
+
+
+def entry_from_json(name: str, raw: bytes | str, app: Any) -> Entry:
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise EntryError(f"runtime entry {name!r} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise EntryError(f"runtime entry {name!r} must be a JSON object")
+    spec = dict(data, schedule=schedule_from_json(name, data.get("schedule")))
+    return replace(entry_from_config(name, spec, app, what="runtime entry"), runtime=True)

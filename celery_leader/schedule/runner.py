@@ -1,0 +1,724 @@
+"""The leader-gated scheduler: only the leader that owns the schedule
+dispatches, every tick is claimed under the leader's term before it is
+published, and the schedule's progress lives in Redis so the next leader
+continues exactly where the last one stopped.
+
+One schedule, two ways to dispatch it: the workers' election ``<name>`` (with
+``leader_beat = True``) or standalone beats, which elect among themselves as
+``<name>-beat``.  Both use the same keys, so a switch from one mode to the
+other neither repeats nor drops a tick, and the schedule has one owner at a
+time: ``schedule:dispatcher`` names the leadership (election, identity, term)
+that dispatches it.  Every script that writes progress checks, atomically,
+that the caller holds its term *and* owns the schedule; a leader of the other
+election takes the schedule over only once the owner's leadership has ended
+(its lease no longer names it), and until then refuses with one log line.
+The beat election's keys carry the workers' hash tag (``RedisLock(...,
+hash_tag=<name>)``) so one script can read both leases.
+
+Redis keys (all in the hash slot of ``{<name>}``, values JSON):
+
+- ``schedule:dispatcher``  the owning leadership {"election", "identity", "holder", "term"}
+- ``schedule:state``       hash entry -> {"last": fire_ms, "term": t, "election": e,
+  "task_id": id, "skipped": bool}
+- ``schedule:pending``     hash tick  -> the message, between claim and publish
+- ``schedule:first-seen``  hash entry -> ms when a leader first loaded it (where
+  an entry that has not fired yet is anchored)
+- ``schedule:entries``     hash name  -> runtime entry definitions
+- ``schedule:overrides``   hash name  -> {"enabled": bool} for beat_schedule entries
+- ``schedule:version``     counter bumped on every runtime change
+- ``schedule:migrated``    hash tick  -> 1, pending ticks already moved from the
+  old standalone-beat keys (only while a migration is under way)
+
+Before the modes shared one schedule, the standalone beat kept its own progress
+under ``{<name>-beat}``; the first owner of the schedule merges those keys in
+(the later ``last`` of each entry wins) and deletes them.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import redis
+
+from ..election.config import ConfigurationError
+from ..election.elections import BEAT_SUFFIX
+from ..election.redislock import FENCED, RedisLock, as_text, key_of
+from .entries import Entry, entries_from_config
+from .options import ScheduleOptions
+from .publish import Unsupported, capture_redis_publish
+from .store import ScheduleStore, from_ms, next_fire_time, to_ms
+from .tickstart import LostTicks, TickKeys
+
+# Logger names are part of the interface (users configure them): the old module's.
+log = logging.getLogger("celery_leader.scheduler")
+UTC = timezone.utc
+TASK_ID_NAMESPACE = uuid.UUID("6f1c7f5e-3b4e-4d8a-9a57-1f0a5c2f2d11")
+
+NOT_DISPATCHER = -2
+"""What a schedule script returns when another election's live leadership owns
+the schedule."""
+
+# Used by every schedule script, after FENCE_LUA (which defines holds_term).
+# KEYS[2] = schedule:dispatcher, KEYS[3] = the other election's lease;
+# ARGV[3] = the caller's election, ARGV[4] = the caller's owner record.  The
+# caller owns the schedule if the record is its own, or takes it when it is
+# free, held by an older leadership of its own election (which the election
+# itself has ended), or by a leadership of the other election that ended (its
+# lease no longer names that holder and term).  INVARIANT: a live leadership
+# of the other election is never displaced, so two elections never both own.
+OWN_SCHEDULE_LUA = """
+local function own_schedule()
+  local raw = redis.call('GET', KEYS[2])
+  if raw == ARGV[4] then return true, raw end
+  if raw then
+    local ok, owner = pcall(cjson.decode, raw)
+    if ok and type(owner) == 'table' and owner.election ~= ARGV[3]
+       and type(owner.holder) == 'string' and holds_term(KEYS[3], owner.holder, owner.term) then
+      return false, raw
+    end
+  end
+  redis.call('SET', KEYS[2], ARGV[4])
+  return true, raw
+end
+"""
+
+# Prefix of the scripts that write progress: nothing after it runs unless the
+# caller owns the schedule (checked and taken in the same atomic step).
+OWNED_LUA = OWN_SCHEDULE_LUA + """
+if not own_schedule() then return -2 end
+"""
+
+# Fenced + owned: takes the schedule if it may; returns {1 or 0, the owner
+# record found before ('' if none)}.
+TAKE_SCHEDULE_LUA = OWN_SCHEDULE_LUA + """
+local owned, previous = own_schedule()
+return {owned and 1 or 0, previous or ''}
+"""
+
+# Fenced + owned: advances the entry's state to fire time ARGV[6] only if it is
+# later than the recorded one, and records the message as pending in the same
+# step.  A fire time is thus claimed at most once, by a current term of the
+# schedule's owner.  A runtime entry (ARGV[10] = '1') that was removed is not
+# claimed (returns 2), so a removal cannot be undone by a claim in flight.
+CLAIM_TICK_LUA = OWNED_LUA + """
+if ARGV[10] == '1' and redis.call('HEXISTS', KEYS[6], ARGV[5]) == 0 then return 2 end
+local current = redis.call('HGET', KEYS[4], ARGV[5])
+if current then
+  local ok, state = pcall(cjson.decode, current)
+  if ok and type(state) == 'table' and tonumber(state.last)
+     and tonumber(state.last) >= tonumber(ARGV[6]) then
+    return 0
+  end
+end
+redis.call('HSET', KEYS[4], ARGV[5], ARGV[7])
+if ARGV[9] ~= '' then redis.call('HSET', KEYS[5], ARGV[8], ARGV[9]) end
+return 1
+"""
+TICK_CLAIMED, TICK_ALREADY_CLAIMED, TICK_ENTRY_REMOVED = 1, 0, 2
+
+# Fenced + owned: pushes the broker message(s) ARGV[9..] to the broker lists
+# KEYS[7..] and deletes the pending copy ARGV[5], only if that copy is still
+# ARGV[6]; and records the tick as sent (ARGV[7], unless empty) in KEYS[5], to
+# be looked at after ARGV[8] ms (KEYS[6]), until it starts (tickstart.py).  A
+# tick is thus either published, cleared and tracked, or none of them, and only
+# by its term while it owns the schedule.
+PUBLISH_TICK_LUA = OWNED_LUA + """
+if redis.call('HGET', KEYS[4], ARGV[5]) ~= ARGV[6] then return 0 end
+for i = 7, #KEYS do redis.call('LPUSH', KEYS[i], ARGV[i + 2]) end
+redis.call('HDEL', KEYS[4], ARGV[5])
+if ARGV[7] ~= '' then
+  local clock = redis.call('TIME')
+  local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+  redis.call('HSET', KEYS[5], ARGV[5], ARGV[7])
+  redis.call('ZADD', KEYS[6], now + tonumber(ARGV[8]), ARGV[5])
+end
+return 1
+"""
+
+# Fenced + owned: takes over a pending message left by another leadership (an
+# older term, or the schedule's previous owner), if unchanged.
+ADOPT_PENDING_LUA = OWNED_LUA + """
+if redis.call('HGET', KEYS[4], ARGV[5]) ~= ARGV[6] then return 0 end
+redis.call('HSET', KEYS[4], ARGV[5], ARGV[7])
+return 1
+"""
+
+# Fenced + owned: merges the old standalone-beat progress into the schedule's.
+# KEYS[4] state, KEYS[5] first-seen, KEYS[6] pending, KEYS[7] migrated;
+# ARGV[5] = number of state pairs, ARGV[6] = number of first-seen pairs, then
+# the state pairs (entry, state), the first-seen pairs (entry, ms) and the
+# pending quadruples (tick, message, entry, fire ms).  A pending tick is moved
+# at most once (``migrated`` remembers it) and only if this schedule has not
+# claimed that fire time itself; a state only moves ``last`` forward; a
+# first-seen time only moves back.  Returns {moved, dropped} pending ticks.
+MIGRATE_LEGACY_LUA = OWNED_LUA + """
+local n_state, n_seen = tonumber(ARGV[5]), tonumber(ARGV[6])
+local first_pending = 7 + 2 * n_state + 2 * n_seen
+local moved, dropped = 0, 0
+local function last_of(raw)
+  if not raw then return nil end
+  local ok, state = pcall(cjson.decode, raw)
+  if ok and type(state) == 'table' then return tonumber(state.last) end
+  return nil
+end
+for i = first_pending, #ARGV, 4 do
+  local tick = ARGV[i]
+  if redis.call('HEXISTS', KEYS[7], tick) == 0 then
+    local last = last_of(redis.call('HGET', KEYS[4], ARGV[i + 2]))
+    if last and last >= tonumber(ARGV[i + 3]) then
+      dropped = dropped + 1
+    elseif redis.call('HEXISTS', KEYS[6], tick) == 0 then
+      redis.call('HSET', KEYS[6], tick, ARGV[i + 1])
+      moved = moved + 1
+    end
+    redis.call('HSET', KEYS[7], tick, 1)
+  end
+end
+for i = 7, 6 + 2 * n_state, 2 do
+  local old = last_of(ARGV[i + 1])
+  local current = last_of(redis.call('HGET', KEYS[4], ARGV[i]))
+  if old and (not current or current < old) then
+    redis.call('HSET', KEYS[4], ARGV[i], ARGV[i + 1])
+  end
+end
+for i = 7 + 2 * n_state, first_pending - 1, 2 do
+  local current = tonumber(redis.call('HGET', KEYS[5], ARGV[i]))
+  if not current or tonumber(ARGV[i + 1]) < current then
+    redis.call('HSET', KEYS[5], ARGV[i], ARGV[i + 1])
+  end
+end
+return {moved, dropped}
+"""
+
+class ScheduleTakenOver(Exception):
+    """A schedule script found another election's live leadership owning the
+    schedule: this leadership must stop dispatching and take it again first."""
+
+
+def beat_election_name(options: ScheduleOptions, standalone: bool) -> str:
+    """Standalone beat replicas elect among themselves, apart from the workers'
+    election (which leads the leader queue), so a worker can never win the
+    beats' election and leave the schedule idle."""
+    return f"{options.name}{BEAT_SUFFIX}" if standalone else options.name
+
+
+@dataclass
+class _Slot:
+    entry: Entry
+    last: datetime | None  # last fire time claimed (dispatched or skipped)
+    next: datetime
+
+
+class ScheduleRunner:
+    """Dispatches the schedule while this replica leads (a leadership hook) and
+    its leadership owns the schedule.
+
+    ``lock`` is the workers' election (worker-embedded mode) or the beats'
+    (``LeaderSettings.beat_lock``); either way its keys must share the schedule's slot.
+    """
+
+    def __init__(self, app: Any, lock: RedisLock, settings: ScheduleOptions,
+                 entries: dict[str, Entry] | None = None,
+                 still_leading: Callable[[], bool] = lambda: True,
+                 now: Callable[[], float] = time.time) -> None:
+        if lock.hash_tag != settings.name:
+            raise ConfigurationError(
+                f"the scheduler's election {lock.name!r} must keep its keys in the schedule's "
+                f"hash slot {{{settings.name}}} (build its lock with hash_tag="
+                f"{settings.name!r})")
+        self.app = app
+        self.lock = lock
+        self.settings = settings
+        self.store = ScheduleStore(app, lock, entries_name=settings.name)
+        self.config_entries = entries_from_config(app) if entries is None else entries
+        self.still_leading = still_leading
+        self._now = now
+        # Which mode this runner dispatches for, and the other mode's lease.
+        self.standalone = lock.name != settings.name
+        other = settings.name if self.standalone else beat_election_name(settings, True)
+        self.other_election = other
+        self.other_lease_key = key_of(lock.key_prefix, other, settings.name, "lease")
+        self._take = lock.fenced_script(TAKE_SCHEDULE_LUA)
+        self._migrate = lock.fenced_script(MIGRATE_LEGACY_LUA)
+        self._claim = lock.fenced_script(CLAIM_TICK_LUA)
+        self._adopt = lock.fenced_script(ADOPT_PENDING_LUA)
+        self._publish_tick = lock.fenced_script(PUBLISH_TICK_LUA)
+        # Ticks are tracked from their push to their start (tickstart.py).
+        self.ticks = TickKeys(self.store.sent_key, self.store.sent_at_key,
+                              self.store.started_prefix)
+        self.tick_look_after = max(10.0, 2 * settings.lease_duration)
+        self.lost_ticks = (LostTicks(lock, self.ticks, self.tick_look_after)
+                           if settings.tick_run_once else None)
+        # None until the first publish tells whether the broker is the lease's Redis.
+        self.atomic_publish: bool | None = None
+        self._warned_unsupported: set[str] = set()
+        self._wake = threading.Event()
+        self._unsent = False
+        # Sent, but the pending copy is not deleted yet: never sent again by this runner.
+        self._sent_pending: set[str] = set()
+        self._warned_unknown: set[tuple[str, str]] = set()
+        self.dispatched = 0
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    # -- owning the schedule ------------------------------------------------
+
+    def _owner(self, term: int) -> str:
+        """This leadership's record in ``schedule:dispatcher``."""
+        return json.dumps({"election": self.lock.name, "identity": self.lock.identity(),
+                           "holder": self.lock.holder(), "term": term}, sort_keys=True)
+
+    def _owned(self, script: Any, term: int, keys: list[str], args: list[Any]) -> Any:
+        """Run a schedule script (fenced + owned): FENCED when the term is over;
+        ScheduleTakenOver when another election's live leadership owns the schedule."""
+        result = script(term, keys=[self.store.dispatcher_key, self.other_lease_key, *keys],
+                        args=[self.lock.name, self._owner(term), *args])
+        if result == NOT_DISPATCHER:
+            raise ScheduleTakenOver(
+                f"the schedule is owned by {self.store.dispatcher()!r}, not by "
+                f"{self.lock.name!r} term {term}")
+        return result
+
+    def _take_schedule(self, term: int, stop: threading.Event) -> datetime | None:
+        """Own the schedule, waiting while another election's live leadership owns
+        it (one log line).  Returns when this leadership began to own it (ticks due
+        before are "missed", for the catch-up policy), or None when the term ended
+        or ``stop`` was set."""
+        refused = warned_legacy = False
+        while not stop.is_set() and self.still_leading():
+            attempt_at = datetime.fromtimestamp(self._now(), UTC)
+            if self.store.client.get(self.store.legacy_beat_lease_key) is not None:
+                if not warned_legacy:
+                    warned_legacy = True
+                    log.warning(
+                        "celery-leader: not dispatching the schedule: a standalone beat of an "
+                        "older celery-leader version leads election %r (%s) with its own "
+                        "progress; stop every old beat (upgrade them together): this "
+                        "leader starts once that lease is gone",
+                        self.store.legacy_beat_election, self.store.legacy_beat_lease_key)
+                stop.wait(self.settings.retry_period)
+                continue
+            result = self._take(term, keys=[self.store.dispatcher_key, self.other_lease_key],
+                                args=[self.lock.name, self._owner(term)])
+            if result is FENCED:
+                log.info("celery-leader: term %d is over; not dispatching", term)
+                return None
+            owned, previous = int(result[0]), as_text(result[1])
+            if owned:
+                self._log_owner_change(previous, term, refused)
+                return attempt_at if self._migrate_legacy(term) else None
+            if not refused:
+                refused = True
+                log.warning("%s", self._refusal(previous))
+            stop.wait(self.settings.retry_period)
+        return None
+
+    def _log_owner_change(self, previous: str, term: int, refused: bool) -> None:
+        try:
+            owner = json.loads(previous) if previous else {}
+        except ValueError:
+            owner = {}
+        if isinstance(owner, dict) and owner.get("election") == self.other_election:
+            log.warning("celery-leader: %s (election %r, term %d) takes over the schedule "
+                        "from %s %s (election %r, term %s), whose leadership ended",
+                        self._mode(), self.lock.name, term,
+                        "the workers' leader" if self.standalone else "the standalone beat",
+                        owner.get("identity"), owner.get("election"), owner.get("term"))
+        elif refused:
+            log.info("celery-leader: %s now dispatches the schedule (term %d)", self._mode(),
+                     term)
+
+    def _mode(self) -> str:
+        return "this standalone beat" if self.standalone else "this worker"
+
+    def _refusal(self, previous: str) -> str:
+        """The one line a leader logs when the other mode owns the schedule."""
+        try:
+            owner = json.loads(previous)
+        except ValueError:
+            owner = {}
+        holder = (f"{owner.get('identity')} (election {owner.get('election')!r}, "
+                  f"term {owner.get('term')})") if isinstance(owner, dict) else previous
+        if self.standalone:
+            return (f"celery-leader: this standalone beat is not dispatching the schedule: the "
+                    f"leading worker {holder} dispatches it (its workers run with "
+                    f"leader_beat = True). Set leader_beat = False (or --no-leader-beat) on "
+                    f"the workers to dispatch from standalone beats, or stop the standalone "
+                    f"beats; this beat takes over when that leadership ends.")
+        return (f"celery-leader: this worker is not dispatching the schedule: the standalone "
+                f"beat {holder} dispatches it. Set leader_beat = False (or --no-leader-beat) "
+                f"on the workers while standalone beats run, or stop the standalone beats; "
+                f"this worker takes over when that leadership ends.")
+
+    def _migrate_legacy(self, term: int) -> bool:
+        """Merge the standalone beat's pre-shared progress (``{<name>-beat}``
+        keys) into the schedule's, then delete it.  False if the term ended."""
+        store = self.store
+        client = store.client
+        old_states = store.states(store.legacy_state_key)
+        old_seen = client.hgetall(store.legacy_first_seen_key) or {}
+        old_pending = client.hgetall(store.legacy_pending_key) or {}
+        if not (old_states or old_seen or old_pending):
+            return True
+        states = [part for name, state in old_states.items() for part in
+                  (name, json.dumps({"election": store.legacy_beat_election, **state}))]
+        seen = []
+        for raw_name, raw in old_seen.items():
+            try:
+                seen += [as_text(raw_name), int(raw)]
+            except (TypeError, ValueError):
+                log.error("celery-leader: dropping malformed old first-seen time %r: %r",
+                          raw_name, raw)
+        pending = []
+        for raw_tick, raw in old_pending.items():
+            try:
+                data = json.loads(raw)
+                pending += [as_text(raw_tick), as_text(raw), str(data["entry"]),
+                            int(data["fire_ms"])]
+            except (ValueError, KeyError, TypeError):
+                log.error("celery-leader: dropping malformed old pending tick %r: %r",
+                          raw_tick, raw)
+        result = self._owned(self._migrate, term, keys=[
+            store.state_key, store.first_seen_key, store.pending_key, store.migrated_key],
+            args=[len(states) // 2, len(seen) // 2, *states, *seen, *pending])
+        if result is FENCED:
+            return False
+        moved, dropped = (int(n) for n in result)
+        log.warning("celery-leader: merged the old standalone beat progress (%s) into the "
+                    "schedule: %d entries, %d pending ticks moved, %d dropped (their fire "
+                    "time was already claimed here)", store.legacy_state_key,
+                    len(old_states), moved, dropped)
+        for key in (store.legacy_pending_key, store.legacy_state_key,
+                    store.legacy_first_seen_key, store.migrated_key):
+            client.delete(key)  # one at a time: they live in different slots
+        return True
+
+    # -- the loop -----------------------------------------------------------
+
+    def run(self, term: int, stop: threading.Event) -> None:
+        """Own the schedule, then dispatch until ``stop`` is set or the term is no
+        longer current.
+
+        Redis or broker errors never end it while the term lasts: it backs off
+        one retry period and carries on from the state in Redis.
+        """
+        started_at: datetime | None = None  # when this leadership began dispatching
+        while not stop.is_set() and self.still_leading():
+            try:
+                if started_at is None:
+                    started_at = self._take_schedule(term, stop)
+                    if started_at is None:
+                        return
+                self._run(term, stop, started_at)
+                return
+            except ScheduleTakenOver as lost:
+                log.warning("celery-leader: stopped dispatching: %s", lost)
+                started_at = None
+            except Exception:
+                log.exception("celery-leader: scheduler error; retrying in %.1fs",
+                              self.settings.retry_period)
+                stop.wait(self.settings.retry_period)
+
+    def _run(self, term: int, stop: threading.Event, started_at: datetime) -> None:
+        if not self._recover_pending(term):
+            return
+        if self.lost_ticks is not None and not self.lost_ticks.repush(term):
+            return
+        version = self.store.version()
+        slots = self._load_slots(started_at)
+        heap = self._heap(slots)
+        next_check = time.monotonic() + self.settings.retry_period
+        while not stop.is_set():
+            if time.monotonic() >= next_check:
+                next_check = time.monotonic() + self.settings.retry_period
+                if self._unsent and not self._recover_pending(term):
+                    return
+                if self.lost_ticks is not None and not self.lost_ticks.repush(term):
+                    return
+                current = self.store.version()
+                if current != version:
+                    version = current
+                    slots = self._load_slots(datetime.fromtimestamp(self._now(), UTC), slots)
+                    heap = self._heap(slots)
+            now = datetime.fromtimestamp(self._now(), UTC)
+            while heap and heap[0][0] <= to_ms(now):
+                _, _, name = heapq.heappop(heap)
+                slot = slots.get(name)
+                if slot is None or not slot.entry.enabled:
+                    continue
+                if not self._fire_due(slot, term, now, started_at):
+                    return  # fenced: this term is over
+                heapq.heappush(heap, (to_ms(slot.next), id(slot), name))
+            timeout = next_check - time.monotonic()
+            if heap:
+                timeout = min(timeout, heap[0][0] / 1000 - self._now())
+            self._wake.clear()
+            if timeout > 0:
+                self._wake.wait(timeout)
+
+    def _heap(self, slots: dict[str, _Slot]) -> list[tuple[int, int, str]]:
+        heap = [(to_ms(s.next), id(s), name) for name, s in slots.items() if s.entry.enabled]
+        heapq.heapify(heap)
+        return heap
+
+    def _load_slots(self, started_at: datetime,
+                    previous: dict[str, _Slot] | None = None) -> dict[str, _Slot]:
+        entries = self.store.entries(self.config_entries)
+        states = self.store.states()
+        self._warn_unknown_tasks(entries)
+        slots: dict[str, _Slot] = {}
+        for name, entry in entries.items():
+            old = previous.get(name) if previous is not None else None
+            if (old is not None and old.entry.enabled and old.entry == entry
+                    and name not in states):
+                # Unchanged and not fired yet: keep its first fire time (a reload
+                # anchored at "now" would postpone an interval entry every time).
+                slots[name] = replace(old)
+        # An entry that has not fired is anchored where the schedule first saw
+        # it, by whichever leader: a fail-over must not postpone its first tick.
+        fresh = [entry for name, entry in entries.items()
+                 if name not in states and name not in slots]
+        first_seen = self.store.first_seen(fresh, to_ms(started_at))
+        moved: list[Entry] = []
+        for name, entry in entries.items():
+            if name in slots:
+                continue
+            state = states.get(name)
+            last = from_ms(state["last"]) if state else None
+            seen = first_seen.get(name, to_ms(started_at))
+            # Stored in whole ms; when it is this leader's own start, keep the exact instant.
+            seen_at = started_at if seen == to_ms(started_at) else from_ms(seen)
+            fire = next_fire_time(entry, last, seen_at, started_at)
+            old = previous.get(name) if previous is not None else None
+            if previous is not None and last is None:
+                # Added, changed or re-enabled while leading, never fired: count
+                # from now, and so does every later leader.
+                fire = entry.next_fire_after(started_at)
+                moved.append(entry)
+            elif previous is not None and (old is None or not old.entry.enabled):
+                # Re-enabled while leading: no catch-up for the time it was disabled.
+                fire = entry.next_fire_after(max(last or seen_at, started_at))
+            slots[name] = _Slot(entry, last, fire)
+        self.store.first_seen(moved, to_ms(started_at), move=True)
+        return slots
+
+    def _warn_unknown_tasks(self, entries: dict[str, Entry]) -> None:
+        # Still sent: the task may be registered only on other workers.
+        try:
+            known = set(self.app.tasks)
+        except Exception:  # pragma: no cover - an app that cannot list its tasks
+            return
+        for name, entry in entries.items():
+            key = (name, entry.task)
+            if entry.task not in known and key not in self._warned_unknown:
+                self._warned_unknown.add(key)
+                log.warning("celery-leader: entry %r sends task %r, which this app does not "
+                            "register; it is sent anyway (check the name)", name, entry.task)
+
+    # -- one entry ------------------------------------------------------------
+
+    def _fire_due(self, slot: _Slot, term: int, now: datetime, started_at: datetime) -> bool:
+        entry = slot.entry
+        policy = entry.catch_up or self.settings.catch_up
+        grace = entry.misfire_grace if entry.misfire_grace is not None \
+            else self.settings.misfire_grace
+        due = list(self._due_ticks(slot, now))
+        missed = [t for t in due if t < started_at]
+        current = [t for t in due if t >= started_at]
+        if policy == "all":
+            send = missed + current
+        elif policy == "latest":
+            send = ([missed[-1]] if missed else []) + current
+        else:
+            send = current
+        if grace is not None:
+            send = [t for t in send if (now - t).total_seconds() <= grace]
+        # Claims only move forward, so claiming a tick also passes over the
+        # skipped ones before it; the last due tick is claimed even if skipped.
+        claims = [(fire, True) for fire in send]
+        if due and (not send or send[-1] != due[-1]):
+            claims.append((due[-1], False))
+        for fire, publish in claims:
+            if not self._claim_and_publish(entry, fire, term, publish=publish):
+                return False
+        if due:
+            slot.last = due[-1]
+        slot.next = entry.next_fire_after(slot.last or now)
+        return True
+
+    def _due_ticks(self, slot: _Slot, now: datetime) -> Iterator[datetime]:
+        # Compared in whole milliseconds, like the heap keys: a tick the heap calls
+        # due must be due here too, or the loop would pop and push it forever.
+        fire = slot.next
+        while to_ms(fire) <= to_ms(now):
+            yield fire
+            fire = slot.entry.next_fire_after(fire)
+
+    def _claim_and_publish(self, entry: Entry, fire: datetime, term: int, publish: bool) -> bool:
+        fire_ms = to_ms(fire)
+        tick = f"{entry.name}@{fire_ms}"
+        task_id = str(uuid.uuid5(TASK_ID_NAMESPACE, f"{self.settings.name}:{tick}"))
+        state = json.dumps({"last": fire_ms, "term": term, "election": self.lock.name,
+                            "task_id": task_id, "skipped": not publish})
+        message = ""
+        if publish:
+            message = json.dumps({
+                "entry": entry.name, "task": entry.task, "args": list(entry.args),
+                "kwargs": entry.kwargs, "options": _jsonable_options(entry.options),
+                "fire_ms": fire_ms, "term": term, "election": self.lock.name,
+                "task_id": task_id}, default=str)
+        result = self._owned(self._claim, term, keys=[
+            self.store.state_key, self.store.pending_key, self.store.entries_key],
+            args=[entry.name, fire_ms, state, tick, message, "1" if entry.runtime else ""])
+        if result is FENCED:
+            log.info("celery-leader: term %d is over; not dispatching %s", term, tick)
+            return False
+        if result == TICK_ENTRY_REMOVED:
+            log.info("celery-leader: runtime entry %r was removed; not dispatching %s",
+                     entry.name, tick)
+        elif result == TICK_CLAIMED and publish:
+            self._publish(tick, message, term)
+        return True
+
+    def _publish(self, tick: str, message: str, term: int) -> None:
+        # A deposed leader must not publish even what it claimed in time: the
+        # next leader adopts pending messages of older terms.
+        if not self.still_leading():
+            log.warning("celery-leader: leadership ended before %s was sent; left pending "
+                        "for the next leader", tick)
+            return
+        data = json.loads(message)
+        options = dict(data["options"])
+        headers = dict(options.pop("headers", None) or {})
+        headers.update(leader_fire_time=from_ms(data["fire_ms"]).isoformat(),
+                       leader_term=term)
+        if self.lost_ticks is not None:
+            headers.update(self.ticks.headers(tick))
+
+        def send(producer: Any = None) -> None:
+            extra = {} if producer is None else {"producer": producer}
+            self.app.send_task(data["task"], args=data["args"], kwargs=data["kwargs"],
+                               task_id=data["task_id"], headers=headers, **extra, **options)
+
+        if self.atomic_publish is not False and self._publish_atomically(
+                tick, message, term, data["entry"], send):
+            return
+        try:
+            send()
+        except Exception:
+            log.exception("celery-leader: could not send %s; will retry", tick)
+            self._unsent = True
+            return
+        self.dispatched += 1
+        self._sent_pending.add(tick)
+        self.store.client.hdel(self.store.pending_key, tick)  # a Redis error: run() retries
+        self._sent_pending.discard(tick)
+
+    def _publish_atomically(self, tick: str, message: str, term: int, entry: str,
+                            send: Callable[[Any], None]) -> bool:
+        """Publish through PUBLISH_TICK_LUA when the broker allows it; False means
+        nothing was sent and the caller must publish the ordinary way."""
+        try:
+            broker_keys: dict[str, str] = {}
+            pushes = capture_redis_publish(self.app, self.store.client, send,
+                                           check_transport=self.atomic_publish is None,
+                                           broker_keys=broker_keys)
+            if self.atomic_publish is None:
+                self.atomic_publish = pushes is not None
+                log.info("celery-leader: ticks are published %s", "in the same atomic step "
+                         "as their claim is cleared" if pushes is not None else
+                         "after their claim (the broker is not the lease's Redis)")
+            if pushes is None:
+                return False
+            sent = ("" if self.lost_ticks is None else
+                    self.ticks.sent_record(tick, pushes, broker_keys.get("unacked", "")))
+            result = self._owned(
+                self._publish_tick, term,
+                keys=[self.store.pending_key, self.ticks.sent, self.ticks.sent_at,
+                      *(key for key, _ in pushes)],
+                args=[tick, message, sent, round(self.tick_look_after * 1000),
+                      *(payload for _, payload in pushes)])
+        except Unsupported as why:
+            if entry not in self._warned_unsupported:
+                self._warned_unsupported.add(entry)
+                log.warning("celery-leader: entry %r is published after its claim, not with "
+                            "it (%s): a leader that dies in between makes the next one send "
+                            "it again", entry, why)
+            return False
+        except ScheduleTakenOver:
+            raise
+        except Exception as error:
+            # NOPERM: Redis refuses the script's keys before running it (or, inside
+            # a script, at the first LPUSH, before it wrote anything).
+            if isinstance(error, redis.exceptions.NoPermissionError) or (
+                    isinstance(error, redis.exceptions.ResponseError)
+                    and "NOPERM" in str(error)):
+                self.atomic_publish = False
+                log.warning("celery-leader: the leader_redis_url user may not push to the "
+                            "broker's queue (%s); ticks are published after their claim "
+                            "from now on (grant it +lpush on the queue keys to fence the "
+                            "publish)", error)
+                return False
+            log.exception("celery-leader: could not send %s; will retry", tick)
+            self._unsent = True
+            return True
+        if result is FENCED:
+            log.warning("celery-leader: term %d ended before %s was sent; left pending for "
+                        "the next leader", term, tick)
+        elif result == 1:
+            self.dispatched += 1
+        else:
+            log.info("celery-leader: %s was already sent", tick)
+        return True
+
+    def _recover_pending(self, term: int) -> bool:
+        """Send what another leadership (an older term, or the schedule's previous
+        owner) claimed but may not have published, and what this term failed to
+        send."""
+        self._unsent = False
+        for raw_tick, raw in (self.store.client.hgetall(self.store.pending_key) or {}).items():
+            tick = as_text(raw_tick)
+            if tick in self._sent_pending:  # only the clean-up after the send failed
+                self.store.client.hdel(self.store.pending_key, tick)
+                self._sent_pending.discard(tick)
+                continue
+            try:
+                data = json.loads(raw)
+                old_term = int(data["term"])
+            except (ValueError, KeyError, TypeError):
+                log.error("celery-leader: dropping malformed pending tick %r: %r", tick, raw)
+                self.store.client.hdel(self.store.pending_key, tick)
+                continue
+            if old_term == term and data.get("election") == self.lock.name:
+                self._publish(tick, as_text(raw), term)
+                continue
+            # Its writer can no longer publish it: that leadership ended (the fence),
+            # or lost the schedule to this one (the ownership check), both atomic.
+            adopted = json.dumps(dict(data, term=term, election=self.lock.name))
+            result = self._owned(self._adopt, term, keys=[self.store.pending_key],
+                                 args=[tick, raw, adopted])
+            if result is FENCED:
+                return False
+            if result == 1:
+                log.warning("celery-leader: sending %s claimed by %s term %d but maybe not "
+                            "sent", tick, data.get("election", "an earlier leader"), old_term)
+                self._publish(tick, adopted, term)
+        return True
+
+
+def _jsonable_options(options: dict[str, Any]) -> dict[str, Any]:
+    return {k: (v.isoformat() if isinstance(v, datetime) else
+                v.total_seconds() if isinstance(v, timedelta) else v)
+            for k, v in options.items()}
+
+
