@@ -21,31 +21,13 @@ Importing this package needs no Celery: the Celery-dependent names below
 (``install``, ``leader_only``, ``NotLeaderError``, ``cron``) load on first use.
 """
 
+# ruff: noqa: F405  (__all__ names the lazy names, which __getattr__ provides)
 import sys
 import types
 from typing import Any
 
-from .election import (
-    ClaimResult,
-    Clock,
-    ConfigurationError,
-    FencedScript,
-    HealthCheckError,
-    HealthzAdaptor,
-    HealthzServer,
-    LeaderCallbacks,
-    LeaderElectionConfig,
-    LeaderElectionRecord,
-    LeaderElector,
-    LockConflictError,
-    MalformedRecordError,
-    Observation,
-    RedisLock,
-    ReplicationError,
-    ResourceLock,
-    SystemClock,
-    serve_healthz,
-)
+from . import election
+from .election import *  # noqa: F403  (the election layer's public names)
 from .state import current_term, is_leader
 
 __version__ = "0.1.0"
@@ -88,31 +70,13 @@ class _Package(types.ModuleType):
 sys.modules[__name__].__class__ = _Package
 
 __all__ = [
-    "ClaimResult",
-    "Clock",
-    "ConfigurationError",
     "FakeClock",
-    "FencedScript",
-    "HealthCheckError",
-    "HealthzAdaptor",
-    "HealthzServer",
-    "LeaderCallbacks",
-    "LeaderElectionConfig",
-    "LeaderElectionRecord",
-    "LeaderElector",
-    "LockConflictError",
-    "MalformedRecordError",
     "NotLeaderError",
-    "Observation",
-    "RedisLock",
-    "ReplicationError",
-    "ResourceLock",
-    "SystemClock",
     "__version__",
     "cron",
     "current_term",
     "install",
     "is_leader",
     "leader_only",
-    "serve_healthz",
 ]
+__all__ += election.__all__
