@@ -22,8 +22,12 @@ Importing this package needs no Celery: the Celery-dependent names below
 """
 
 # ruff: noqa: F405  (__all__ names the lazy names, which __getattr__ provides)
+import importlib
 import sys
 import types
+from collections.abc import Sequence
+from importlib.abc import Loader, MetaPathFinder
+from importlib.machinery import ModuleSpec
 from typing import Any
 
 from . import election
@@ -54,6 +58,45 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted({*globals(), *_LAZY})
+
+
+# Old module name -> its home since the package was split into layers.  The old
+# name is the very module (its private names, any attribute set on it), so
+# existing imports, and patches of module attributes, keep working.
+MOVED_MODULES = {
+    "celery_leader.config": "celery_leader.election.config",
+    "celery_leader.cron": "celery_leader.schedule.cronexpr",
+    "celery_leader.elections": "celery_leader.election.elections",
+    "celery_leader.elector": "celery_leader.election.elector",
+    "celery_leader.embedded": "celery_leader.testing",
+    "celery_leader.entries": "celery_leader.schedule.entries",
+    "celery_leader.healthz": "celery_leader.election.healthz",
+    "celery_leader.metrics": "celery_leader.election.metrics",
+    "celery_leader.publish": "celery_leader.schedule.publish",
+    "celery_leader.record": "celery_leader.election.record",
+    "celery_leader.redislock": "celery_leader.election.redislock",
+    "celery_leader.resourcelock": "celery_leader.election.resourcelock",
+    "celery_leader.scheduler": "celery_leader.schedule_api",
+    "celery_leader.tickstart": "celery_leader.schedule.tickstart",
+}
+
+
+class _MovedModules(MetaPathFinder, Loader):
+    """Imports an old module name as the module that now holds its code."""
+
+    def find_spec(self, fullname: str, path: Sequence[str] | None,
+                  target: types.ModuleType | None = None) -> ModuleSpec | None:
+        return ModuleSpec(fullname, self) if fullname in MOVED_MODULES else None
+
+    def create_module(self, spec: ModuleSpec) -> types.ModuleType:
+        return importlib.import_module(MOVED_MODULES[spec.name])
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        pass  # already executed under its new name
+
+
+if not any(isinstance(finder, _MovedModules) for finder in sys.meta_path):
+    sys.meta_path.append(_MovedModules())
 
 
 class _Package(types.ModuleType):
