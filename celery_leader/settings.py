@@ -68,14 +68,13 @@ class LeaderSettings:
         """``leader_identity``, else ``<hostname>:<pid>``."""
         return self.identity or default_identity(hostname)
 
-    def lock(self, identity: str, name: str | None = None, hash_tag: str | None = None,
-             client: Any = None) -> RedisLock:
+    def lock(self, identity: str, name: str | None = None,
+             hash_tag: str | None = None) -> RedisLock:
         """A RedisLock on the election (``name`` overrides the election name,
         ``hash_tag`` puts its keys in another election's slot).  Each call opens
-        a new client (its own connection pool) unless ``client`` is given: one
-        per elector, so one election's stalled connection never blocks another."""
-        return RedisLock(client if client is not None else self.redis_client(),
-                         name=name or self.name, identity=identity,
+        a new client, with its own connection pool: one per elector, so one
+        election's stalled connection never blocks another's renewals."""
+        return RedisLock(self.redis_client(), name=name or self.name, identity=identity,
                          key_prefix=self.key_prefix, wait_replicas=self.wait_replicas,
                          wait_timeout=self.wait_timeout, hash_tag=hash_tag)
 

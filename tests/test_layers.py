@@ -201,3 +201,17 @@ def test_the_election_layer_works_where_celery_cannot_be_imported() -> None:
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+def test_old_module_names_import_as_the_moved_modules() -> None:
+    """Every module that moved keeps its old name: the same module object, so
+    existing imports (and patches of its attributes) still work."""
+    import importlib
+
+    import celery_leader
+
+    assert celery_leader.MOVED_MODULES
+    for old, new in celery_leader.MOVED_MODULES.items():
+        assert not (ROOT.parent / (old.replace(".", "/") + ".py")).exists(), old
+        assert importlib.import_module(old) is importlib.import_module(new), old
+    assert isinstance(celery_leader.cron, type)  # the class, not the old module
