@@ -10,26 +10,28 @@ The beats elect among themselves as ``<leader_name>-beat`` (keys in the
 schedule's hash slot) and share the schedule's progress and its dispatcher
 claim with the worker-embedded mode: a beat leader dispatches only while the
 schedule is not owned by a live worker leader with ``leader_beat = True``.
+
+``celery_leader.is_leader()`` and ``current_term()`` answer for a worker's
+election (the page its pool children share) and stay false/0 in a beat
+process, leading or not; here ask ``scheduler.elector.is_leader()``.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import threading
 from typing import Any
 
 from celery.beat import Scheduler
 
-from .config import LeaderCallbacks
-from .elections import ROLE_BEAT, StepDownListener, mark_role
-from .elector import LeaderElector
-from .integration import exit_on_configuration_error
-from .redislock import RedisLock
-from .scheduler import ScheduleRunner, beat_lock
-from .settings import read_settings
-from .worker import run_elector
+from .election.config import LeaderCallbacks
+from .election.elections import ROLE_BEAT, StepDownListener, mark_role
+from .election.elector import LeaderElector
+from .election.redislock import RedisLock
+from .election.running import run_while_leading, start_elector_thread
+from .schedule.runner import ScheduleRunner
+from .settings import exit_on_configuration_error, read_settings
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +42,9 @@ class LeaderScheduler(Scheduler):  # type: ignore[misc]
     def __init__(self, app: Any, *args: Any, **kwargs: Any) -> None:
         with exit_on_configuration_error():  # one line naming the setting, as a worker does
             settings = read_settings(app)
-            identity = settings.identity or f"beat@{socket.gethostname()}:{os.getpid()}"
+            identity = settings.default_identity(f"beat@{socket.gethostname()}")
             self.leader_settings = settings
-            self.lock: RedisLock = beat_lock(settings, identity)
+            self.lock: RedisLock = settings.beat_lock(identity)
             self.elector: LeaderElector = settings.elector(
                 self.lock, LeaderCallbacks(on_started_leading=self._lead,
                                            on_stopped_leading=lambda: None))
@@ -57,19 +59,17 @@ class LeaderScheduler(Scheduler):  # type: ignore[misc]
 
     def setup_schedule(self) -> None:
         # beat_schedule was validated by ScheduleRunner; the stock store is unused.
-        self._thread = threading.Thread(target=run_elector, args=(self.elector, self._stop),
-                                        name="celery-leader-elector", daemon=True)
-        self._thread.start()
+        self._thread = start_elector_thread(self.elector, self._stop)
         self.step_down_listener.start()
 
     def _lead(self, stop: threading.Event) -> None:
-        runner = threading.Thread(target=self.runner.run, args=(self.elector.term, stop),
-                                  name="celery-leader-scheduler", daemon=True)
-        runner.start()
+        # The runner sleeps until its next tick otherwise: wake it on stop.
+        run_while_leading([self.runner.run, self._mark_role], self.elector.term, stop,
+                          self.leader_settings.renew_deadline, on_stop=self.runner.wake,
+                          name="celery-leader-scheduler")
+
+    def _mark_role(self, term: int, stop: threading.Event) -> None:
         mark_role(self.lock, ROLE_BEAT)  # for `celery leader status --all`
-        stop.wait()
-        self.runner.wake()  # it sleeps until its next tick otherwise
-        runner.join(self.leader_settings.renew_deadline)
 
     def tick(self, *args: Any, **kwargs: Any) -> float:
         return float(self.max_interval)

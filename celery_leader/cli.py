@@ -11,8 +11,8 @@ from typing import Any
 import click
 import redis
 
-from .config import ConfigurationError
-from .elections import (
+from .election.config import ConfigurationError
+from .election.elections import (
     ROLE_BEAT,
     ROLE_WORKERS,
     StepDownRequests,
@@ -20,8 +20,11 @@ from .elections import (
     election_names,
     read_role,
 )
-from .redislock import RedisLock
-from .scheduler import beat_election_name
+from .election.redislock import RedisLock
+from .schedule.cronexpr import cron
+from .schedule.entries import EntryError, EntryExistsError
+from .schedule.runner import beat_election_name
+from .schedule_api import ScheduleStore, schedule_owner, schedule_report
 from .settings import LeaderSettings, read_settings
 
 CLI_IDENTITY = "celery-leader-cli"
@@ -228,8 +231,6 @@ def _ask_worker(app: Any, name: str, holder: str, term: int,
 def schedule(ctx: click.Context, as_json: bool) -> None:
     if ctx.invoked_subcommand is not None:
         return
-    from .scheduler import schedule_owner, schedule_report
-
     try:
         rows = schedule_report(_app(ctx))
         owner = None if as_json else schedule_owner(_app(ctx))
@@ -274,9 +275,7 @@ def _table_time(iso: str | None) -> str:
     return f"{text}.{moment.microsecond // 1000:03d}" if moment.microsecond else text
 
 
-def _store(ctx: click.Context) -> Any:
-    from .scheduler import ScheduleStore
-
+def _store(ctx: click.Context) -> ScheduleStore:
     return ScheduleStore.for_app(_app(ctx))
 
 
@@ -295,9 +294,6 @@ def _store(ctx: click.Context) -> Any:
 def schedule_add(ctx: click.Context, name: str, task: str, cron_expr: str | None,
                  tz: str | None, every: float | None, args_json: str, kwargs_json: str,
                  options_json: str, disabled: bool, replace_existing: bool) -> None:
-    from .cron import cron
-    from .entries import EntryError, EntryExistsError
-
     _check_schedule_choice(cron_expr, tz, every)
     try:
         sched: Any = cron(cron_expr, tz=tz) if cron_expr is not None else every
@@ -317,8 +313,6 @@ def schedule_add(ctx: click.Context, name: str, task: str, cron_expr: str | None
 @click.argument("name")
 @click.pass_context
 def schedule_remove(ctx: click.Context, name: str) -> None:
-    from .entries import EntryError
-
     try:
         removed = _store(ctx).remove(name)
     except EntryError as exc:
@@ -346,8 +340,6 @@ def schedule_disable(ctx: click.Context, name: str) -> None:
 
 
 def _set_enabled(ctx: click.Context, name: str, enabled: bool) -> None:
-    from .entries import EntryError
-
     try:
         entry = _store(ctx).enable(name) if enabled else _store(ctx).disable(name)
     except EntryError as exc:

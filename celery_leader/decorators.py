@@ -11,43 +11,26 @@ from __future__ import annotations
 
 import functools
 import logging
-import time
-import uuid
 from collections.abc import Callable
 from typing import Any, TypeVar, overload
 
 from celery.exceptions import Ignore, Reject
+from celery.local import PromiseProxy
 
-from .leaderqueue import DELIVERY_HEADER, task_claim_key
-from .state import current_term
+from .election.resourcelock import ClaimResult
+from .leaderqueue import DELIVERY_HEADER
+from .state import LEADER_ONLY_TASKS, current_term
+from .taskruns import TASK_CLAIM_TTL_MS, TASK_START_LUA, claim_task_start
+from .worker import current_controller
+
+__all__ = ["LEADER_ONLY_TASKS", "POLICIES", "TASK_CLAIM_TTL_MS", "TASK_START_LUA",
+           "NotLeaderError", "leader_only"]
 
 log = logging.getLogger(__name__)
 
 POLICIES = ("requeue", "skip", "raise")
 
-# Task name -> policy, for the router installed by celery_leader.install().
-LEADER_ONLY_TASKS: dict[str, str] = {}
-
 F = TypeVar("F", bound=Callable[..., Any])
-
-# Fenced (see redislock.FENCE_LUA): claims a task id for this term as
-# ARGV[4] = 'running:<term>:<attempt token>'.  Returns 1 to run, 0 for a
-# duplicate (finished, or running under this term by another delivery).  A run
-# left by an older term is taken over (its leader is gone); the same attempt
-# asking again (its first reply was lost) gets 1 again.
-TASK_START_LUA = """
-local current = redis.call('GET', KEYS[2])
-if current == 'done' then return 0 end
-if current == ARGV[4] then return 1 end
-if current then
-  local term = tonumber(string.match(current, '^running:(%d+)') or '0')
-  if term >= tonumber(ARGV[2]) then return 0 end
-end
-redis.call('SET', KEYS[2], ARGV[4], 'PX', ARGV[3])
-return 1
-"""
-
-TASK_CLAIM_TTL_MS = 24 * 3600 * 1000
 
 
 class NotLeaderError(RuntimeError):
@@ -87,8 +70,6 @@ def leader_only(target: Any = None, *, on_follower: str = "requeue") -> Any:
 
 
 def _is_task(obj: Any) -> bool:
-    from celery.local import PromiseProxy
-
     return isinstance(obj, PromiseProxy) or (
         hasattr(obj, "apply_async") and hasattr(obj, "run") and hasattr(obj, "request"))
 
@@ -116,12 +97,12 @@ def _guard_task(task: Any, policy: str) -> None:
     def guarded_run(*args: Any, **kwargs: Any) -> Any:
         request = task.request
         term = current_term()
-        started = term and _start_run(request.id, term)
-        if started is None:  # a duplicate delivery: it ran or runs under this term
+        started = _start_run(request.id, term) if term else ClaimResult.FENCED
+        if started is ClaimResult.ALREADY_CLAIMED:  # it ran or runs under this term
             log.info("leader-only task %s[%s] already ran; skipping duplicate",
                      task.name, request.id)
             raise Ignore()
-        if not started:
+        if started is ClaimResult.FENCED:
             return _on_follower(task, request, policy, args, kwargs)
         request.leader_term = term
         try:
@@ -135,42 +116,19 @@ def _guard_task(task: Any, policy: str) -> None:
     task.run = guarded_run
 
 
-def _start_run(task_id: str | None, term: int) -> bool | None:
-    """True: run it.  False: not the leader (fenced).  None: duplicate."""
-    from .redislock import FENCED
-    from .worker import current_controller
-
+def _start_run(task_id: str | None, term: int) -> ClaimResult:
+    """Claim this run under ``term`` (taskruns.py): CLAIMED runs it, FENCED is
+    "not the leader", ALREADY_CLAIMED a duplicate delivery."""
     controller = current_controller()
     if controller is None or task_id is None:
-        return True  # no election here (e.g. a test harness): the term check suffices
-    attempt = f"running:{term}:{uuid.uuid4().hex}"
-    delay = 0.05
-    while True:
-        try:
-            outcome = _task_start_script(controller)(
-                term, keys=[task_claim_key(controller.lock, task_id)],
-                args=[TASK_CLAIM_TTL_MS, attempt])
-            break
-        except Exception as exc:
-            # The claim may have been written even though its reply was lost, so
-            # giving up now would make a redelivery under this term look like a
-            # duplicate.  Ask again with the same attempt token while this term
-            # lasts; once it is over, a later term re-runs the task anyway.
-            if current_term() != term:
-                log.warning("could not claim leader-only task %s (%s) and this leadership "
-                            "ended; handing it to the next leader", task_id, exc)
-                return False
-            time.sleep(delay)
-            delay = min(delay * 2, 0.5)
-    if outcome == FENCED:
-        return False
-    return True if outcome == 1 else None
+        # No election here (e.g. a test harness): the term check suffices.
+        return ClaimResult.CLAIMED
+    return claim_task_start(_task_start_script(controller), controller.lock, task_id, term,
+                            lambda: current_term() == term)
 
 
 def _finish_run(request: Any, done: bool) -> None:
     """Record the outcome, and end the message's in-flight record in the same step."""
-    from .worker import current_controller
-
     controller = current_controller()
     task_id = request.id
     if controller is None or task_id is None:
@@ -186,6 +144,7 @@ _scripts: dict[int, Any] = {}
 
 
 def _task_start_script(controller: Any) -> Any:
+    """The controller's fenced TASK_START_LUA, registered once per controller."""
     script = _scripts.get(id(controller))
     if script is None:
         script = _scripts[id(controller)] = controller.lock.fenced_script(TASK_START_LUA)
@@ -203,8 +162,6 @@ def _on_follower(task: Any, request: Any, policy: str, args: Any, kwargs: Any) -
     if getattr(request, "acks_late", None) or (task.acks_late and not request.called_directly):
         raise Reject("not the leader", requeue=True)
     # Already acknowledged: publish the same task again (same id) for the leader.
-    from .worker import current_controller
-
     controller = current_controller()
     queue = controller.settings.queue if controller else None
     task.apply_async(args=args, kwargs=kwargs, task_id=request.id, queue=queue,

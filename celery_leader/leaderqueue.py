@@ -53,7 +53,7 @@ from typing import Any
 import redis
 from kombu.transport.virtual.base import Message
 
-from .redislock import FENCED, RedisLock
+from .election.redislock import FENCED, RedisLock, as_text
 
 log = logging.getLogger(__name__)
 
@@ -352,7 +352,7 @@ class LeaderQueue:
     def _hand_over(self, session: _Session, taken: list[Any]) -> None:
         batch: list[tuple[str, dict[str, Any]]] = []
         for index in range(0, len(taken), 2):
-            tag = _text(taken[index])
+            tag = as_text(taken[index])
             try:
                 payload = json.loads(taken[index + 1])
                 headers = payload.setdefault("headers", {})
@@ -438,7 +438,3 @@ def _expired(expires: Any) -> bool:
         return False
     now = datetime.now(when.tzinfo) if when.tzinfo else datetime.now()
     return when <= now
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

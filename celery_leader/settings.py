@@ -6,22 +6,37 @@ never written back with defaults, which would shadow the user's config module.
 
 from __future__ import annotations
 
-import difflib
+import contextlib
 import logging
-import os
-import socket
+import sys
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
-from urllib.parse import unquote, urlparse
 
-import redis
+from celery.utils.log import LoggingProxy
 
-from .config import ConfigurationError, to_seconds, validate_timings
+from .election.config import (
+    ConfigurationError,
+    LeaderCallbacks,
+    LeaderElectionConfig,
+    Watchdog,
+    default_identity,
+    to_seconds,
+    validate_timings,
+)
+from .election.elector import LeaderElector
+from .election.redisclient import REDIS_SCHEMES, redis_client_from_url
+from .election.redislock import RedisLock
+from .schedule.options import CATCH_UP_POLICIES, app_setting, closest
+from .schedule.runner import beat_election_name
 
-REDIS_SCHEMES = ("redis", "rediss", "unix", "sentinel", "sentinels")
-CATCH_UP_POLICIES = ("latest", "all", "none")
+# Kept importable from here (their homes are the layers below).
+__all__ = ["CATCH_UP_POLICIES", "REDIS_SCHEMES", "LeaderSettings", "closest",
+           "exit_on_configuration_error", "read_settings", "redis_client_from_url",
+           "setting"]
+
+setting = app_setting
 _UNSET = object()
 
 log = logging.getLogger(__name__)
@@ -50,28 +65,34 @@ class LeaderSettings:
     transport_options: dict[str, Any] = field(default_factory=dict)
 
     def default_identity(self, hostname: str | None = None) -> str:
-        return self.identity or f"{hostname or socket.gethostname()}:{os.getpid()}"
+        """``leader_identity``, else ``<hostname>:<pid>``."""
+        return self.identity or default_identity(hostname)
 
-    def lock(self, identity: str, name: str | None = None, hash_tag: str | None = None) -> Any:
-        """The election's RedisLock (``name`` overrides the election name,
-        ``hash_tag`` puts its keys in another election's slot)."""
-        from .redislock import RedisLock
-
+    def lock(self, identity: str, name: str | None = None,
+             hash_tag: str | None = None) -> RedisLock:
+        """A RedisLock on the election (``name`` overrides the election name,
+        ``hash_tag`` puts its keys in another election's slot).  Each call opens
+        a new client, with its own connection pool: one per elector, so one
+        election's stalled connection never blocks another's renewals."""
         return RedisLock(self.redis_client(), name=name or self.name, identity=identity,
                          key_prefix=self.key_prefix, wait_replicas=self.wait_replicas,
                          wait_timeout=self.wait_timeout, hash_tag=hash_tag)
 
-    def elector(self, lock: Any, callbacks: Any, watchdog: Any = None) -> Any:
-        """A LeaderElector on ``lock`` with these settings' timings."""
-        from .config import LeaderElectionConfig
-        from .elector import LeaderElector
+    def beat_lock(self, identity: str) -> RedisLock:
+        """The standalone beats' election lock: its own lease and terms, in the
+        schedule's hash slot (so the schedule scripts can read both elections)."""
+        return self.lock(identity, name=beat_election_name(self, True), hash_tag=self.name)
 
+    def elector(self, lock: RedisLock, callbacks: LeaderCallbacks,
+                watchdog: Watchdog | None = None) -> LeaderElector:
+        """A LeaderElector on ``lock`` with these settings' timings."""
         return LeaderElector(LeaderElectionConfig(
             lock=lock, callbacks=callbacks, lease_duration=self.lease_duration,
             renew_deadline=self.renew_deadline, retry_period=self.retry_period,
             release_on_cancel=self.release_on_cancel, name=lock.name, watchdog=watchdog))
 
     def redis_client(self) -> Any:
+        """A new redis-py client (and connection pool) for ``leader_redis_url``."""
         return redis_client_from_url(self.redis_url, self.redis_options,
                                      self.retry_period, self.transport_options)
 
@@ -82,12 +103,6 @@ KNOWN_SETTINGS = frozenset(f"leader_{f.name}" for f in fields(LeaderSettings)
                            if f.name != "transport_options")
 _warned_unknown: set[str] = set()
 _warned_lock = threading.Lock()
-
-
-def closest(name: str, valid: Iterable[str]) -> str | None:
-    """The valid name ``name`` was most likely meant to be, if any is close."""
-    matches = difflib.get_close_matches(name, sorted(valid), n=1, cutoff=0.6)
-    return matches[0] if matches else None
 
 
 def unknown_settings(app: Any) -> list[str]:
@@ -121,16 +136,6 @@ def warn_unknown_settings(app: Any) -> None:
                 continue
             _warned_unknown.add(message)
         log.warning("celery-leader: %s", message)
-
-
-def setting(app: Any, name: str, default: Any = _UNSET) -> Any:
-    """``app.conf[name]``, also found as ``CELERY_<NAME>`` (Django namespace)."""
-    conf = app.conf
-    for key in (name, f"CELERY_{name.upper()}"):
-        value = conf.get(key, _UNSET)
-        if value is not _UNSET:
-            return value
-    return default
 
 
 def read_settings(app: Any) -> LeaderSettings:
@@ -172,7 +177,7 @@ def read_settings(app: Any) -> LeaderSettings:
         release_on_cancel=get("leader_release_on_cancel", True, _bool),
         identity=get("leader_identity", None, _optional_name),
         beat=get("leader_beat", True, _bool),
-        queue=get("leader_queue", "celery_leader", _name),
+        queue=leader_queue(app),
         healthz_port=get("leader_healthz_port", None, _optional_port),
         healthz_host=get("leader_healthz_host", "0.0.0.0", _name),
         catch_up=get("leader_catch_up", "latest", _catch_up),
@@ -183,6 +188,32 @@ def read_settings(app: Any) -> LeaderSettings:
         transport_options=dict(setting(app, "broker_transport_options", None) or {}),
     )
     return settings
+
+
+def leader_queue(app: Any) -> str:
+    """``leader_queue``, validated: the one reading of the queue's name, for the
+    settings and for the router (which runs in clients that never elect)."""
+    value = setting(app, "leader_queue", "celery_leader")
+    return _name("leader_queue", value)
+
+
+def beat_lock(settings: LeaderSettings, identity: str) -> RedisLock:
+    """``settings.beat_lock(identity)``."""
+    return settings.beat_lock(identity)
+
+
+@contextlib.contextmanager
+def exit_on_configuration_error() -> Iterator[None]:
+    """Turn a ConfigurationError into one stderr line and exit status 2 (Celery
+    stops the worker on SystemExit, also from a bootstep's start; beat too)."""
+    try:
+        yield
+    except ConfigurationError as exc:
+        stream = sys.stderr
+        if isinstance(stream, LoggingProxy):  # once the worker runs: not a log record
+            stream = sys.__stderr__ or stream
+        print(f"celery-leader: configuration error: {exc}", file=stream, flush=True)
+        raise SystemExit(2) from None
 
 
 def _seconds(name: str, value: Any) -> float:
@@ -270,60 +301,3 @@ def _check_url(name: str, url: Any) -> None:
                 f"{name} has an unknown scheme in {url!r}; use one of "
                 + ", ".join(f"{s}://" for s in REDIS_SCHEMES)
             )
-
-
-def redis_client_from_url(url: str, options: Mapping[str, Any], retry_period: float = 2.0,
-                          transport_options: Mapping[str, Any] | None = None) -> Any:
-    """A redis-py client for a redis://, rediss://, unix:// or Celery-style
-    ``sentinel://h1:p1;sentinel://h2:p2/db`` URL; ``options={"cluster": True}``
-    makes a Redis Cluster client from any node's redis:// URL.
-
-    Socket timeouts default to the retry period so a stalled connection counts
-    as a failed renewal instead of blocking the elector forever.
-    """
-    timeout = max(0.5, float(retry_period))
-    kwargs: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout,
-                              "health_check_interval": 30}
-    kwargs.update(options)
-    if url.startswith(("sentinel://", "sentinels://")):
-        from redis.sentinel import Sentinel
-
-        sentinel_opts = dict(transport_options or {})
-        master_name = kwargs.pop("master_name", None) or sentinel_opts.get("master_name")
-        if not master_name:
-            raise ConfigurationError(
-                "leader_redis_options['master_name'] (or broker_transport_options"
-                "['master_name']) is required with a sentinel:// URL"
-            )
-        sentinel_kwargs = kwargs.pop("sentinel_kwargs", None) or sentinel_opts.get(
-            "sentinel_kwargs")
-        if not sentinel_kwargs:
-            # Same timeouts as the data connections and no retries: on a timeout
-            # redis-py moves on to the next sentinel, so retrying a frozen one
-            # only multiplies the stall.
-            from redis.backoff import NoBackoff
-            from redis.retry import Retry
-
-            sentinel_kwargs = {k: v for k, v in kwargs.items() if k.startswith("socket_")}
-            sentinel_kwargs["retry"] = Retry(NoBackoff(), 0)
-        hosts: list[tuple[str, int]] = []
-        db = 0
-        password = None
-        for part in url.split(";"):
-            parsed = urlparse(part)
-            hosts.append((parsed.hostname or "localhost", parsed.port or 26379))
-            if parsed.path.strip("/"):
-                db = int(parsed.path.strip("/"))
-            if parsed.password:
-                password = unquote(parsed.password)
-        if password is not None:
-            kwargs.setdefault("password", password)
-        if url.startswith("sentinels://"):
-            kwargs.setdefault("ssl", True)
-        sentinel = Sentinel(hosts, sentinel_kwargs=sentinel_kwargs, **kwargs)  # type: ignore[no-untyped-call]
-        return sentinel.master_for(master_name, db=db, **kwargs)  # type: ignore[no-untyped-call]
-    if kwargs.pop("cluster", False):
-        from redis.cluster import RedisCluster
-
-        return RedisCluster.from_url(url, **kwargs)
-    return redis.Redis.from_url(url, **kwargs)

@@ -1,4 +1,5 @@
-"""Leadership shared with every process of a worker.
+"""Leadership shared with every process of a worker, and the process-wide
+registry of leader-only tasks.
 
 Celery signals are process-local, so a prefork child cannot hear that the main
 process stopped leading.  Instead the main process writes (term, valid_until)
@@ -15,6 +16,10 @@ import struct
 import threading
 import time
 
+# Task name -> on_follower policy: filled by @leader_only, read by the router
+# installed by celery_leader.install() and by the leader queue.
+LEADER_ONLY_TASKS: dict[str, str] = {}
+
 # seq (odd while a write is in progress), term, valid_until (CLOCK_MONOTONIC).
 _LAYOUT = struct.Struct("<qqd")
 
@@ -25,13 +30,16 @@ class SharedLeadership:
         self._write_guard = threading.Lock()
         self._seq = 0
 
-    def publish(self, term: int, valid_until: float) -> None:
-        """Called by the elector (main process) on acquire, renew and end."""
+    def write(self, term: int, valid_until: float) -> None:
+        """Called by the elector (main process) on acquire, renew and end: a write
+        to the page, nothing is sent anywhere (``publish`` is the old name)."""
         with self._write_guard:
             self._seq += 1
             _LAYOUT.pack_into(self._page, 0, self._seq, term, valid_until)  # odd: writing
             self._seq += 1
             _LAYOUT.pack_into(self._page, 0, self._seq, term, valid_until)
+
+    publish = write  # the old name, kept for existing callers
 
     def snapshot(self) -> tuple[int, float]:
         """(term, valid_until) as one consistent pair (a seqlock read)."""

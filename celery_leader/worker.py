@@ -16,28 +16,46 @@ import encodings.idna  # noqa: F401
 import logging
 import threading
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from celery import bootsteps
+from kombu.transport import redis as kombu_redis
 
 from . import signals
-from .config import ConfigurationError, LeaderCallbacks
-from .decorators import LEADER_ONLY_TASKS
-from .elector import LeaderElector
-from .healthz import HealthzAdaptor, HealthzServer, serve_healthz
+from .election.config import ConfigurationError, LeaderCallbacks
+from .election.elections import ROLE_WORKERS, mark_role
+from .election.elector import LeaderElector
+from .election.healthz import HealthzAdaptor, HealthzServer, serve_healthz
+from .election.redislock import RedisLock
+from .election.running import (
+    LeadershipHook,
+    run_elector,
+    run_while_leading,
+    start_elector_thread,
+)
 from .leaderqueue import DEFAULT_PREFETCH, FinishRun, LeaderQueue
-from .publish import same_redis
-from .redislock import RedisLock
-from .scheduler import ScheduleRunner
-from .settings import LeaderSettings
-from .state import shared_leadership
-from .tickstart import TickStartClaim, guard_tick_starts
+from .schedule.publish import same_redis
+from .schedule.runner import ScheduleRunner
+from .schedule.tickstart import TickStartClaim, guard_tick_starts
+from .settings import (
+    LeaderSettings,
+    _bool,
+    _name,
+    _optional_port,
+    exit_on_configuration_error,
+    read_settings,
+)
+from .state import LEADER_ONLY_TASKS, shared_leadership
+
+__all__ = ["LeaderController", "LeaderQueueStep", "LeaderWorkerStep", "LeadershipHook",
+           "controller_for_worker", "current_controller", "on_worker_shutdown", "run_elector"]
 
 log = logging.getLogger(__name__)
 
-_controller: LeaderController | None = None
+REFUSED_POOLS = ("gevent", "eventlet")
 
-LeadershipHook = Callable[[int, threading.Event], None]
+_controller: LeaderController | None = None
 
 
 def current_controller() -> LeaderController | None:
@@ -61,7 +79,7 @@ class LeaderController:
                             on_stopped_leading=self._on_stopped,
                             on_new_leader=self._on_new_leader),
             watchdog=self.healthz)
-        self.elector.add_lease_listener(self.shared.publish)
+        self.elector.add_lease_listener(self.shared.write)
         # Run while leading, in the elector's work thread, until the event is
         # set; the lease is released only after they return (the scheduler).
         self.leadership_hooks: list[LeadershipHook] = []
@@ -109,9 +127,7 @@ class LeaderController:
             except OSError as exc:  # before the elector starts: this replica never leads
                 raise ConfigurationError(f"leader_healthz_port {port} cannot be served on "
                                          f"{host}: {exc.strerror or exc}") from None
-        self._thread = threading.Thread(target=run_elector, args=(self.elector, self._stop),
-                                        name="celery-leader-elector", daemon=True)
-        self._thread.start()
+        self._thread = start_elector_thread(self.elector, self._stop)
 
     def begin_warm_shutdown(self) -> None:
         """Stop taking new leader work; keep the lease while the pool drains.
@@ -162,16 +178,10 @@ class LeaderController:
         if self._uses_reliable_queue():
             hooks.append(self.leader_queue.run)
         self._reconcile_queue()
-        workers = [threading.Thread(target=hook, args=(term, stop), daemon=True,
-                                    name=f"celery-leader-hook-{index}")
-                   for index, hook in enumerate(hooks)]
-        for thread in workers:
-            thread.start()
-        stop.wait()
-        if self.scheduler is not None:
-            self.scheduler.wake()  # it sleeps until its next tick otherwise
-        for thread in workers:  # the lease is released only after they return
-            thread.join(self.settings.renew_deadline)
+        scheduler = self.scheduler
+        # The scheduler sleeps until its next tick otherwise.
+        run_while_leading(hooks, term, stop, self.settings.renew_deadline,
+                          on_stop=scheduler.wake if scheduler is not None else lambda: None)
 
     def _on_stopped(self) -> None:
         with self._transition:
@@ -244,8 +254,6 @@ class LeaderController:
         return self._reliable_queue
 
     def _find_leader_queue_lists(self) -> bool:
-        from kombu.transport import redis as kombu_redis
-
         queue = self.settings.queue
         with self.app.connection_for_read() as connection:
             if not isinstance(connection.transport, kombu_redis.Transport):
@@ -294,14 +302,39 @@ class LeaderController:
                           "start consuming" if want else "cancel", queue)
 
 
-def run_elector(elector: LeaderElector, stop: threading.Event) -> None:
-    """The elector thread: warn once about server settings that weaken the
-    guarantees (off the start-up path: Redis may be slow or down), then elect."""
-    lock = elector.lock
-    if isinstance(lock, RedisLock):
-        for warning in lock.server_warnings():
-            log.warning("celery-leader: %s", warning)
-    elector.run(stop)
+def controller_for_worker(worker: Any, options: dict[str, Any]) -> LeaderController:
+    """Build the worker's controller, or stop the worker with one clear line."""
+    app = worker.app
+    with exit_on_configuration_error():
+        pool = getattr(worker, "pool_cls", None)
+        pool_name = pool if isinstance(pool, str) else getattr(pool, "__module__", "")
+        if any(refused in str(pool_name) for refused in REFUSED_POOLS):
+            raise ConfigurationError(
+                f"worker pool {pool_name!r} is not supported by celery-leader; use prefork, "
+                "threads or solo"
+            )
+        settings = _with_cli_overrides(read_settings(app), options)
+        controller = LeaderController(app, settings, hostname=worker.hostname)
+    lock = controller.lock
+    # Each new leader labels the election for `celery leader status --all`.
+    controller.leadership_hooks.append(lambda term, stop: mark_role(lock, ROLE_WORKERS))
+    return controller
+
+
+def _with_cli_overrides(settings: LeaderSettings, options: dict[str, Any]) -> LeaderSettings:
+    """Worker flags override settings; they get the same checks as the settings, so
+    a bad flag is a ConfigurationError naming it, not a traceback from deeper in."""
+    overrides: dict[str, Any] = {}
+    if options.get("leader_name"):
+        overrides["name"] = _name("--leader-name", options["leader_name"])
+    if options.get("leader_identity"):
+        overrides["identity"] = _name("--leader-identity", options["leader_identity"])
+    if options.get("leader_healthz_port") is not None:
+        overrides["healthz_port"] = _optional_port("--leader-healthz-port",
+                                                   options["leader_healthz_port"])
+    if options.get("leader_beat") is not None:
+        overrides["beat"] = _bool("--leader-beat", options["leader_beat"])
+    return replace(settings, **overrides) if overrides else settings
 
 
 class LeaderWorkerStep(bootsteps.StartStopStep):  # type: ignore[misc]
@@ -318,8 +351,6 @@ class LeaderWorkerStep(bootsteps.StartStopStep):  # type: ignore[misc]
 
     def __init__(self, worker: Any, **kwargs: Any) -> None:
         global _controller
-        from .integration import controller_for_worker
-
         self.controller = controller_for_worker(worker, kwargs)
         worker.celery_leader = self.controller
         # Before the pool forks (start() now runs after it): children need it to
@@ -328,8 +359,6 @@ class LeaderWorkerStep(bootsteps.StartStopStep):  # type: ignore[misc]
         super().__init__(worker, **kwargs)
 
     def start(self, worker: Any) -> None:
-        from .integration import exit_on_configuration_error
-
         with exit_on_configuration_error():
             self.controller.start(worker)
 

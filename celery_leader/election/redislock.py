@@ -31,7 +31,8 @@ import redis
 from .record import LeaderElectionRecord, MalformedRecordError
 from .resourcelock import ClaimResult, LockConflictError, Observation, ResourceLock
 
-log = logging.getLogger(__name__)
+# Logger names are part of the interface (users configure them): the old module's.
+log = logging.getLogger("celery_leader.redislock")
 
 # Shared by every script: reads the lease as a string; a key of another type
 # reads as a marker so the ordinary CAS path can replace it.  ``holder`` is
@@ -118,15 +119,26 @@ redis.call('PUBLISH', ARGV[3], 'released')
 return 1
 """
 
-# Prepended to every fenced script: nothing after it runs unless KEYS[1] names
-# ARGV[1] ('<instance>:<identity>') as holder with term ARGV[2], checked in the
-# same atomic step.
+# Wraps every fenced script (see fenced_lua): the body runs only if KEYS[1]
+# names ARGV[1] ('<instance>:<identity>') as holder with term ARGV[2], checked
+# in the same atomic step.  The reply is {0} when fenced, {1, <the body's
+# reply>} otherwise, so no reply of a body can be mistaken for "fenced".
 FENCE_LUA = READ_LEASE_LUA + """
-if not holds_term(KEYS[1], ARGV[1], ARGV[2]) then return -1 end
+if not holds_term(KEYS[1], ARGV[1], ARGV[2]) then return {0} end
 """
 
+
+def fenced_lua(body: str) -> str:
+    """The fenced script of ``body`` (a Lua chunk ending in its own ``return``).
+
+    INVARIANT: the body runs inside the fence, and its reply travels as the
+    second element of ``{1, ...}``: a fenced call is told apart by construction.
+    """
+    return FENCE_LUA + "local function body()\n" + body + "\nend\nreturn {1, body()}\n"
+
+
 # Guarantees a claim key is written once (SET NX), and only inside the term.
-CLAIM_LUA = FENCE_LUA + """
+CLAIM_LUA = fenced_lua("""
 local set
 if tonumber(ARGV[4]) > 0 then
   set = redis.call('SET', KEYS[2], ARGV[3], 'NX', 'PX', ARGV[4])
@@ -135,10 +147,32 @@ else
 end
 if set then return 1 end
 return 0
-"""
+""")
 
-FENCED = -1
-"""What a fenced script returns when the caller's term is not current."""
+FENCED = ClaimResult.FENCED
+"""What a fenced script's call returns when the caller's term is not current
+(compare with ``is``); any other value is the body's own reply."""
+
+
+def unfenced(reply: Any) -> Any:
+    """A fenced script's reply translated, once, at the call: FENCED, or the body's reply."""
+    if not reply or int(reply[0]) == 0:
+        return FENCED
+    return reply[1] if len(reply) > 1 else None
+
+
+def as_text(raw: Any) -> str:
+    """A Redis reply (bytes, or str from a decoding client) as text; bytes that
+    are not UTF-8 are replaced, never raised on."""
+    return raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
+
+
+def key_of(key_prefix: str, name: str, hash_tag: str, suffix: str) -> str:
+    """The key ``suffix`` of election ``name`` whose keys carry ``{hash_tag}``:
+    the one key format of every election, schedule and claim key."""
+    if hash_tag == name:
+        return f"{key_prefix}:{{{name}}}:{suffix}"
+    return f"{key_prefix}:{{{hash_tag}}}:{name}:{suffix}"
 
 
 class ReplicationError(Exception):
@@ -149,20 +183,20 @@ class FencedScript:
     """A Lua script that runs only while the caller holds a given term.
 
     The body sees KEYS[1] = lease, ARGV[1] = the holder, ARGV[2] = term; the
-    caller's own keys and arguments follow.  It returns :data:`FENCED` (-1)
-    when the term is not current; the body must never return -1 itself.
+    caller's own keys and arguments follow.  A call returns :data:`FENCED`
+    when the term is not current, else the body's reply, whatever it is.
     """
 
     def __init__(self, lock: RedisLock, body: str) -> None:
         self._lock = lock
-        self._script = lock.client.register_script(FENCE_LUA + body)
+        self._script = lock.client.register_script(fenced_lua(body))
 
     def __call__(self, term: int, keys: Sequence[str] = (), args: Sequence[Any] = ()) -> Any:
         lock = self._lock
-        result = self._script(
+        result = unfenced(self._script(
             keys=[lock.lease_key, *keys], args=[lock.holder(), term, *args]
-        )
-        if result != FENCED:
+        ))
+        if result is not FENCED:
             lock.wait_for_replicas("a fenced write")
         return result
 
@@ -204,16 +238,14 @@ class RedisLock(ResourceLock):
         self._release = client.register_script(RELEASE_LUA)
         self._claim = client.register_script(CLAIM_LUA)
 
+    # The surface the schedule and the Celery glue build on (fenced scripts of
+    # their own, keys in the election's slot): public, as much as the interface.
+
     def key(self, suffix: str) -> str:
         """A key of this election, in its hash slot."""
-        return self.key_of(self.key_prefix, self.name, self.hash_tag, suffix)
+        return key_of(self.key_prefix, self.name, self.hash_tag, suffix)
 
-    @staticmethod
-    def key_of(key_prefix: str, name: str, hash_tag: str, suffix: str) -> str:
-        """The key ``suffix`` of election ``name`` whose keys carry ``{hash_tag}``."""
-        if hash_tag == name:
-            return f"{key_prefix}:{{{name}}}:{suffix}"
-        return f"{key_prefix}:{{{hash_tag}}}:{name}:{suffix}"
+    key_of = staticmethod(key_of)
 
     def fenced_script(self, body: str) -> FencedScript:
         return FencedScript(self, body)
@@ -289,13 +321,13 @@ class RedisLock(ResourceLock):
         except Exception as exc:  # CONFIG is often forbidden (ACL, managed Redis)
             log.debug("cannot read the Redis configuration: %s", exc)
             return warnings
-        policy = policy.decode() if isinstance(policy, bytes) else policy
+        policy = as_text(policy) if policy is not None else policy
         if policy and policy != "noeviction":
             warnings.append(
                 f"maxmemory-policy is {policy!r}: under memory pressure Redis may evict the "
                 f"lease or the term counter of {self.describe()}; use 'noeviction'")
-        appendonly = appendonly.decode() if isinstance(appendonly, bytes) else appendonly
-        save = save.decode() if isinstance(save, bytes) else save
+        appendonly = as_text(appendonly) if appendonly is not None else appendonly
+        save = as_text(save) if save is not None else save
         if appendonly == "no" and not save:
             warnings.append(
                 "Redis persistence is off (no AOF, no RDB): a restart resets the term "
@@ -309,10 +341,10 @@ class RedisLock(ResourceLock):
         self, key: str, term: int, value: str = "1", ttl: float | None = None
     ) -> ClaimResult:
         ttl_ms = 0 if ttl is None else max(1, round(ttl * 1000))
-        result = self._claim(
+        result = unfenced(self._claim(
             keys=[self.lease_key, self.key(key)], args=[self.holder(), term, value, ttl_ms]
-        )
-        if result == FENCED:
+        ))
+        if result is FENCED:
             return ClaimResult.FENCED
         if result == 1:
             self.wait_for_replicas(f"claim {key!r}")

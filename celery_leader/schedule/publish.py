@@ -15,7 +15,8 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-log = logging.getLogger(__name__)
+# Logger names are part of the interface (users configure them): the old module's.
+log = logging.getLogger("celery_leader.publish")
 
 # What identifies "the same Redis": a script only sees one server and database.
 # (An ACL user that may not push to the queue is found at the first push.)

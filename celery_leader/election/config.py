@@ -10,16 +10,15 @@ renew_deadline`` is enough for every valid combination.
 from __future__ import annotations
 
 import math
+import os
+import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from .resourcelock import ResourceLock
-
-if TYPE_CHECKING:
-    from .healthz import HealthzAdaptor
 
 JITTER_FACTOR = 1.2
 
@@ -28,6 +27,20 @@ Seconds = float | int | timedelta
 
 class ConfigurationError(ValueError):
     """A setting is invalid; the message names it and its value."""
+
+
+class HealthCheck(Protocol):
+    """What a watchdog sees of the elector it watches."""
+
+    def check(self, max_tolerable_expired_lease: float = 0.0) -> None:
+        """Raise when the election is unhealthy."""
+
+
+class Watchdog(Protocol):
+    """A health check told which elector to watch once it exists (client-go's
+    ``HealthzAdaptor``; :class:`celery_leader.election.healthz.HealthzAdaptor`)."""
+
+    def set_leader_election(self, elector: HealthCheck) -> None: ...
 
 
 @dataclass
@@ -49,7 +62,7 @@ class LeaderElectionConfig:
     retry_period: Seconds = 2.0
     release_on_cancel: bool = False
     name: str = ""
-    watchdog: HealthzAdaptor | None = None
+    watchdog: Watchdog | None = None
 
     def __post_init__(self) -> None:
         self.lease_duration = to_seconds("lease_duration", self.lease_duration)
@@ -57,8 +70,12 @@ class LeaderElectionConfig:
         self.retry_period = to_seconds("retry_period", self.retry_period)
         self.validate()
 
+    def timings(self) -> tuple[float, float, float]:
+        """(lease_duration, renew_deadline, retry_period) in seconds, validated."""
+        return validate_timings(self.lease_duration, self.renew_deadline, self.retry_period)
+
     def validate(self) -> None:
-        validate_timings(self.lease_duration, self.renew_deadline, self.retry_period)
+        self.timings()
         callbacks = self.callbacks
         if callbacks is None or not callable(getattr(callbacks, "on_started_leading", None)):
             raise ConfigurationError("callbacks.on_started_leading must be a callable")
@@ -111,3 +128,9 @@ def to_seconds(name: str, value: object) -> float:
     if not math.isfinite(seconds):
         raise ConfigurationError(f"{name} must be finite, got {value!r}")
     return seconds
+
+
+def default_identity(hostname: str | None = None) -> str:
+    """``<hostname>:<pid>``: unique per running process on a host (the default
+    identity of every replica; ``hostname`` defaults to the machine's)."""
+    return f"{hostname or socket.gethostname()}:{os.getpid()}"

@@ -16,9 +16,9 @@ from typing import Any
 
 from celery.schedules import BaseSchedule, crontab, maybe_schedule, schedule
 
-from .config import ConfigurationError
-from .cron import cron
-from .settings import CATCH_UP_POLICIES, closest
+from ..election.config import ConfigurationError
+from .cronexpr import cron
+from .options import CATCH_UP_POLICIES, app_setting, closest
 
 UTC = timezone.utc
 OPTION_KEYS = frozenset({
@@ -26,11 +26,12 @@ OPTION_KEYS = frozenset({
     "compression", "time_limit", "soft_time_limit", "countdown", "link", "link_error",
     "immediate", "mandatory", "delivery_mode", "ignore_result", "shadow",
 })
+# The fields that define an entry (its spec), in one place: the API's add and
+# update, the runtime JSON and the beat_schedule keys all follow this list.
+SPEC_FIELDS = ("task", "schedule", "args", "kwargs", "options", "catch_up", "misfire_grace",
+               "enabled")
 # What one entry may say: Celery's beat_schedule keys plus celery-leader's own.
-ENTRY_KEYS = frozenset({
-    "task", "schedule", "args", "kwargs", "options", "relative",
-    "catch_up", "misfire_grace", "enabled",
-})
+ENTRY_KEYS = frozenset({*SPEC_FIELDS, "relative"})
 
 
 class EntryError(ConfigurationError):
@@ -59,6 +60,10 @@ class Entry:
 
     def describe_schedule(self) -> str:
         return describe_schedule(self.schedule)
+
+    def spec(self) -> dict[str, Any]:
+        """The entry's definition (SPEC_FIELDS), as ``entry_from_config`` takes it."""
+        return {name: getattr(self, name) for name in SPEC_FIELDS}
 
 
 def next_fire_after(sched: Any, after: datetime) -> datetime:
@@ -116,10 +121,8 @@ def entry_from_config(name: str, spec: Any, app: Any,
     if isinstance(raw, bool) or not isinstance(raw, (int, float, timedelta, BaseSchedule)):
         raise EntryError(f"{what} {name!r} has an invalid schedule {raw!r}; use "
                          "seconds, a timedelta, schedule, crontab, solar or celery_leader.cron")
-    if isinstance(raw, (int, float)) and (not math.isfinite(raw) or raw <= 0):
-        raise EntryError(f"{what} {name!r}: interval must be positive, got {raw!r}")
-    if isinstance(raw, timedelta) and raw.total_seconds() <= 0:
-        raise EntryError(f"{what} {name!r}: interval must be positive, got {raw!r}")
+    if isinstance(raw, (int, float, timedelta)):
+        interval_seconds(f"{what} {name!r}", raw)
     args = spec.get("args", ())
     if not isinstance(args, (list, tuple)):
         raise EntryError(f"{what} {name!r}: args must be a list or tuple")
@@ -145,6 +148,20 @@ def entry_from_config(name: str, spec: Any, app: Any,
                  options=options, catch_up=catch_up,
                  misfire_grace=float(grace) if grace is not None else None,
                  enabled=bool(spec.get("enabled", True)))
+
+
+def interval_seconds(what: str, value: Any) -> float:
+    """An interval schedule's seconds (a number or a timedelta), which must be
+    finite and positive; EntryError naming ``what`` otherwise."""
+    if isinstance(value, timedelta):
+        seconds = value.total_seconds()
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        raise EntryError(f"{what}: interval must be seconds or a timedelta, got {value!r}")
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise EntryError(f"{what}: interval must be positive, got {value!r}")
+    return seconds
 
 
 def _options(entry: str, options: Any) -> dict[str, Any]:
@@ -182,9 +199,7 @@ def _reject_unknown(entry: str, kind: str, given: dict[Any, Any],
 
 def entries_from_config(app: Any) -> dict[str, Entry]:
     """Every ``beat_schedule`` entry, or EntryError for the first bad one."""
-    from .settings import setting
-
-    schedule_conf = setting(app, "beat_schedule", None) or {}
+    schedule_conf = app_setting(app, "beat_schedule", None) or {}
     if not isinstance(schedule_conf, dict):
         raise EntryError(f"beat_schedule must be a dict, got {type(schedule_conf).__name__}")
     return {name: entry_from_config(name, spec, app) for name, spec in schedule_conf.items()}
@@ -226,22 +241,19 @@ def schedule_from_json(name: str, data: Any) -> Any:
                               if k in data})
         if kind == "interval":
             seconds = data["seconds"]
-            if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) \
-                    or seconds <= 0:
-                raise ValueError(f"interval seconds must be positive, got {seconds!r}")
-            return float(seconds)
+            if isinstance(seconds, timedelta):
+                raise TypeError(f"interval seconds must be a number, got {seconds!r}")
+            return interval_seconds(f"entry {name!r}", seconds)
+    except EntryError:
+        raise
     except (KeyError, ValueError, TypeError) as exc:
         raise EntryError(f"entry {name!r}: invalid schedule {data!r}: {exc}") from exc
     raise EntryError(f"entry {name!r}: unknown schedule type {kind!r}")
 
 
 def entry_to_json(entry: Entry) -> str:
-    return json.dumps({
-        "task": entry.task, "schedule": schedule_to_json(entry.schedule),
-        "args": list(entry.args), "kwargs": entry.kwargs, "options": entry.options,
-        "catch_up": entry.catch_up, "misfire_grace": entry.misfire_grace,
-        "enabled": entry.enabled,
-    }, sort_keys=True)
+    return json.dumps(dict(entry.spec(), schedule=schedule_to_json(entry.schedule),
+                           args=list(entry.args)), sort_keys=True)
 
 
 def entry_from_json(name: str, raw: bytes | str, app: Any) -> Entry:

@@ -93,6 +93,11 @@ class ResourceLock(ABC):
         """
         return ""
 
+    def server_warnings(self) -> list[str]:
+        """Settings of the backend that weaken the guarantees, for one warning at
+        start-up; the default knows of none."""
+        return []
+
     @abstractmethod
     def describe(self) -> str:
         """A human-readable name of the lock, for logs and errors."""

@@ -42,21 +42,24 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import redis
 
-from .config import ConfigurationError
-from .entries import Entry, EntryError, entries_from_config, entry_from_json, entry_to_json
+from ..election.config import ConfigurationError
+from ..election.elections import BEAT_SUFFIX
+from ..election.redislock import FENCED, RedisLock, as_text, key_of
+from .entries import Entry, entries_from_config
+from .options import ScheduleOptions
 from .publish import Unsupported, capture_redis_publish
-from .redislock import FENCED, RedisLock
-from .settings import LeaderSettings
+from .store import ScheduleStore, from_ms, next_fire_time, to_ms
 from .tickstart import LostTicks, TickKeys
 
-log = logging.getLogger(__name__)
+# Logger names are part of the interface (users configure them): the old module's.
+log = logging.getLogger("celery_leader.scheduler")
 UTC = timezone.utc
 TASK_ID_NAMESPACE = uuid.UUID("6f1c7f5e-3b4e-4d8a-9a57-1f0a5c2f2d11")
 
@@ -196,348 +199,16 @@ end
 return {moved, dropped}
 """
 
-# Not fenced (any replica's answer is as good): for each entry ARGV[3..]
-# (prefixed 'r' for a runtime entry, 's' for a beat_schedule one) records
-# ARGV[1] as its first-seen time if it has none (ARGV[2] = 'keep') or in any
-# case (ARGV[2] = 'move'), and returns each entry's.  The first leader to see an
-# entry sets it; later leaders anchor the entry there.  A runtime entry that no
-# longer exists gets none (false), so a removed entry leaves nothing behind.
-FIRST_SEEN_LUA = """
-local seen = {}
-for i = 3, #ARGV do
-  local kind, name = string.sub(ARGV[i], 1, 1), string.sub(ARGV[i], 2)
-  if kind == 'r' and redis.call('HEXISTS', KEYS[2], name) == 0 then
-    seen[#seen + 1] = false
-  else
-    local at = redis.call('HGET', KEYS[1], name)
-    if not at or ARGV[2] == 'move' then
-      at = ARGV[1]
-      redis.call('HSET', KEYS[1], name, at)
-    end
-    seen[#seen + 1] = at
-  end
-end
-return seen
-"""
-
-# (Only commands the documented ACL rule allows: scripts are checked too.)
-# Not fenced (an API call): removes runtime entry ARGV[1] and, with ARGV[2] =
-# '1', its progress (state and first-seen time) in the same step, so nothing
-# of a removed entry stays behind and a later entry of that name starts afresh.
-REMOVE_RUNTIME_ENTRY_LUA = """
-local removed = redis.call('HDEL', KEYS[1], ARGV[1])
-if removed == 1 then
-  if ARGV[2] == '1' then
-    redis.call('HDEL', KEYS[3], ARGV[1])
-    redis.call('HDEL', KEYS[4], ARGV[1])
-  end
-  redis.call('INCRBY', KEYS[2], 1)
-end
-return removed
-"""
-
-
 class ScheduleTakenOver(Exception):
     """A schedule script found another election's live leadership owning the
     schedule: this leadership must stop dispatching and take it again first."""
 
 
-def _ms(dt: datetime) -> int:
-    return round(dt.timestamp() * 1000)
-
-
-def _from_ms(ms: int) -> datetime:
-    return datetime.fromtimestamp(ms / 1000, UTC)
-
-
-def _text(raw: Any) -> str:
-    return raw.decode() if isinstance(raw, bytes) else str(raw)
-
-
-def beat_election_name(settings: LeaderSettings, standalone: bool) -> str:
+def beat_election_name(options: ScheduleOptions, standalone: bool) -> str:
     """Standalone beat replicas elect among themselves, apart from the workers'
     election (which leads the leader queue), so a worker can never win the
     beats' election and leave the schedule idle."""
-    return f"{settings.name}-beat" if standalone else settings.name
-
-
-def beat_lock(settings: LeaderSettings, identity: str) -> RedisLock:
-    """The standalone beats' election lock: its own lease and terms, in the
-    schedule's hash slot (so the schedule scripts can read both elections)."""
-    lock: RedisLock = settings.lock(identity, name=beat_election_name(settings, True),
-                                    hash_tag=settings.name)
-    return lock
-
-
-def next_fire_time(entry: Entry, last: datetime | None, first_seen: datetime | None,
-                   now: datetime) -> datetime:
-    """Where the runner puts an entry's next tick when it loads it: after its last
-    claimed fire time; if it never fired, after where the schedule first saw it;
-    if no leader has seen it yet, after ``now``.  ``celery leader schedule``
-    shows the same."""
-    return entry.next_fire_after(last or first_seen or now)
-
-
-class ScheduleStore:
-    """The schedule's entries, overrides and progress, shared through Redis by
-    every replica and both dispatch modes.
-
-    Every key lives under the schedule's name (``leader_name``), whichever
-    election dispatches, so the API need not know which mode runs.
-    """
-
-    def __init__(self, app: Any, lock: RedisLock, entries_name: str | None = None) -> None:
-        self.app = app
-        self.lock = lock
-        self.client = lock.client
-        self.name = entries_name or lock.hash_tag
-        prefix = lock.key_prefix
-
-        def key(suffix: str) -> str:
-            return RedisLock.key_of(prefix, self.name, self.name, f"schedule:{suffix}")
-
-        self.state_key = key("state")
-        self.pending_key = key("pending")
-        self.first_seen_key = key("first-seen")
-        self.entries_key = key("entries")
-        self.version_key = key("version")
-        self.overrides_key = key("overrides")
-        self.dispatcher_key = key("dispatcher")
-        self.migrated_key = key("migrated")
-        self.sent_key = key("sent")  # tickstart.py: pushed, not started yet
-        self.sent_at_key = key("sent-at")
-        self.started_prefix = key("started:")
-        # The standalone beat's own progress before both modes shared one.
-        legacy = f"{self.name}-beat"
-        self.legacy_beat_election = legacy
-        self.legacy_beat_lease_key = RedisLock.key_of(prefix, legacy, legacy, "lease")
-        self.legacy_state_key = RedisLock.key_of(prefix, legacy, legacy, "schedule:state")
-        self.legacy_pending_key = RedisLock.key_of(prefix, legacy, legacy, "schedule:pending")
-        self.legacy_first_seen_key = RedisLock.key_of(prefix, legacy, legacy,
-                                                      "schedule:first-seen")
-        self._first_seen = self.client.register_script(FIRST_SEEN_LUA)
-        self._remove = self.client.register_script(REMOVE_RUNTIME_ENTRY_LUA)
-        self._warned_clashes: set[str] = set()
-
-    @classmethod
-    def for_app(cls, app: Any) -> ScheduleStore:
-        from .settings import read_settings
-
-        settings = read_settings(app)
-        return cls(app, settings.lock("celery-leader-api"), entries_name=settings.name)
-
-    # -- beat_schedule entries and their overrides -----------------------------
-
-    def static_entries(self) -> dict[str, Entry]:
-        """The app's ``beat_schedule`` (EntryError for a bad one), overrides applied."""
-        return self.apply_overrides(entries_from_config(self.app) if self.app is not None
-                                    else {})
-
-    def overrides(self) -> dict[str, bool]:
-        """beat_schedule entry -> enabled, as set by enable()/disable()."""
-        overrides: dict[str, bool] = {}
-        for raw_name, raw in (self.client.hgetall(self.overrides_key) or {}).items():
-            name = _text(raw_name)
-            try:
-                value = json.loads(raw)
-                if isinstance(value, dict) and isinstance(value.get("enabled"), bool):
-                    overrides[name] = value["enabled"]
-                    continue
-            except (ValueError, UnicodeDecodeError):
-                pass
-            log.error("celery-leader: ignoring malformed override of entry %r: %r", name, raw)
-        return overrides
-
-    def apply_overrides(self, static: dict[str, Entry]) -> dict[str, Entry]:
-        overrides = self.overrides()
-        return {name: replace(entry, enabled=overrides.get(name, entry.enabled))
-                for name, entry in static.items()}
-
-    def entries(self, static: dict[str, Entry]) -> dict[str, Entry]:
-        """``static`` (beat_schedule, overrides applied) and the runtime entries.  A
-        runtime entry named like a beat_schedule entry (stored before that entry
-        was added to beat_schedule) is ignored, with an error logged once."""
-        entries = self.apply_overrides(static)
-        for name, entry in self.runtime_entries().items():
-            if name not in entries:
-                entries[name] = entry
-            elif name not in self._warned_clashes:
-                self._warned_clashes.add(name)
-                log.error("celery-leader: ignoring runtime entry %r (task %r): beat_schedule "
-                          "has an entry %r (task %r), which wins; remove the runtime one with "
-                          "`celery leader schedule remove %s`", name, entry.task, name,
-                          entries[name].task, name)
-        return entries
-
-    # -- runtime entries (validated before anything is written) --------------
-
-    def add(self, name: str, task: str, schedule: Any, args: Any = (), kwargs: Any = None,
-            options: Any = None, *, enabled: bool = True, catch_up: str | None = None,
-            misfire_grace: float | None = None, replace_existing: bool = False) -> Entry:
-        from .entries import EntryExistsError, entry_from_config
-
-        if not isinstance(name, str) or not name:
-            raise EntryError(f"entry name must be a non-empty string, got {name!r}")
-        spec = {"task": task, "schedule": schedule, "args": args, "kwargs": kwargs or {},
-                "options": options or {}, "enabled": enabled, "catch_up": catch_up,
-                "misfire_grace": misfire_grace}
-        entry = replace(entry_from_config(name, spec, self.app, what="runtime entry"),
-                        runtime=True)
-        encoded = entry_to_json(entry)  # also rejects schedules JSON cannot carry
-        static = self.static_entries().get(name)
-        if static is not None:
-            raise EntryError(
-                f"runtime entry {name!r} (task {task!r}) would clash with beat_schedule entry "
-                f"{name!r} (task {static.task!r}); pick another name (a beat_schedule entry "
-                f"is changed in beat_schedule, and can be disabled and enabled at runtime)")
-        if not replace_existing and self.client.hexists(self.entries_key, name):
-            raise EntryExistsError(f"runtime entry {name!r} already exists; use update()")
-        self._write(name, encoded)
-        return entry
-
-    def update(self, name: str, **changes: Any) -> Entry:
-        current = self.get(name)
-        spec = {"task": current.task, "schedule": current.schedule, "args": current.args,
-                "kwargs": current.kwargs, "options": current.options,
-                "enabled": current.enabled, "catch_up": current.catch_up,
-                "misfire_grace": current.misfire_grace}
-        unknown = set(changes) - set(spec)
-        if unknown:
-            raise EntryError(f"entry {name!r}: unknown field(s) {', '.join(sorted(unknown))}")
-        spec.update(changes)
-        schedule = spec.pop("schedule")
-        return self.add(name, spec.pop("task"), schedule, replace_existing=True, **spec)
-
-    def enable(self, name: str) -> Entry:
-        """Enable a runtime entry, or a beat_schedule entry (an override in Redis)."""
-        return self._set_enabled(name, True)
-
-    def disable(self, name: str) -> Entry:
-        """Disable a runtime entry, or a beat_schedule entry (an override in Redis,
-        kept until enable(); beat_schedule itself is not changed)."""
-        return self._set_enabled(name, False)
-
-    def _set_enabled(self, name: str, enabled: bool) -> Entry:
-        if self.client.hexists(self.entries_key, name):
-            return self.update(name, enabled=enabled)
-        configured = entries_from_config(self.app) if self.app is not None else {}
-        entry = configured.get(name)
-        if entry is None:
-            raise EntryError(f"no entry named {name!r}: neither a runtime entry nor in "
-                             "beat_schedule")
-        pipe = self.client.pipeline()
-        if enabled == entry.enabled:
-            pipe.hdel(self.overrides_key, name)  # back to what beat_schedule says
-        else:
-            pipe.hset(self.overrides_key, name, json.dumps({"enabled": enabled}))
-        pipe.incr(self.version_key)
-        pipe.execute()
-        return replace(entry, enabled=enabled)
-
-    def remove(self, name: str) -> bool:
-        """Remove a runtime entry and its progress; False if there is none.  A
-        beat_schedule entry cannot be removed here (EntryError)."""
-        static = name in (entries_from_config(self.app) if self.app is not None else {})
-        # Its progress belongs to the beat_schedule entry of that name, if any.
-        removed = self._remove(keys=[self.entries_key, self.version_key, self.state_key,
-                                     self.first_seen_key], args=[name, "0" if static else "1"])
-        if not removed and static:
-            raise EntryError(f"{name!r} is a beat_schedule entry: remove it from beat_schedule, "
-                             f"or disable it (`celery leader schedule disable {name}`)")
-        return bool(removed)
-
-    def get(self, name: str) -> Entry:
-        raw = self.client.hget(self.entries_key, name)
-        if raw is None:
-            if self.app is not None and name in entries_from_config(self.app):
-                raise EntryError(f"{name!r} is a beat_schedule entry, not a runtime one: "
-                                 "change it in beat_schedule (it can only be disabled and "
-                                 "enabled at runtime)")
-            raise EntryError(f"no runtime entry named {name!r}")
-        return entry_from_json(name, raw, self.app)
-
-    def _write(self, name: str, encoded: str) -> None:
-        pipe = self.client.pipeline()
-        pipe.hset(self.entries_key, name, encoded)
-        pipe.incr(self.version_key)
-        pipe.execute()
-
-    def runtime_entries(self) -> dict[str, Entry]:
-        """Valid runtime entries; a bad one is logged and skipped, never fatal."""
-        entries: dict[str, Entry] = {}
-        for raw_name, raw in (self.client.hgetall(self.entries_key) or {}).items():
-            name = _text(raw_name)
-            try:
-                entries[name] = entry_from_json(name, raw, self.app)
-            except EntryError as exc:
-                log.error("celery-leader: skipping runtime entry: %s", exc)
-        return entries
-
-    def version(self) -> int:
-        raw = self.client.get(self.version_key)
-        try:
-            return int(raw or 0)
-        except ValueError:
-            return -1
-
-    # -- progress -------------------------------------------------------------
-
-    def first_seen(self, entries: Iterable[Entry], now_ms: int,
-                   move: bool = False) -> dict[str, int]:
-        """When the schedule first saw each entry (``now_ms`` if never, or with
-        ``move``): where an interval entry that has not fired yet is anchored,
-        whoever leads.  A runtime entry removed meanwhile is left out."""
-        entries = list(entries)
-        if not entries:
-            return {}
-        seen: dict[str, int] = {}
-        replies = self._first_seen(
-            keys=[self.first_seen_key, self.entries_key],
-            args=[now_ms, "move" if move else "keep",
-                  *(("r" if e.runtime else "s") + e.name for e in entries)])
-        for entry, raw in zip(entries, replies, strict=True):
-            if raw is None:
-                continue  # a runtime entry that was removed
-            try:
-                seen[entry.name] = int(raw)
-            except (TypeError, ValueError):
-                log.error("celery-leader: ignoring malformed first-seen time for %r: %r",
-                          entry.name, raw)
-                seen[entry.name] = now_ms
-        return seen
-
-    def first_seen_times(self) -> dict[str, int]:
-        """Every recorded first-seen time (read only)."""
-        times: dict[str, int] = {}
-        for raw_name, raw in (self.client.hgetall(self.first_seen_key) or {}).items():
-            try:
-                times[_text(raw_name)] = int(raw)
-            except (TypeError, ValueError):
-                continue
-        return times
-
-    def states(self, key: str | None = None) -> dict[str, dict[str, Any]]:
-        states: dict[str, dict[str, Any]] = {}
-        for raw_name, raw in (self.client.hgetall(key or self.state_key) or {}).items():
-            name = _text(raw_name)
-            try:
-                value = json.loads(raw)
-                if isinstance(value, dict) and isinstance(value.get("last"), int):
-                    states[name] = value
-                    continue
-            except (ValueError, UnicodeDecodeError):
-                pass
-            log.error("celery-leader: ignoring malformed schedule state for %r: %r", name, raw)
-        return states
-
-    def dispatcher(self) -> dict[str, Any] | None:
-        """The leadership that owns the schedule, as last recorded (it may have ended)."""
-        raw = self.client.get(self.dispatcher_key)
-        try:
-            owner = json.loads(raw) if raw is not None else None
-        except (ValueError, UnicodeDecodeError):
-            return None
-        return owner if isinstance(owner, dict) else None
+    return f"{options.name}{BEAT_SUFFIX}" if standalone else options.name
 
 
 @dataclass
@@ -552,10 +223,10 @@ class ScheduleRunner:
     its leadership owns the schedule.
 
     ``lock`` is the workers' election (worker-embedded mode) or the beats'
-    (:func:`beat_lock`); either way its keys must share the schedule's slot.
+    (``LeaderSettings.beat_lock``); either way its keys must share the schedule's slot.
     """
 
-    def __init__(self, app: Any, lock: RedisLock, settings: LeaderSettings,
+    def __init__(self, app: Any, lock: RedisLock, settings: ScheduleOptions,
                  entries: dict[str, Entry] | None = None,
                  still_leading: Callable[[], bool] = lambda: True,
                  now: Callable[[], float] = time.time) -> None:
@@ -575,7 +246,7 @@ class ScheduleRunner:
         self.standalone = lock.name != settings.name
         other = settings.name if self.standalone else beat_election_name(settings, True)
         self.other_election = other
-        self.other_lease_key = RedisLock.key_of(lock.key_prefix, other, settings.name, "lease")
+        self.other_lease_key = key_of(lock.key_prefix, other, settings.name, "lease")
         self._take = lock.fenced_script(TAKE_SCHEDULE_LUA)
         self._migrate = lock.fenced_script(MIGRATE_LEGACY_LUA)
         self._claim = lock.fenced_script(CLAIM_TICK_LUA)
@@ -639,10 +310,10 @@ class ScheduleRunner:
                 continue
             result = self._take(term, keys=[self.store.dispatcher_key, self.other_lease_key],
                                 args=[self.lock.name, self._owner(term)])
-            if result == FENCED:
+            if result is FENCED:
                 log.info("celery-leader: term %d is over; not dispatching", term)
                 return None
-            owned, previous = int(result[0]), _text(result[1])
+            owned, previous = int(result[0]), as_text(result[1])
             if owned:
                 self._log_owner_change(previous, term, refused)
                 return attempt_at if self._migrate_legacy(term) else None
@@ -704,7 +375,7 @@ class ScheduleRunner:
         seen = []
         for raw_name, raw in old_seen.items():
             try:
-                seen += [_text(raw_name), int(raw)]
+                seen += [as_text(raw_name), int(raw)]
             except (TypeError, ValueError):
                 log.error("celery-leader: dropping malformed old first-seen time %r: %r",
                           raw_name, raw)
@@ -712,14 +383,15 @@ class ScheduleRunner:
         for raw_tick, raw in old_pending.items():
             try:
                 data = json.loads(raw)
-                pending += [_text(raw_tick), _text(raw), str(data["entry"]), int(data["fire_ms"])]
+                pending += [as_text(raw_tick), as_text(raw), str(data["entry"]),
+                            int(data["fire_ms"])]
             except (ValueError, KeyError, TypeError):
                 log.error("celery-leader: dropping malformed old pending tick %r: %r",
                           raw_tick, raw)
         result = self._owned(self._migrate, term, keys=[
             store.state_key, store.first_seen_key, store.pending_key, store.migrated_key],
             args=[len(states) // 2, len(seen) // 2, *states, *seen, *pending])
-        if result == FENCED:
+        if result is FENCED:
             return False
         moved, dropped = (int(n) for n in result)
         log.warning("celery-leader: merged the old standalone beat progress (%s) into the "
@@ -779,14 +451,14 @@ class ScheduleRunner:
                     slots = self._load_slots(datetime.fromtimestamp(self._now(), UTC), slots)
                     heap = self._heap(slots)
             now = datetime.fromtimestamp(self._now(), UTC)
-            while heap and heap[0][0] <= _ms(now):
+            while heap and heap[0][0] <= to_ms(now):
                 _, _, name = heapq.heappop(heap)
                 slot = slots.get(name)
                 if slot is None or not slot.entry.enabled:
                     continue
                 if not self._fire_due(slot, term, now, started_at):
                     return  # fenced: this term is over
-                heapq.heappush(heap, (_ms(slot.next), id(slot), name))
+                heapq.heappush(heap, (to_ms(slot.next), id(slot), name))
             timeout = next_check - time.monotonic()
             if heap:
                 timeout = min(timeout, heap[0][0] / 1000 - self._now())
@@ -795,7 +467,7 @@ class ScheduleRunner:
                 self._wake.wait(timeout)
 
     def _heap(self, slots: dict[str, _Slot]) -> list[tuple[int, int, str]]:
-        heap = [(_ms(s.next), id(s), name) for name, s in slots.items() if s.entry.enabled]
+        heap = [(to_ms(s.next), id(s), name) for name, s in slots.items() if s.entry.enabled]
         heapq.heapify(heap)
         return heap
 
@@ -816,16 +488,16 @@ class ScheduleRunner:
         # it, by whichever leader: a fail-over must not postpone its first tick.
         fresh = [entry for name, entry in entries.items()
                  if name not in states and name not in slots]
-        first_seen = self.store.first_seen(fresh, _ms(started_at))
+        first_seen = self.store.first_seen(fresh, to_ms(started_at))
         moved: list[Entry] = []
         for name, entry in entries.items():
             if name in slots:
                 continue
             state = states.get(name)
-            last = _from_ms(state["last"]) if state else None
-            seen = first_seen.get(name, _ms(started_at))
+            last = from_ms(state["last"]) if state else None
+            seen = first_seen.get(name, to_ms(started_at))
             # Stored in whole ms; when it is this leader's own start, keep the exact instant.
-            seen_at = started_at if seen == _ms(started_at) else _from_ms(seen)
+            seen_at = started_at if seen == to_ms(started_at) else from_ms(seen)
             fire = next_fire_time(entry, last, seen_at, started_at)
             old = previous.get(name) if previous is not None else None
             if previous is not None and last is None:
@@ -837,7 +509,7 @@ class ScheduleRunner:
                 # Re-enabled while leading: no catch-up for the time it was disabled.
                 fire = entry.next_fire_after(max(last or seen_at, started_at))
             slots[name] = _Slot(entry, last, fire)
-        self.store.first_seen(moved, _ms(started_at), move=True)
+        self.store.first_seen(moved, to_ms(started_at), move=True)
         return slots
 
     def _warn_unknown_tasks(self, entries: dict[str, Entry]) -> None:
@@ -888,12 +560,12 @@ class ScheduleRunner:
         # Compared in whole milliseconds, like the heap keys: a tick the heap calls
         # due must be due here too, or the loop would pop and push it forever.
         fire = slot.next
-        while _ms(fire) <= _ms(now):
+        while to_ms(fire) <= to_ms(now):
             yield fire
             fire = slot.entry.next_fire_after(fire)
 
     def _claim_and_publish(self, entry: Entry, fire: datetime, term: int, publish: bool) -> bool:
-        fire_ms = _ms(fire)
+        fire_ms = to_ms(fire)
         tick = f"{entry.name}@{fire_ms}"
         task_id = str(uuid.uuid5(TASK_ID_NAMESPACE, f"{self.settings.name}:{tick}"))
         state = json.dumps({"last": fire_ms, "term": term, "election": self.lock.name,
@@ -908,7 +580,7 @@ class ScheduleRunner:
         result = self._owned(self._claim, term, keys=[
             self.store.state_key, self.store.pending_key, self.store.entries_key],
             args=[entry.name, fire_ms, state, tick, message, "1" if entry.runtime else ""])
-        if result == FENCED:
+        if result is FENCED:
             log.info("celery-leader: term %d is over; not dispatching %s", term, tick)
             return False
         if result == TICK_ENTRY_REMOVED:
@@ -928,7 +600,7 @@ class ScheduleRunner:
         data = json.loads(message)
         options = dict(data["options"])
         headers = dict(options.pop("headers", None) or {})
-        headers.update(leader_fire_time=_from_ms(data["fire_ms"]).isoformat(),
+        headers.update(leader_fire_time=from_ms(data["fire_ms"]).isoformat(),
                        leader_term=term)
         if self.lost_ticks is not None:
             headers.update(self.ticks.headers(tick))
@@ -1000,7 +672,7 @@ class ScheduleRunner:
             log.exception("celery-leader: could not send %s; will retry", tick)
             self._unsent = True
             return True
-        if result == FENCED:
+        if result is FENCED:
             log.warning("celery-leader: term %d ended before %s was sent; left pending for "
                         "the next leader", term, tick)
         elif result == 1:
@@ -1015,7 +687,7 @@ class ScheduleRunner:
         send."""
         self._unsent = False
         for raw_tick, raw in (self.store.client.hgetall(self.store.pending_key) or {}).items():
-            tick = _text(raw_tick)
+            tick = as_text(raw_tick)
             if tick in self._sent_pending:  # only the clean-up after the send failed
                 self.store.client.hdel(self.store.pending_key, tick)
                 self._sent_pending.discard(tick)
@@ -1028,14 +700,14 @@ class ScheduleRunner:
                 self.store.client.hdel(self.store.pending_key, tick)
                 continue
             if old_term == term and data.get("election") == self.lock.name:
-                self._publish(tick, _text(raw), term)
+                self._publish(tick, as_text(raw), term)
                 continue
             # Its writer can no longer publish it: that leadership ended (the fence),
             # or lost the schedule to this one (the ownership check), both atomic.
             adopted = json.dumps(dict(data, term=term, election=self.lock.name))
             result = self._owned(self._adopt, term, keys=[self.store.pending_key],
                                  args=[tick, raw, adopted])
-            if result == FENCED:
+            if result is FENCED:
                 return False
             if result == 1:
                 log.warning("celery-leader: sending %s claimed by %s term %d but maybe not "
@@ -1050,51 +722,3 @@ def _jsonable_options(options: dict[str, Any]) -> dict[str, Any]:
             for k, v in options.items()}
 
 
-def schedule_report(app: Any) -> list[dict[str, Any]]:
-    """Every entry with its schedule, next and last fire time, and the term and
-    election that claimed its last fire time.  The next fire time is the one the
-    runner computes (:func:`next_fire_time`), from the state and first-seen time."""
-    store = ScheduleStore.for_app(app)
-    entries = store.entries(entries_from_config(app))
-    states = store.states()
-    # Progress of a standalone beat that has not been merged yet (an older version).
-    for name, state in store.states(store.legacy_state_key).items():
-        if name not in states or state["last"] > states[name]["last"]:
-            states[name] = {"election": store.legacy_beat_election, **state}
-    first_seen = store.first_seen_times()
-    now = datetime.now(UTC)
-    rows = []
-    for name, entry in sorted(entries.items()):
-        state = states.get(name, {})
-        last = _from_ms(state["last"]) if "last" in state else None
-        seen = _from_ms(first_seen[name]) if name in first_seen else None
-        rows.append({
-            "name": name, "task": entry.task, "schedule": entry.describe_schedule(),
-            "enabled": entry.enabled, "runtime": entry.runtime,
-            "last_fire_time": last.isoformat() if last else None,
-            "next_fire_time": next_fire_time(entry, last, seen, now).isoformat()
-            if entry.enabled else None,
-            "term": state.get("term"),
-            "election": state.get("election", store.name if state else None),
-        })
-    return rows
-
-
-def schedule_owner(app: Any) -> dict[str, Any] | None:
-    """The leadership recorded as owning the schedule, and whether it still leads
-    its election (``leading``); None if no leader has dispatched it yet."""
-    store = ScheduleStore.for_app(app)
-    owner = store.dispatcher()
-    if owner is None:
-        return None
-    election = str(owner.get("election", ""))
-    lease = store.client.get(RedisLock.key_of(store.lock.key_prefix, election, store.name,
-                                              "lease")) if election else None
-    try:
-        record = json.loads(lease) if lease is not None else {}
-    except (ValueError, UnicodeDecodeError):
-        record = {}
-    leading = isinstance(record, dict) and record.get("holderIdentity") == owner.get(
-        "identity") and record.get("term") == owner.get("term")
-    return {**owner, "mode": "beat" if election != store.name else "worker",
-            "leading": leading}

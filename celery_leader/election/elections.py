@@ -26,9 +26,10 @@ from collections.abc import Callable
 from typing import Any
 
 from .elector import LeaderElector
-from .redislock import RedisLock
+from .redislock import RedisLock, as_text, key_of
 
-log = logging.getLogger(__name__)
+# Logger names are part of the interface (users configure them): the old module's.
+log = logging.getLogger("celery_leader.elections")
 
 ROLE_WORKERS = "workers"
 ROLE_BEAT = "beat"
@@ -66,7 +67,7 @@ def read_role(lock: RedisLock) -> str | None:
     raw = lock.client.get(lock.key(ROLE_SUFFIX))
     if raw is None:
         return None
-    return raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
+    return as_text(raw)
 
 
 def election_names(client: Any, key_prefix: str) -> list[str]:
@@ -77,7 +78,7 @@ def election_names(client: Any, key_prefix: str) -> list[str]:
     names: set[str] = set()
     for suffix in ("lease", "counter"):
         for raw in client.scan_iter(match=f"{escaped}:{{*:{suffix}", count=1000):
-            key = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
+            key = as_text(raw)
             middle = key[len(key_prefix) + 2:-len(suffix) - 1]  # "<tag>}" or "<tag>}:<name>"
             tag, _, rest = middle.partition("}")
             if not tag or "{" in tag:
@@ -97,7 +98,7 @@ def beat_hash_tag(client: Any, key_prefix: str, name: str) -> str | None:
         return None
     tag = name[:-len(BEAT_SUFFIX)]
     for suffix in ("lease", "counter"):
-        if client.exists(RedisLock.key_of(key_prefix, name, tag, suffix)):
+        if client.exists(key_of(key_prefix, name, tag, suffix)):
             return tag
     return None
 

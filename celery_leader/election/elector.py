@@ -29,7 +29,8 @@ from .config import JITTER_FACTOR, LeaderElectionConfig, to_seconds
 from .record import LeaderElectionRecord
 from .resourcelock import LockConflictError, Observation
 
-log = logging.getLogger(__name__)
+# Logger names are part of the interface (users configure them): the old module's.
+log = logging.getLogger("celery_leader.elector")
 
 # How often waits re-check the caller's stop event (it cannot wake us itself).
 STOP_POLL_INTERVAL = 0.1
@@ -56,9 +57,7 @@ class LeaderElector:
         self.config = config
         self.lock = config.lock
         self._clock: Clock = clock or SystemClock()
-        self._lease = to_seconds("lease_duration", config.lease_duration)
-        self._renew_deadline = to_seconds("renew_deadline", config.renew_deadline)
-        self._retry = to_seconds("retry_period", config.retry_period)
+        self._lease, self._renew_deadline, self._retry = config.timings()
         self._name = config.name or self.lock.describe()
         self._identity = self.lock.identity()
         self._instance = self.lock.instance()

@@ -1,0 +1,74 @@
+"""A redis-py client from a URL: one server, Sentinel or Cluster.
+
+Celery-free: the election layer's way to reach Redis from configuration (the
+Celery glue passes ``leader_redis_url`` and ``leader_redis_options``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+import redis
+
+from .config import ConfigurationError
+
+REDIS_SCHEMES = ("redis", "rediss", "unix", "sentinel", "sentinels")
+
+
+def redis_client_from_url(url: str, options: Mapping[str, Any], retry_period: float = 2.0,
+                          transport_options: Mapping[str, Any] | None = None) -> Any:
+    """A redis-py client for a redis://, rediss://, unix:// or Celery-style
+    ``sentinel://h1:p1;sentinel://h2:p2/db`` URL; ``options={"cluster": True}``
+    makes a Redis Cluster client from any node's redis:// URL.
+
+    Socket timeouts default to the retry period so a stalled connection counts
+    as a failed renewal instead of blocking the elector forever.
+    """
+    timeout = max(0.5, float(retry_period))
+    kwargs: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout,
+                              "health_check_interval": 30}
+    kwargs.update(options)
+    if url.startswith(("sentinel://", "sentinels://")):
+        from redis.sentinel import Sentinel
+
+        sentinel_opts = dict(transport_options or {})
+        master_name = kwargs.pop("master_name", None) or sentinel_opts.get("master_name")
+        if not master_name:
+            raise ConfigurationError(
+                "leader_redis_options['master_name'] (or broker_transport_options"
+                "['master_name']) is required with a sentinel:// URL"
+            )
+        sentinel_kwargs = kwargs.pop("sentinel_kwargs", None) or sentinel_opts.get(
+            "sentinel_kwargs")
+        if not sentinel_kwargs:
+            # Same timeouts as the data connections and no retries: on a timeout
+            # redis-py moves on to the next sentinel, so retrying a frozen one
+            # only multiplies the stall.
+            from redis.backoff import NoBackoff
+            from redis.retry import Retry
+
+            sentinel_kwargs = {k: v for k, v in kwargs.items() if k.startswith("socket_")}
+            sentinel_kwargs["retry"] = Retry(NoBackoff(), 0)
+        hosts: list[tuple[str, int]] = []
+        db = 0
+        password = None
+        for part in url.split(";"):
+            parsed = urlparse(part)
+            hosts.append((parsed.hostname or "localhost", parsed.port or 26379))
+            if parsed.path.strip("/"):
+                db = int(parsed.path.strip("/"))
+            if parsed.password:
+                password = unquote(parsed.password)
+        if password is not None:
+            kwargs.setdefault("password", password)
+        if url.startswith("sentinels://"):
+            kwargs.setdefault("ssl", True)
+        sentinel = Sentinel(hosts, sentinel_kwargs=sentinel_kwargs, **kwargs)  # type: ignore[no-untyped-call]
+        return sentinel.master_for(master_name, db=db, **kwargs)  # type: ignore[no-untyped-call]
+    if kwargs.pop("cluster", False):
+        from redis.cluster import RedisCluster
+
+        return RedisCluster.from_url(url, **kwargs)
+    return redis.Redis.from_url(url, **kwargs)

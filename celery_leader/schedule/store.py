@@ -1,0 +1,391 @@
+"""The schedule's store: entries, overrides and progress, shared through Redis
+by every replica and both dispatch modes (keys: see runner.py).
+
+The public API for runtime entries (``add``, ``update``, ``enable``,
+``disable``, ``remove``) and the reads the runner and ``celery leader
+schedule`` make.  It takes a :class:`RedisLock` for its client and key space
+and the Celery app for ``beat_schedule``; it never reads ``leader_*`` settings
+(``celery_leader.schedule_api.ScheduleStore.for_app`` does).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+from dataclasses import replace
+from datetime import datetime, timezone
+from typing import Any
+
+from ..election.redislock import RedisLock, as_text, key_of
+from .entries import (
+    Entry,
+    EntryError,
+    EntryExistsError,
+    entries_from_config,
+    entry_from_config,
+    entry_from_json,
+    entry_to_json,
+)
+
+# Logger names are part of the interface (users configure them): the old module's.
+log = logging.getLogger("celery_leader.scheduler")
+UTC = timezone.utc
+
+
+def to_ms(dt: datetime) -> int:
+    """An instant as whole milliseconds since the epoch (how Redis stores it)."""
+    return round(dt.timestamp() * 1000)
+
+
+def from_ms(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, UTC)
+
+
+# Not fenced (any replica's answer is as good): for each entry ARGV[3..]
+# (prefixed 'r' for a runtime entry, 's' for a beat_schedule one) records
+# ARGV[1] as its first-seen time if it has none (ARGV[2] = 'keep') or in any
+# case (ARGV[2] = 'move'), and returns each entry's.  The first leader to see an
+# entry sets it; later leaders anchor the entry there.  A runtime entry that no
+# longer exists gets none (false), so a removed entry leaves nothing behind.
+FIRST_SEEN_LUA = """
+local seen = {}
+for i = 3, #ARGV do
+  local kind, name = string.sub(ARGV[i], 1, 1), string.sub(ARGV[i], 2)
+  if kind == 'r' and redis.call('HEXISTS', KEYS[2], name) == 0 then
+    seen[#seen + 1] = false
+  else
+    local at = redis.call('HGET', KEYS[1], name)
+    if not at or ARGV[2] == 'move' then
+      at = ARGV[1]
+      redis.call('HSET', KEYS[1], name, at)
+    end
+    seen[#seen + 1] = at
+  end
+end
+return seen
+"""
+
+# (Only commands the documented ACL rule allows: scripts are checked too.)
+# Not fenced (an API call): removes runtime entry ARGV[1] and, with ARGV[2] =
+# '1', its progress (state and first-seen time) in the same step, so nothing
+# of a removed entry stays behind and a later entry of that name starts afresh.
+REMOVE_RUNTIME_ENTRY_LUA = """
+local removed = redis.call('HDEL', KEYS[1], ARGV[1])
+if removed == 1 then
+  if ARGV[2] == '1' then
+    redis.call('HDEL', KEYS[3], ARGV[1])
+    redis.call('HDEL', KEYS[4], ARGV[1])
+  end
+  redis.call('INCRBY', KEYS[2], 1)
+end
+return removed
+"""
+
+
+def next_fire_time(entry: Entry, last: datetime | None, first_seen: datetime | None,
+                   now: datetime) -> datetime:
+    """Where the runner puts an entry's next tick when it loads it: after its last
+    claimed fire time; if it never fired, after where the schedule first saw it;
+    if no leader has seen it yet, after ``now``.  ``celery leader schedule``
+    shows the same."""
+    return entry.next_fire_after(last or first_seen or now)
+
+
+class ScheduleStore:
+    """The schedule's entries, overrides and progress, shared through Redis by
+    every replica and both dispatch modes.
+
+    Every key lives under the schedule's name (``leader_name``), whichever
+    election dispatches, so the API need not know which mode runs.
+    """
+
+    def __init__(self, app: Any, lock: RedisLock, entries_name: str | None = None) -> None:
+        self.app = app
+        self.lock = lock
+        self.client = lock.client
+        self.name = entries_name or lock.hash_tag
+        prefix = lock.key_prefix
+
+        def key(suffix: str) -> str:
+            return key_of(prefix, self.name, self.name, f"schedule:{suffix}")
+
+        self.state_key = key("state")
+        self.pending_key = key("pending")
+        self.first_seen_key = key("first-seen")
+        self.entries_key = key("entries")
+        self.version_key = key("version")
+        self.overrides_key = key("overrides")
+        self.dispatcher_key = key("dispatcher")
+        self.migrated_key = key("migrated")
+        self.sent_key = key("sent")  # tickstart.py: pushed, not started yet
+        self.sent_at_key = key("sent-at")
+        self.started_prefix = key("started:")
+        # The standalone beat's own progress before both modes shared one.
+        legacy = f"{self.name}-beat"
+        self.legacy_beat_election = legacy
+        self.legacy_beat_lease_key = key_of(prefix, legacy, legacy, "lease")
+        self.legacy_state_key = key_of(prefix, legacy, legacy, "schedule:state")
+        self.legacy_pending_key = key_of(prefix, legacy, legacy, "schedule:pending")
+        self.legacy_first_seen_key = key_of(prefix, legacy, legacy,
+                                                      "schedule:first-seen")
+        self._first_seen = self.client.register_script(FIRST_SEEN_LUA)
+        self._remove = self.client.register_script(REMOVE_RUNTIME_ENTRY_LUA)
+        self._warned_clashes: set[str] = set()
+
+    # -- beat_schedule entries and their overrides -----------------------------
+
+    def static_entries(self) -> dict[str, Entry]:
+        """The app's ``beat_schedule`` (EntryError for a bad one), overrides applied."""
+        return self.apply_overrides(self._configured())
+
+    def _configured(self) -> dict[str, Entry]:
+        """The app's ``beat_schedule`` as configured (no app: none)."""
+        return entries_from_config(self.app) if self.app is not None else {}
+
+    def overrides(self) -> dict[str, bool]:
+        """beat_schedule entry -> enabled, as set by enable()/disable()."""
+        overrides: dict[str, bool] = {}
+        for raw_name, raw in (self.client.hgetall(self.overrides_key) or {}).items():
+            name = as_text(raw_name)
+            try:
+                value = json.loads(raw)
+                if isinstance(value, dict) and isinstance(value.get("enabled"), bool):
+                    overrides[name] = value["enabled"]
+                    continue
+            except (ValueError, UnicodeDecodeError):
+                pass
+            log.error("celery-leader: ignoring malformed override of entry %r: %r", name, raw)
+        return overrides
+
+    def apply_overrides(self, static: dict[str, Entry]) -> dict[str, Entry]:
+        overrides = self.overrides()
+        return {name: replace(entry, enabled=overrides.get(name, entry.enabled))
+                for name, entry in static.items()}
+
+    def entries(self, static: dict[str, Entry]) -> dict[str, Entry]:
+        """``static`` (beat_schedule, overrides applied) and the runtime entries.  A
+        runtime entry named like a beat_schedule entry (stored before that entry
+        was added to beat_schedule) is ignored, with an error logged once."""
+        entries = self.apply_overrides(static)
+        for name, entry in self.runtime_entries().items():
+            if name not in entries:
+                entries[name] = entry
+            elif name not in self._warned_clashes:
+                self._warned_clashes.add(name)
+                log.error("celery-leader: ignoring runtime entry %r (task %r): beat_schedule "
+                          "has an entry %r (task %r), which wins; remove the runtime one with "
+                          "`celery leader schedule remove %s`", name, entry.task, name,
+                          entries[name].task, name)
+        return entries
+
+    # -- runtime entries (validated before anything is written) --------------
+
+    def add(self, name: str, task: str, schedule: Any, args: Any = (), kwargs: Any = None,
+            options: Any = None, *, enabled: bool = True, catch_up: str | None = None,
+            misfire_grace: float | None = None, replace_existing: bool = False) -> Entry:
+        if not isinstance(name, str) or not name:
+            raise EntryError(f"entry name must be a non-empty string, got {name!r}")
+        spec = {"task": task, "schedule": schedule, "args": args, "kwargs": kwargs or {},
+                "options": options or {}, "catch_up": catch_up,
+                "misfire_grace": misfire_grace, "enabled": enabled}
+        entry = replace(entry_from_config(name, spec, self.app, what="runtime entry"),
+                        runtime=True)
+        encoded = entry_to_json(entry)  # also rejects schedules JSON cannot carry
+        static = self.static_entries().get(name)
+        if static is not None:
+            raise EntryError(
+                f"runtime entry {name!r} (task {task!r}) would clash with beat_schedule entry "
+                f"{name!r} (task {static.task!r}); pick another name (a beat_schedule entry "
+                f"is changed in beat_schedule, and can be disabled and enabled at runtime)")
+        if not replace_existing and self.client.hexists(self.entries_key, name):
+            raise EntryExistsError(f"runtime entry {name!r} already exists; use update()")
+        self._write(name, encoded)
+        return entry
+
+    def update(self, name: str, **changes: Any) -> Entry:
+        spec = self.get(name).spec()
+        unknown = set(changes) - set(spec)
+        if unknown:
+            raise EntryError(f"entry {name!r}: unknown field(s) {', '.join(sorted(unknown))}")
+        spec.update(changes)
+        schedule = spec.pop("schedule")
+        return self.add(name, spec.pop("task"), schedule, replace_existing=True, **spec)
+
+    def enable(self, name: str) -> Entry:
+        """Enable a runtime entry, or a beat_schedule entry (an override in Redis)."""
+        return self._set_enabled(name, True)
+
+    def disable(self, name: str) -> Entry:
+        """Disable a runtime entry, or a beat_schedule entry (an override in Redis,
+        kept until enable(); beat_schedule itself is not changed)."""
+        return self._set_enabled(name, False)
+
+    def _set_enabled(self, name: str, enabled: bool) -> Entry:
+        if self.client.hexists(self.entries_key, name):
+            return self.update(name, enabled=enabled)
+        entry = self._configured().get(name)
+        if entry is None:
+            raise EntryError(f"no entry named {name!r}: neither a runtime entry nor in "
+                             "beat_schedule")
+        pipe = self.client.pipeline()
+        if enabled == entry.enabled:
+            pipe.hdel(self.overrides_key, name)  # back to what beat_schedule says
+        else:
+            pipe.hset(self.overrides_key, name, json.dumps({"enabled": enabled}))
+        pipe.incr(self.version_key)
+        pipe.execute()
+        return replace(entry, enabled=enabled)
+
+    def remove(self, name: str) -> bool:
+        """Remove a runtime entry and its progress; False if there is none.  A
+        beat_schedule entry cannot be removed here (EntryError)."""
+        static = name in self._configured()
+        # Its progress belongs to the beat_schedule entry of that name, if any.
+        removed = self._remove(keys=[self.entries_key, self.version_key, self.state_key,
+                                     self.first_seen_key], args=[name, "0" if static else "1"])
+        if not removed and static:
+            raise EntryError(f"{name!r} is a beat_schedule entry: remove it from beat_schedule, "
+                             f"or disable it (`celery leader schedule disable {name}`)")
+        return bool(removed)
+
+    def get(self, name: str) -> Entry:
+        raw = self.client.hget(self.entries_key, name)
+        if raw is None:
+            if name in self._configured():
+                raise EntryError(f"{name!r} is a beat_schedule entry, not a runtime one: "
+                                 "change it in beat_schedule (it can only be disabled and "
+                                 "enabled at runtime)")
+            raise EntryError(f"no runtime entry named {name!r}")
+        return entry_from_json(name, raw, self.app)
+
+    def _write(self, name: str, encoded: str) -> None:
+        pipe = self.client.pipeline()
+        pipe.hset(self.entries_key, name, encoded)
+        pipe.incr(self.version_key)
+        pipe.execute()
+
+    def runtime_entries(self) -> dict[str, Entry]:
+        """Valid runtime entries; a bad one is logged and skipped, never fatal."""
+        entries: dict[str, Entry] = {}
+        for raw_name, raw in (self.client.hgetall(self.entries_key) or {}).items():
+            name = as_text(raw_name)
+            try:
+                entries[name] = entry_from_json(name, raw, self.app)
+            except EntryError as exc:
+                log.error("celery-leader: skipping runtime entry: %s", exc)
+        return entries
+
+    def version(self) -> int:
+        raw = self.client.get(self.version_key)
+        try:
+            return int(raw or 0)
+        except ValueError:
+            return -1
+
+    # -- progress -------------------------------------------------------------
+
+    def first_seen(self, entries: Iterable[Entry], now_ms: int,
+                   move: bool = False) -> dict[str, int]:
+        """When the schedule first saw each entry (``now_ms`` if never, or with
+        ``move``): where an interval entry that has not fired yet is anchored,
+        whoever leads.  A runtime entry removed meanwhile is left out."""
+        entries = list(entries)
+        if not entries:
+            return {}
+        seen: dict[str, int] = {}
+        replies = self._first_seen(
+            keys=[self.first_seen_key, self.entries_key],
+            args=[now_ms, "move" if move else "keep",
+                  *(("r" if e.runtime else "s") + e.name for e in entries)])
+        for entry, raw in zip(entries, replies, strict=True):
+            if raw is None:
+                continue  # a runtime entry that was removed
+            try:
+                seen[entry.name] = int(raw)
+            except (TypeError, ValueError):
+                log.error("celery-leader: ignoring malformed first-seen time for %r: %r",
+                          entry.name, raw)
+                seen[entry.name] = now_ms
+        return seen
+
+    def first_seen_times(self) -> dict[str, int]:
+        """Every recorded first-seen time (read only)."""
+        times: dict[str, int] = {}
+        for raw_name, raw in (self.client.hgetall(self.first_seen_key) or {}).items():
+            try:
+                times[as_text(raw_name)] = int(raw)
+            except (TypeError, ValueError):
+                continue
+        return times
+
+    def states(self, key: str | None = None) -> dict[str, dict[str, Any]]:
+        states: dict[str, dict[str, Any]] = {}
+        for raw_name, raw in (self.client.hgetall(key or self.state_key) or {}).items():
+            name = as_text(raw_name)
+            try:
+                value = json.loads(raw)
+                if isinstance(value, dict) and isinstance(value.get("last"), int):
+                    states[name] = value
+                    continue
+            except (ValueError, UnicodeDecodeError):
+                pass
+            log.error("celery-leader: ignoring malformed schedule state for %r: %r", name, raw)
+        return states
+
+    def dispatcher(self) -> dict[str, Any] | None:
+        """The leadership that owns the schedule, as last recorded (it may have ended)."""
+        raw = self.client.get(self.dispatcher_key)
+        try:
+            owner = json.loads(raw) if raw is not None else None
+        except (ValueError, UnicodeDecodeError):
+            return None
+        return owner if isinstance(owner, dict) else None
+
+    # -- reports (``celery leader schedule``) ---------------------------------
+
+    def report(self) -> list[dict[str, Any]]:
+        """Every entry with its schedule, next and last fire time, and the term and
+        election that claimed its last fire time.  The next fire time is the one the
+        runner computes (:func:`next_fire_time`), from the state and first-seen time."""
+        entries = self.entries(self._configured())
+        states = self.states()
+        # Progress of a standalone beat that has not been merged yet (an older version).
+        for name, state in self.states(self.legacy_state_key).items():
+            if name not in states or state["last"] > states[name]["last"]:
+                states[name] = {"election": self.legacy_beat_election, **state}
+        first_seen = self.first_seen_times()
+        now = datetime.now(UTC)
+        rows = []
+        for name, entry in sorted(entries.items()):
+            state = states.get(name, {})
+            last = from_ms(state["last"]) if "last" in state else None
+            seen = from_ms(first_seen[name]) if name in first_seen else None
+            rows.append({
+                "name": name, "task": entry.task, "schedule": entry.describe_schedule(),
+                "enabled": entry.enabled, "runtime": entry.runtime,
+                "last_fire_time": last.isoformat() if last else None,
+                "next_fire_time": next_fire_time(entry, last, seen, now).isoformat()
+                if entry.enabled else None,
+                "term": state.get("term"),
+                "election": state.get("election", self.name if state else None),
+            })
+        return rows
+
+    def owner(self) -> dict[str, Any] | None:
+        """The leadership recorded as owning the schedule, and whether it still leads
+        its election (``leading``); None if no leader has dispatched it yet."""
+        owner = self.dispatcher()
+        if owner is None:
+            return None
+        election = str(owner.get("election", ""))
+        lease = self.client.get(key_of(self.lock.key_prefix, election, self.name,
+                                       "lease")) if election else None
+        try:
+            record = json.loads(lease) if lease is not None else {}
+        except (ValueError, UnicodeDecodeError):
+            record = {}
+        leading = isinstance(record, dict) and record.get("holderIdentity") == owner.get(
+            "identity") and record.get("term") == owner.get("term")
+        return {**owner, "mode": "beat" if election != self.name else "worker",
+                "leading": leading}

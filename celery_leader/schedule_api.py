@@ -1,0 +1,84 @@
+"""The schedule of a Celery app, reached from its ``leader_*`` settings: the
+runtime-entry API (``ScheduleStore.for_app(app)``) and what ``celery leader
+schedule`` shows.
+
+Celery glue over :mod:`celery_leader.schedule.store`: the store itself takes a
+lock and a name; only here are they read from the app's settings.
+
+It is also the module's old name, ``celery_leader.scheduler``: the names that
+module had (the runner's and the store's) are importable from here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .schedule import store
+from .schedule.runner import (
+    ADOPT_PENDING_LUA,
+    CLAIM_TICK_LUA,
+    MIGRATE_LEGACY_LUA,
+    NOT_DISPATCHER,
+    OWN_SCHEDULE_LUA,
+    OWNED_LUA,
+    PUBLISH_TICK_LUA,
+    TAKE_SCHEDULE_LUA,
+    TASK_ID_NAMESPACE,
+    TICK_ALREADY_CLAIMED,
+    TICK_CLAIMED,
+    TICK_ENTRY_REMOVED,
+    ScheduleRunner,
+    ScheduleTakenOver,
+    beat_election_name,
+)
+from .schedule.store import FIRST_SEEN_LUA, REMOVE_RUNTIME_ENTRY_LUA, next_fire_time
+from .settings import beat_lock, read_settings
+
+__all__ = [
+    "ADOPT_PENDING_LUA",
+    "API_IDENTITY",
+    "CLAIM_TICK_LUA",
+    "FIRST_SEEN_LUA",
+    "MIGRATE_LEGACY_LUA",
+    "NOT_DISPATCHER",
+    "OWNED_LUA",
+    "OWN_SCHEDULE_LUA",
+    "PUBLISH_TICK_LUA",
+    "REMOVE_RUNTIME_ENTRY_LUA",
+    "TAKE_SCHEDULE_LUA",
+    "TASK_ID_NAMESPACE",
+    "TICK_ALREADY_CLAIMED",
+    "TICK_CLAIMED",
+    "TICK_ENTRY_REMOVED",
+    "ScheduleRunner",
+    "ScheduleStore",
+    "ScheduleTakenOver",
+    "beat_election_name",
+    "beat_lock",
+    "next_fire_time",
+    "schedule_owner",
+    "schedule_report",
+]
+
+API_IDENTITY = "celery-leader-api"
+"""The identity of the lock the API builds (it never elects: keys and client only)."""
+
+
+class ScheduleStore(store.ScheduleStore):
+    """:class:`celery_leader.schedule.store.ScheduleStore`, plus the constructor
+    from a Celery app's settings."""
+
+    @classmethod
+    def for_app(cls, app: Any) -> ScheduleStore:
+        settings = read_settings(app)
+        return cls(app, settings.lock(API_IDENTITY), entries_name=settings.name)
+
+
+def schedule_report(app: Any) -> list[dict[str, Any]]:
+    """:meth:`ScheduleStore.report` of ``app``'s schedule."""
+    return ScheduleStore.for_app(app).report()
+
+
+def schedule_owner(app: Any) -> dict[str, Any] | None:
+    """:meth:`ScheduleStore.owner` of ``app``'s schedule."""
+    return ScheduleStore.for_app(app).owner()
