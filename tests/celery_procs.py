@@ -13,6 +13,7 @@ with the test's own ``time.monotonic()``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -20,11 +21,12 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
+import pytest
 import redis
 
 from tests.waiting import wait_until as _wait_until
@@ -249,3 +251,40 @@ class Cluster:
             except subprocess.TimeoutExpired:
                 worker.process.send_signal(signal.SIGKILL)
                 worker.process.wait(10)
+
+
+class _Stoppable(Protocol):
+    events: Events
+
+    def stop(self) -> Any: ...
+
+
+S = TypeVar("S", bound=_Stoppable)
+
+
+@contextlib.contextmanager
+def stopped_at_end(request: pytest.FixtureRequest, processes: S,
+                   describe: Callable[[], str]) -> Iterator[S]:
+    """Yield ``processes``; at the end stop every one by PID, and if the test
+    failed print ``describe()`` past pytest's capture (teardown output of a
+    failed test is otherwise lost)."""
+    failed_before = request.session.testsfailed
+    try:
+        yield processes
+    finally:
+        try:
+            processes.stop()
+        finally:
+            if request.session.testsfailed > failed_before:
+                show_past_capture(request, describe())
+            processes.events.close()
+
+
+def show_past_capture(request: pytest.FixtureRequest, text: str) -> None:
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is None:
+        print(text)
+        return
+    reporter.write_line("")
+    for line in text.splitlines():
+        reporter.write_line(line)

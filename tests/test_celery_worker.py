@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from celery_leader.embedded import free_port
-from tests.celery_procs import FAILOVER_BOUND, LEASE, Cluster, Worker, wait_until
+
+from tests.celery_procs import FAILOVER_BOUND, LEASE, Cluster, Worker, stopped_at_end, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -35,29 +35,11 @@ BOOT = 45.0  # generous: several interpreters importing Celery on 2 cores
 @pytest.fixture
 def cluster(request: pytest.FixtureRequest, tmp_path: Path, redis_url: str,
             election_name: str) -> Iterator[Cluster]:
-    cluster = Cluster(tmp_path, redis_url, election_name)
-    failed_before = request.session.testsfailed
-    try:
-        yield cluster
-    finally:
-        try:
-            cluster.stop()
-        finally:
-            if request.session.testsfailed > failed_before:
-                _show(request, f"worker output ({tmp_path}):\n{cluster.logs()}\n"
-                               f"{cluster.events.dump()}")
-            cluster.events.close()
+    made = Cluster(tmp_path, redis_url, election_name)
+    with stopped_at_end(request, made, lambda: f"worker output ({tmp_path}):\n"
+                        f"{made.logs()}\n{made.events.dump()}"):
+        yield made
 
-
-def _show(request: pytest.FixtureRequest, text: str) -> None:
-    """Print past pytest's capture: teardown output of a failed test is otherwise lost."""
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is None:
-        print(text)
-        return
-    reporter.write_line("")
-    for line in text.splitlines():
-        reporter.write_line(line)
 
 
 def boot(cluster: Cluster, count: int, pool: str = "prefork",

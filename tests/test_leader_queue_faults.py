@@ -41,7 +41,7 @@ import pytest
 import redis
 from celery import Celery
 
-from tests.celery_procs import FAILOVER_BOUND, Cluster, Worker, wait_until
+from tests.celery_procs import FAILOVER_BOUND, Cluster, Worker, stopped_at_end, wait_until
 from tests.leader_runs import (
     IN_FLIGHT,
     Interruption,
@@ -189,28 +189,11 @@ class Stream(threading.Thread):
 @pytest.fixture
 def faults(request: pytest.FixtureRequest, tmp_path: Path, redis_url: str,
            election_name: str) -> Iterator[FaultCluster]:
-    cluster = FaultCluster(tmp_path, redis_url, election_name)
-    failed_before = request.session.testsfailed
-    try:
-        yield cluster
-    finally:
-        try:
-            cluster.stop()
-        finally:
-            if request.session.testsfailed > failed_before:
-                _show(request, f"worker output ({tmp_path}):\n{cluster.describe()}")
-            cluster.events.close()
+    made = FaultCluster(tmp_path, redis_url, election_name)
+    with stopped_at_end(request, made,
+                        lambda: f"worker output ({tmp_path}):\n{made.describe()}"):
+        yield made
 
-
-def _show(request: pytest.FixtureRequest, text: str) -> None:
-    """Print past pytest's capture: teardown output of a failed test is otherwise lost."""
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is None:
-        print(text)
-        return
-    reporter.write_line("")
-    for line in text.splitlines():
-        reporter.write_line(line)
 
 
 # ---------------------------------------------------------------- the check

@@ -529,7 +529,7 @@ def exercise_beat_schedule(client: Any, name: str) -> None:
     assert runner._claim_and_publish(entry, datetime(2030, 1, 1, tzinfo=UTC), record.term,
                                      publish=True)
     assert runner.store.dispatcher() == {"election": f"{name}-beat", "identity": "beat",
-                                         "term": record.term}
+                                         "holder": beats.holder(), "term": record.term}
     assert beats.release(record.term)
 
 

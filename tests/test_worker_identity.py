@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from celery_leader.embedded import free_port
-from tests.celery_procs import LEASE, Cluster, Worker, wait_until
+
+from tests.celery_procs import LEASE, Cluster, Worker, stopped_at_end, wait_until
 from tests.fakes import observe
 
 pytestmark = pytest.mark.integration
@@ -30,20 +30,9 @@ WARNING = f"identity {IDENTITY!r} is in use by another running elector"
 @pytest.fixture
 def cluster(request: pytest.FixtureRequest, tmp_path: Path, redis_url: str,
             election_name: str) -> Iterator[Cluster]:
-    cluster = Cluster(tmp_path, redis_url, election_name)
-    failed_before = request.session.testsfailed
-    try:
-        yield cluster
-    finally:
-        try:
-            cluster.stop()
-        finally:
-            if request.session.testsfailed > failed_before:
-                reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-                if reporter is not None:  # teardown output is otherwise captured and lost
-                    for line in (cluster.logs() + "\n" + cluster.events.dump()).splitlines():
-                        reporter.write_line(line)
-            cluster.events.close()
+    made = Cluster(tmp_path, redis_url, election_name)
+    with stopped_at_end(request, made, lambda: made.logs() + "\n" + made.events.dump()):
+        yield made
 
 
 def leader_view(port: int) -> dict[str, Any]:
