@@ -14,6 +14,7 @@ from .config import ConfigurationError
 from .decorators import LEADER_ONLY_TASKS
 from .elections import ROLE_WORKERS, mark_role
 from .settings import LeaderSettings, read_settings
+from .tlscheck import check_tls
 from .worker import (
     LeaderController,
     LeaderQueueStep,
@@ -103,6 +104,7 @@ def controller_for_worker(worker: Any, options: dict[str, Any]) -> LeaderControl
                 "threads or solo"
             )
         settings = _with_cli_overrides(read_settings(app), options)
+        check_tls(app, settings)  # a certificate problem stops the worker now, named
         controller = LeaderController(app, settings, hostname=worker.hostname)
     lock = controller.lock
     # Each new leader labels the election for `celery leader status --all`.
