@@ -3,7 +3,10 @@
 - A plain block runs on its own, in a fresh interpreter started from the
   repository root, with REDIS_URL (and EXAMPLE_REDIS_URL) naming a flushed
   database of the test Redis; blocks that mention REDIS_SENTINEL_URL or
-  REDIS_CLUSTER_URL also get a real Sentinel or a one-node Redis Cluster.
+  REDIS_CLUSTER_URL also get a real Sentinel or a one-node Redis Cluster, and
+  blocks that mention REDIS_TLS_URL a TLS-only Redis requiring client
+  certificates, with REDIS_TLS_CERTS naming the directory of ca.pem, client.pem
+  and client.key (tests/tlsredis.py).
 - ``<!-- excerpt: example_project/x.py -->`` just before the fence: the block
   must appear verbatim in that file (which the demo test runs), so what the
   README shows is what the example project does.
@@ -151,6 +154,10 @@ def snippet_env(request: pytest.FixtureRequest, redis_url: str, code: str) -> di
         env["REDIS_SENTINEL_URL"] = f"{request.getfixturevalue('sentinel_url')}/{db}"
     if "REDIS_CLUSTER_URL" in code:
         env["REDIS_CLUSTER_URL"] = request.getfixturevalue("cluster_url")
+    if "REDIS_TLS_URL" in code:
+        server = request.getfixturevalue("mtls_server")
+        env["REDIS_TLS_URL"] = server.fresh_url().split("?", 1)[0]
+        env["REDIS_TLS_CERTS"] = str(server.certs.directory)
     return env
 
 

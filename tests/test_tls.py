@@ -4,7 +4,8 @@
   ``rediss://`` with CA verification and a client certificate (the server has
   ``tls-auth-clients yes``) elect, dispatch a worker-embedded beat entry, and
   fail over after SIGKILL; one replica is configured with the options as
-  settings, the other with them in the URL (docs/deployment.md shows both).
+  settings, the other with them in the URL (docs/deployment.md shows both);
+  ``celery leader status`` reads the lease over TLS.
 - A certificate problem is one ``celery-leader: configuration error: ...`` line
   naming the setting, and exit status 2, at worker start (celery_leader/tlscheck.py),
   not a connection error retried forever; each kind is checked on its own
@@ -75,6 +76,10 @@ def test_two_replicas_elect_dispatch_and_fail_over_over_mutual_tls(cluster: Clus
     assert new_leader is survivor
     cluster.events.wait_kind("tick", 20, where=lambda e: e["term"] == taken["term"],
                              what=f"a tick sent by the new leader (term {taken['term']})")
+    # The command line reads the lease over TLS too.
+    status = cluster.celery("leader", "status")
+    assert status.returncode == 0 and taken["identity"] in status.stdout, \
+        status.stdout + status.stderr
     logs = cluster.logs()
     for problem in ("Traceback", "CERTIFICATE", "SSL", "configuration error",
                     # the fenced publish and the leader queue see the broker and the
