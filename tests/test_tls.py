@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import signal
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -228,3 +229,19 @@ def test_no_message_shows_the_password(tls_server: TLSRedis, tls_certificates: A
                     leader_redis_options={"ssl_ca_certs": str(tls_certificates.wrong_ca)})
     assert message is not None and "cannot be verified" in message
     assert "s3cret" not in message and "someone" not in message
+
+
+def test_an_encrypted_key_without_its_password_is_named(tls_server: TLSRedis,
+                                                        tls_certificates: Any,
+                                                        tmp_path: Path) -> None:
+    """Never an interactive passphrase prompt at start-up: an error naming ssl_password."""
+    encrypted = tmp_path / "client-encrypted.key"
+    subprocess.run(["openssl", "pkey", "-in", str(tls_certificates.client_key), "-aes256",
+                    "-passout", "pass:s3cret", "-out", str(encrypted)], check=True,
+                   capture_output=True, timeout=30, stdin=subprocess.DEVNULL)
+    options = {**tls_server.tls_options(), "ssl_keyfile": str(encrypted)}
+    assert check(leader_redis_url=tls_server.url, leader_redis_options=options) == (
+        "leader_redis_options['ssl_keyfile'] is encrypted: set "
+        "leader_redis_options['ssl_password']")
+    assert check(leader_redis_url=tls_server.url,
+                 leader_redis_options={**options, "ssl_password": "s3cret"}) is None
