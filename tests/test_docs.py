@@ -232,6 +232,16 @@ def documented_acl_rule() -> str:
     return match.group(1)
 
 
+def documented_broker_grant(queues: str) -> list[str]:
+    """The optional grant's ACL rules, for queues named ``<queues>...``."""
+    text = (ROOT / "docs" / "deployment.md").read_text()
+    match = re.search(r"^ACL SETUSER celery-leader (.+)$", text, re.M)
+    assert match, "docs/deployment.md has no 'ACL SETUSER celery-leader ...' grant line"
+    rules = match.group(1).split()
+    assert "~celery*" in rules, rules
+    return [f"~{queues}*" if rule == "~celery*" else rule for rule in rules]
+
+
 # Denials the page documents as optional (or as refused on purpose): redis-py's
 # CLIENT SETINFO / MAINT_NOTIFICATIONS on connect, the start-up CONFIG GET, the
 # SCAN of `celery leader status --all`; and, by key, the fenced pushes to the
@@ -240,23 +250,28 @@ OPTIONAL_DENIALS = (b"client", b"config", b"scan")
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("broker_grant", [False, True], ids=["rule", "rule-and-broker-grant"])
 def test_documented_acl_rule_is_enough_for_workers_beat_and_the_cli(
-        redis_url: str, tmp_path: Path) -> None:
+        redis_url: str, tmp_path: Path, broker_grant: bool) -> None:
     """Everything celery-leader runs, as a user limited by the documented rule
     (the broker on the default user): two workers that lead, dispatch, hand over
     on `celery leader step-down` and fail over after SIGKILL; a standalone
     `celery beat -S leader` that takes over the schedule and steps down; and the
     command line (status, status --all, schedule, schedule add/remove, step-down).
     Redis denies nothing but the optional calls the page lists, so a new script
-    or command that needs more fails here until the rule (and its table) says so."""
+    or command that needs more fails here until the rule (and its table) says so.
+    With the documented optional grant of the broker's queue keys, nothing falls
+    back: ticks are pushed in their fenced script, and tracked until they start."""
     admin = redis.Redis.from_url(redis_url)
     user = f"celery-leader-{uuid.uuid4().hex[:8]}"
+    name = f"acl-{uuid.uuid4().hex[:6]}"
     rule = documented_acl_rule().replace(">CHANGE-ME", ">s3cret").split()
     admin.execute_command("ACL", "SETUSER", user, "reset", *rule)
+    if broker_grant:  # the page's line, for queues named after this election
+        admin.execute_command("ACL", "SETUSER", user, *documented_broker_grant(name))
     admin.execute_command("ACL", "LOG", "RESET")
     parsed = urlparse(redis_url)
     leader_url = f"redis://{user}:s3cret@{parsed.hostname}:{parsed.port}{parsed.path}"
-    name = f"acl-{uuid.uuid4().hex[:6]}"
     env = {key: value for key, value in os.environ.items()
            if not key.startswith(("EXAMPLE_", "CELERY_"))}
     env.update(EXAMPLE_REDIS_URL=redis_url, EXAMPLE_LEADER_REDIS_URL=leader_url,
@@ -347,7 +362,8 @@ def test_documented_acl_rule_is_enough_for_workers_beat_and_the_cli(
         assert beat_holder.endswith(f":{beat.pid}")
         processes[worker_of(first)].send_signal(signal.SIGTERM)
         wait_until(lambda: "dispatched by: standalone beat" in cli("schedule").stdout, 30,
-                   "the standalone beat to dispatch the schedule", logs)
+                   "the standalone beat to dispatch the schedule", logs, interval=0.5)
+        wait_until(lambda: admin.llen(name) > 0, 30, "a tick the beat sent", logs)
         ok(cli("status", "--name", f"{name}-beat"), beat_holder)
         ok(cli("step-down", "--name", f"{name}-beat"), "is stepping down")
     finally:
@@ -367,17 +383,24 @@ def test_documented_acl_rule_is_enough_for_workers_beat_and_the_cli(
                if ("NOPERM" in line or "no permissions" in line.lower())
                and "may not push to the broker's queue" not in line]
     assert not refused, everything
-    # The optional +lpush on the queue keys is not in the rule: each process that
-    # dispatched warns once, and publishes the tick after its claim.
-    for label in ("w1", "beat"):
-        text = (tmp_path / f"{label}.log").read_text()
-        assert text.count("may not push to the broker's queue") == 1, logs()
-    # Nor may the leader take from the leader queue: one warning, kombu consumes it.
-    assert (tmp_path / "w1.log").read_text().count("may not take from the leader queue") == 1
+    w1_log = (tmp_path / "w1.log").read_text()
+    if broker_grant:
+        # Nothing fell back: ticks were pushed in their fenced script (and tracked
+        # until they started), the leader queue taken in its own.
+        assert "may not" not in everything, everything
+    else:
+        # Without the optional +lpush on the queue keys each process that dispatched
+        # warns once, and publishes the tick after its claim.
+        for label in ("w1", "beat"):
+            text = (tmp_path / f"{label}.log").read_text()
+            assert text.count("may not push to the broker's queue") == 1, logs()
+        # Nor may the leader take from the leader queue: one warning, kombu consumes it.
+        assert w1_log.count("may not take from the leader queue") == 1, w1_log
     denied = [entry for entry in admin.execute_command("ACL", "LOG")
               if entry[b"username"].decode() == user]
     admin.execute_command("ACL", "DELUSER", user)
+    allowed_keys = () if broker_grant else (name.encode(), f"{name}-leader".encode())
     unexpected = [entry for entry in denied if entry[b"object"] not in OPTIONAL_DENIALS
-                  and not (entry[b"reason"] == b"key"
-                           and entry[b"object"] in (name.encode(), f"{name}-leader".encode()))]
-    assert not unexpected, [entry.get(b"client-info") for entry in unexpected]
+                  and not (entry[b"reason"] == b"key" and entry[b"object"] in allowed_keys)]
+    assert not unexpected, [(entry.get(b"object"), entry.get(b"client-info"))
+                            for entry in unexpected]
