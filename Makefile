@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint typecheck unit demo bench clean
+.PHONY: test lint typecheck tls-redis unit demo bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,7 +18,11 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy --strict celery_leader
 
-test: lint typecheck
+# Debian's redis-server (built with TLS) for tests/test_tls.py; its service never starts.
+tls-redis:
+	@sh tests/tls/install-redis-server.sh
+
+test: lint typecheck tls-redis
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 demo: $(STAMP)

@@ -56,7 +56,7 @@ class LeaderSettings:
     beat: bool = True
     queue: str = "celery_leader"
     healthz_port: int | None = None
-    healthz_host: str = "0.0.0.0"
+    healthz_host: str = "127.0.0.1"
     catch_up: str = "latest"
     misfire_grace: float | None = None
     wait_replicas: int = 0
@@ -179,7 +179,7 @@ def read_settings(app: Any) -> LeaderSettings:
         beat=get("leader_beat", True, _bool),
         queue=leader_queue(app),
         healthz_port=get("leader_healthz_port", None, _optional_port),
-        healthz_host=get("leader_healthz_host", "0.0.0.0", _name),
+        healthz_host=get("leader_healthz_host", "127.0.0.1", _name),
         catch_up=get("leader_catch_up", "latest", _catch_up),
         misfire_grace=get("leader_misfire_grace", None, _optional_seconds),
         wait_replicas=get("leader_wait_replicas", 0, _count),

@@ -47,6 +47,7 @@ from .settings import (
     read_settings,
 )
 from .state import LEADER_ONLY_TASKS, shared_leadership
+from .tlscheck import check_tls
 
 __all__ = ["LeaderController", "LeaderQueueStep", "LeaderWorkerStep", "LeadershipHook",
            "controller_for_worker", "current_controller", "on_worker_shutdown", "run_elector"]
@@ -314,6 +315,7 @@ def controller_for_worker(worker: Any, options: dict[str, Any]) -> LeaderControl
                 "threads or solo"
             )
         settings = _with_cli_overrides(read_settings(app), options)
+        check_tls(app, settings)  # a certificate problem: one line now, not retries forever
         controller = LeaderController(app, settings, hostname=worker.hostname)
     lock = controller.lock
     # Each new leader labels the election for `celery leader status --all`.

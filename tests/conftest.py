@@ -1,4 +1,5 @@
-"""Shared fixtures: one real redis-server per test session (or REDIS_URL).
+"""Shared fixtures: one real redis-server per test session (or REDIS_URL), and
+TLS-only ones (tests/tlsredis.py), started only for the tests that ask for them.
 
 Each test gets its own database number (flushed first) and a unique election
 name, so tests never see each other's keys.  The server is stopped by PID.
@@ -15,6 +16,7 @@ import pytest
 import redis
 
 from celery_leader.embedded import EmbeddedRedis
+from tests.tlsredis import Certificates, TLSRedis, new_certificates, remove_certificates
 
 DATABASES = 256
 _db_numbers = itertools.cycle(range(1, DATABASES))
@@ -65,3 +67,37 @@ def redis_client(redis_url: str) -> Iterator[redis.Redis]:
 @pytest.fixture
 def election_name() -> str:
     return f"test-{uuid.uuid4().hex[:8]}"
+
+
+# ----------------------------------------------------------------- TLS
+
+@pytest.fixture(scope="session")
+def tls_certificates() -> Iterator[Certificates]:
+    """A throw-away CA, server and client certificates (tests/tlsredis.py)."""
+    certs = new_certificates()
+    try:
+        yield certs
+    finally:
+        remove_certificates(certs)
+
+
+@pytest.fixture(scope="session")
+def tls_server(tls_certificates: Certificates) -> Iterator[TLSRedis]:
+    """A TLS-only redis-server that verifies no client certificate."""
+    server = TLSRedis(tls_certificates, auth_clients="no")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def mtls_server(tls_certificates: Certificates) -> Iterator[TLSRedis]:
+    """A TLS-only redis-server that requires a client certificate (mutual TLS)."""
+    server = TLSRedis(tls_certificates, auth_clients="yes")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.cleanup()

@@ -18,12 +18,12 @@ from typing import Any
 import pytest
 import redis
 from celery import Celery
+
 from celery_leader.entries import entry_from_config
 from celery_leader.publish import Unsupported, capture_redis_publish, same_redis
 from celery_leader.redislock import RedisLock
-from celery_leader.scheduler import ScheduleRunner
-
 from celery_leader.schedule import runner as scheduler
+from celery_leader.scheduler import ScheduleRunner
 from celery_leader.settings import LeaderSettings
 from tests.test_docs import documented_acl_rule
 from tests.test_scheduler_unit import lead

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from celery_leader.embedded import free_port
 
+from celery_leader.embedded import free_port
 from tests.celery_procs import FAILOVER_BOUND, LEASE, Cluster, Worker, stopped_at_end, wait_until
 
 pytestmark = pytest.mark.integration
@@ -262,7 +262,7 @@ def test_a_healthz_port_in_use_stops_the_worker_with_one_clear_line(cluster: Clu
     assert code == 2, worker.log()
     lines = _without_root_warning(stderr)
     assert lines == [f"celery-leader: configuration error: leader_healthz_port {port} cannot "
-                     f"be served on 0.0.0.0: Address already in use"], stderr
+                     f"be served on 127.0.0.1: Address already in use"], stderr
     assert "Traceback" not in worker.log()
     assert cluster.events.of("started_leading") == []
 

@@ -3,19 +3,23 @@
 - A plain block runs on its own, in a fresh interpreter started from the
   repository root, with REDIS_URL (and EXAMPLE_REDIS_URL) naming a flushed
   database of the test Redis; blocks that mention REDIS_SENTINEL_URL or
-  REDIS_CLUSTER_URL also get a real Sentinel or a one-node Redis Cluster.
+  REDIS_CLUSTER_URL also get a real Sentinel or a one-node Redis Cluster, and
+  blocks that mention REDIS_TLS_URL a TLS-only Redis requiring client
+  certificates, with REDIS_TLS_CERTS naming the directory of ca.pem, client.pem
+  and client.key (tests/tlsredis.py); POD_IP is 127.0.0.1.
 - ``<!-- excerpt: example_project/x.py -->`` just before the fence: the block
   must appear verbatim in that file (which the demo test runs), so what the
   README shows is what the example project does.
 - ``<!-- no-test -->`` just before the fence: a fragment that cannot run on
   its own; used sparingly (see MAX_NO_TEST).
 
-The documented Redis ACL rule is also tried for real: a worker of the example
-project elects, dispatches and answers the CLI as a user limited by it.
+The documented Redis ACL rule is also tried for real: workers of the example
+project, a standalone beat and the command line run as a user limited by it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -34,6 +38,7 @@ import redis
 
 from celery_leader.embedded import EmbeddedRedis, free_port, redis_server_binary
 from example_project import audit
+from tests.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -151,6 +156,12 @@ def snippet_env(request: pytest.FixtureRequest, redis_url: str, code: str) -> di
         env["REDIS_SENTINEL_URL"] = f"{request.getfixturevalue('sentinel_url')}/{db}"
     if "REDIS_CLUSTER_URL" in code:
         env["REDIS_CLUSTER_URL"] = request.getfixturevalue("cluster_url")
+    if "POD_IP" in code:  # the downward API's status.podIP, in docs/deployment.md
+        env["POD_IP"] = "127.0.0.1"
+    if "REDIS_TLS_URL" in code:
+        server = request.getfixturevalue("mtls_server")
+        env["REDIS_TLS_URL"] = server.fresh_url().split("?", 1)[0]
+        env["REDIS_TLS_CERTS"] = str(server.certs.directory)
     return env
 
 
@@ -221,74 +232,175 @@ def documented_acl_rule() -> str:
     return match.group(1)
 
 
+def documented_broker_grant(queues: str) -> list[str]:
+    """The optional grant's ACL rules, for queues named ``<queues>...``."""
+    text = (ROOT / "docs" / "deployment.md").read_text()
+    match = re.search(r"^ACL SETUSER celery-leader (.+)$", text, re.M)
+    assert match, "docs/deployment.md has no 'ACL SETUSER celery-leader ...' grant line"
+    rules = match.group(1).split()
+    assert "~celery*" in rules, rules
+    return [f"~{queues}*" if rule == "~celery*" else rule for rule in rules]
+
+
+# Denials the page documents as optional (or as refused on purpose): redis-py's
+# CLIENT SETINFO / MAINT_NOTIFICATIONS on connect, the start-up CONFIG GET, the
+# SCAN of `celery leader status --all`; and, by key, the fenced pushes to the
+# broker's queues (named after the election in this test).
+OPTIONAL_DENIALS = (b"client", b"config", b"scan")
+
+
 @pytest.mark.integration
-def test_documented_acl_rule_is_enough_for_a_worker(redis_url: str, tmp_path: Path) -> None:
-    """A worker whose election runs as a user limited by the documented rule
-    (broker on the default user) leads, dispatches, and serves the CLI; Redis
-    denies it nothing but the optional calls the page lists."""
+@pytest.mark.parametrize("broker_grant", [False, True], ids=["rule", "rule-and-broker-grant"])
+def test_documented_acl_rule_is_enough_for_workers_beat_and_the_cli(
+        redis_url: str, tmp_path: Path, broker_grant: bool) -> None:
+    """Everything celery-leader runs, as a user limited by the documented rule
+    (the broker on the default user): two workers that lead, dispatch, hand over
+    on `celery leader step-down` and fail over after SIGKILL; a standalone
+    `celery beat -S leader` that takes over the schedule and steps down; and the
+    command line (status, status --all, schedule, schedule add/remove, step-down).
+    Redis denies nothing but the optional calls the page lists, so a new script
+    or command that needs more fails here until the rule (and its table) says so.
+    With the documented optional grant of the broker's queue keys, nothing falls
+    back: ticks are pushed in their fenced script, and tracked until they start."""
     admin = redis.Redis.from_url(redis_url)
     user = f"celery-leader-{uuid.uuid4().hex[:8]}"
+    name = f"acl-{uuid.uuid4().hex[:6]}"
     rule = documented_acl_rule().replace(">CHANGE-ME", ">s3cret").split()
     admin.execute_command("ACL", "SETUSER", user, "reset", *rule)
+    if broker_grant:  # the page's line, for queues named after this election
+        admin.execute_command("ACL", "SETUSER", user, *documented_broker_grant(name))
     admin.execute_command("ACL", "LOG", "RESET")
     parsed = urlparse(redis_url)
     leader_url = f"redis://{user}:s3cret@{parsed.hostname}:{parsed.port}{parsed.path}"
-    name = f"acl-{uuid.uuid4().hex[:6]}"
     env = {key: value for key, value in os.environ.items()
            if not key.startswith(("EXAMPLE_", "CELERY_"))}
     env.update(EXAMPLE_REDIS_URL=redis_url, EXAMPLE_LEADER_REDIS_URL=leader_url,
                EXAMPLE_LEADER_NAME=name, EXAMPLE_LEASE_DURATION="2",
                EXAMPLE_RENEW_DEADLINE="1.4", EXAMPLE_RETRY_PERIOD="0.3",
                EXAMPLE_TASK_QUEUE=name, EXAMPLE_LEADER_QUEUE=f"{name}-leader",
-               PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
-    log_path = tmp_path / "worker.log"
+               PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
     celery = [sys.executable, "-m", "celery", "-A", "example_project.app"]
-    with open(log_path, "wb") as out:
-        worker = subprocess.Popen([*celery, "worker", "--pool", "solo", "-n", "acl@%h",
-                                   "-l", "info", "--without-mingle", "--without-gossip"],
-                                  cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                  stdin=subprocess.DEVNULL, start_new_session=True)
+    processes: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(label: str, *args: str) -> subprocess.Popen[bytes]:
+        with open(tmp_path / f"{label}.log", "wb") as out:
+            processes[label] = subprocess.Popen(
+                [*celery, *args], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, start_new_session=True)
+        return processes[label]
+
+    def logs() -> str:
+        return "\n".join(f"===== {label} (exit {process.poll()}) =====\n"
+                         + (tmp_path / f"{label}.log").read_text(errors="replace")
+                         for label, process in processes.items())
+
+    def holder(election: str) -> tuple[str, int] | None:
+        key = (f"celery-leader:{{{name}}}:lease" if election == name
+               else f"celery-leader:{{{name}}}:{election}:lease")
+        raw = admin.get(key)
+        record = json.loads(raw) if raw else {}
+        identity = record.get("holderIdentity")
+        return (identity, int(record["term"])) if identity else None
+
+    def new_holder(election: str, than: str = "", after_term: int = 0) -> tuple[str, int]:
+        def found() -> tuple[str, int] | None:
+            current = holder(election)
+            return current if current and current[0] != than and current[1] > after_term \
+                else None
+        return wait_until(found, 30, f"a leader of {election} other than {than!r}", logs)
+
+    def worker_of(identity: str) -> str:
+        return next(label for label, process in processes.items()
+                    if identity.endswith(f":{process.pid}"))
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*celery, "leader", *args], cwd=ROOT, env=env, text=True,
+                              capture_output=True, timeout=60, stdin=subprocess.DEVNULL)
+
+    def ok(result: subprocess.CompletedProcess[str], *expected: str) -> str:
+        output = result.stdout + result.stderr
+        assert result.returncode == 0 and all(text in output for text in expected), \
+            f"{result.args}: exit {result.returncode}\n{output}"
+        outputs.append(output)
+        return output
+
+    outputs: list[str] = []
     try:
-        deadline = time.monotonic() + 45
-        while len(audit.heartbeats(admin, name)) < 2:
-            assert worker.poll() is None, log_path.read_text()
-            assert time.monotonic() < deadline, "no heartbeat ran:\n" + log_path.read_text()
-            time.sleep(0.1)
+        # Two workers: one leads and its embedded scheduler sends the heartbeats.
+        for label in ("w1", "w2"):
+            start(label, "worker", "--pool", "solo", "-n", f"{label}@%h", "-l", "info",
+                  "--without-mingle", "--without-gossip")
+        first, term = new_holder(name)
+        wait_until(lambda: len(audit.heartbeats(admin, name)) >= 2, 45, "two heartbeats", logs)
 
-        def cli(*args: str) -> subprocess.CompletedProcess[str]:
-            return subprocess.run([*celery, "leader", *args], cwd=ROOT, env=env, text=True,
-                                  capture_output=True, timeout=60)
+        ok(cli("status"), first)
+        # --all lists elections with SCAN, which the rule leaves out: one clear line.
+        listing = cli("status", "--all")
+        assert listing.returncode == 2 and listing.stdout == "", listing.stdout + listing.stderr
+        [line] = [line for line in listing.stderr.splitlines() if line.strip()]
+        assert line.startswith("Error: Redis refused a command for the election's user: "
+                               "this user has no permissions to run the 'scan' command"), line
+        ok(cli("schedule", "add", "acl-check", "--task",
+               "example_project.tasks.refresh_exchange_rates", "--every", "60",
+               "--args", '["EUR", "CHF"]'), "added acl-check")
+        ok(cli("schedule"), "acl-check", "dispatched by: worker")
+        ok(cli("schedule", "remove", "acl-check"), "removed acl-check")
 
-        status = cli("status")
-        assert status.returncode == 0 and "acl@" in status.stdout, status.stdout + status.stderr
-        added = cli("schedule", "add", "acl-check", "--task",
-                    "example_project.tasks.refresh_exchange_rates", "--every", "60",
-                    "--args", '["EUR", "CHF"]')
-        assert added.returncode == 0, added.stdout + added.stderr
-        listing = cli("schedule")
-        assert listing.returncode == 0 and "acl-check" in listing.stdout, listing.stderr
-        assert cli("schedule", "remove", "acl-check").returncode == 0
+        # A graceful hand-over to the other worker, then a crash of that one.
+        ok(cli("step-down"), "is stepping down")
+        second, term = new_holder(name, than=first, after_term=term)
+        processes[worker_of(second)].send_signal(signal.SIGKILL)
+        third, term = new_holder(name, than=second, after_term=term)
+        assert third == first
+        wait_until(lambda: any(run["term"] >= term for run in audit.recent(admin, name)), 30,
+                   f"a heartbeat sent under term {term}", logs)
+
+        # A standalone beat: it takes over the schedule once no worker leads.
+        beat = start("beat", "beat", "-S", "leader", "-l", "info",
+                     "-s", str(tmp_path / "beat-schedule"))
+        beat_holder, _ = new_holder(f"{name}-beat")
+        assert beat_holder.endswith(f":{beat.pid}")
+        processes[worker_of(first)].send_signal(signal.SIGTERM)
+        wait_until(lambda: "dispatched by: standalone beat" in cli("schedule").stdout, 30,
+                   "the standalone beat to dispatch the schedule", logs, interval=0.5)
+        wait_until(lambda: admin.llen(name) > 0, 30, "a tick the beat sent", logs)
+        ok(cli("status", "--name", f"{name}-beat"), beat_holder)
+        ok(cli("step-down", "--name", f"{name}-beat"), "is stepping down")
     finally:
-        worker.send_signal(signal.SIGTERM)
-        try:
-            worker.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(worker.pid, signal.SIGKILL)
-            worker.wait()
-    log = log_path.read_text()
-    assert "NOPERM" not in log and "No permissions" not in log, log
-    # The optional +lpush on the queue keys is not in the rule: one warning, and
-    # ticks are published after their claim.
-    assert log.count("may not push to the broker's queue") == 1, log
-    # Nor may it take from the leader queue: one warning, kombu consumes it.
-    assert log.count("may not take from the leader queue") == 1, log
+        for process in processes.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in processes.values():
+            try:
+                process.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+    everything = logs() + "\n".join(outputs)
+    # Apart from the documented fallbacks' own warnings (counted below), nothing
+    # anywhere says Redis refused something.
+    refused = [line for line in everything.splitlines()
+               if ("NOPERM" in line or "no permissions" in line.lower())
+               and "may not push to the broker's queue" not in line]
+    assert not refused, everything
+    w1_log = (tmp_path / "w1.log").read_text()
+    if broker_grant:
+        # Nothing fell back: ticks were pushed in their fenced script (and tracked
+        # until they started), the leader queue taken in its own.
+        assert "may not" not in everything, everything
+    else:
+        # Without the optional +lpush on the queue keys each process that dispatched
+        # warns once, and publishes the tick after its claim.
+        for label in ("w1", "beat"):
+            text = (tmp_path / f"{label}.log").read_text()
+            assert text.count("may not push to the broker's queue") == 1, logs()
+        # Nor may the leader take from the leader queue: one warning, kombu consumes it.
+        assert w1_log.count("may not take from the leader queue") == 1, w1_log
     denied = [entry for entry in admin.execute_command("ACL", "LOG")
               if entry[b"username"].decode() == user]
     admin.execute_command("ACL", "DELUSER", user)
-    # Optional calls, documented as such: redis-py's CLIENT SETINFO /
-    # MAINT_NOTIFICATIONS on connect, the start-up check of CONFIG GET, the
-    # fenced publish's push to the heartbeat queue and the take from the leader queue.
-    unexpected = [entry for entry in denied if entry[b"object"] not in (b"client", b"config")
-                  and not (entry[b"reason"] == b"key"
-                           and entry[b"object"] in (name.encode(), f"{name}-leader".encode()))]
-    assert not unexpected, [entry.get(b"client-info") for entry in unexpected]
+    allowed_keys = () if broker_grant else (name.encode(), f"{name}-leader".encode())
+    unexpected = [entry for entry in denied if entry[b"object"] not in OPTIONAL_DENIALS
+                  and not (entry[b"reason"] == b"key" and entry[b"object"] in allowed_keys)]
+    assert not unexpected, [(entry.get(b"object"), entry.get(b"client-info"))
+                            for entry in unexpected]

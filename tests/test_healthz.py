@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -187,6 +188,29 @@ def test_wedged_election_loop_is_unhealthy() -> None:
         unblock.set()
         thread.join(5.0)
     assert not thread.is_alive()
+
+
+def test_the_worker_serves_on_loopback_unless_told_otherwise(redis_url: str) -> None:
+    """/leader tells whoever connects who leads, as which host and pid, without
+    authentication: by default only this host can connect (a pod binds its pod IP,
+    docs/deployment.md)."""
+    app = Celery("healthz_app", broker=redis_url, set_as_current=False)
+    app.conf.update(leader_lease_duration=LEASE, leader_renew_deadline=RENEW,
+                    leader_retry_period=RETRY, leader_beat=False, leader_healthz_port=0)
+    settings = read_settings(app)
+    assert settings.healthz_host == "127.0.0.1"
+    controller = LeaderController(app, settings, hostname="w1@host")
+    controller.start()
+    try:
+        assert controller.http is not None
+        port = controller.http.port
+        assert get(controller.http, "/healthz")[0] == 200
+        # Bound to 127.0.0.1 alone, not to every address: another loopback
+        # address can still take the same port.
+        with socket.socket() as other:
+            other.bind(("127.0.0.2", port))
+    finally:
+        controller.shutdown()
 
 
 def test_extra_routes_serve_json_and_unknown_paths_404() -> None:

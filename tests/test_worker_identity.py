@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from celery_leader.embedded import free_port
 
+from celery_leader.embedded import free_port
 from tests.celery_procs import LEASE, Cluster, Worker, stopped_at_end, wait_until
 from tests.fakes import observe
 

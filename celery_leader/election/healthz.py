@@ -57,7 +57,7 @@ Route = Callable[[], tuple[int, Any]]
 class HealthzServer:
     """Serves ``GET /healthz`` (plus extra JSON routes) from a daemon thread."""
 
-    def __init__(self, adaptor: HealthzAdaptor, port: int, host: str = "0.0.0.0",
+    def __init__(self, adaptor: HealthzAdaptor, port: int, host: str = "127.0.0.1",
                  routes: dict[str, Route] | None = None) -> None:
         extra = dict(routes or {})
 
@@ -101,7 +101,7 @@ class HealthzServer:
         self._server.server_close()
 
 
-def serve_healthz(adaptor: HealthzAdaptor, port: int, host: str = "0.0.0.0",
+def serve_healthz(adaptor: HealthzAdaptor, port: int, host: str = "127.0.0.1",
                   routes: dict[str, Route] | None = None) -> HealthzServer:
     """Start serving ``/healthz``; port 0 picks a free one (see ``.port``)."""
     return HealthzServer(adaptor, port, host, routes)
