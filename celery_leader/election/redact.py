@@ -43,10 +43,13 @@ SECRET_WORDS = ("password", "passwd", "secret", "token", "credential")
 
 _SCHEME_LIKE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*[:/]+")
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]*")
+_SECRET_KEY = r"[\w-]*(?:" + "|".join(SECRET_WORDS) + r")[\w-]*"
+_SECRET_VALUE = r"(?P<value>'[^']*'|\"[^\"]*\"|<[^>]*>|[^\s,;&)}\]>]+)"
+# ``password=pw`` (keyword arguments, as reprs print them) and ``'password': 'pw'``
+# (a dict's repr); not ``word: text``, which is how log lines read.
 _SECRET_PAIR = re.compile(
-    r"(?P<key>\b[\w-]*(?:" + "|".join(SECRET_WORDS) + r")[\w-]*)"
-    r"(?P<sep>['\"]?\s*[=:]\s*)"
-    r"(?P<value>'[^']*'|\"[^\"]*\"|<[^>]*>|[^\s,;&)}\]>]+)",
+    r"(?P<key>\b" + _SECRET_KEY + r"|(?P<q>['\"])" + _SECRET_KEY + r"(?P=q))"
+    r"(?P<sep>(?(q)\s*[:=]\s*|\s*=\s*))" + _SECRET_VALUE,
     re.IGNORECASE,
 )
 
