@@ -17,7 +17,9 @@ happened, so the test cannot pass by printing nothing.
 
 from __future__ import annotations
 
+import importlib
 import json
+import logging
 import re
 import subprocess
 import sys
@@ -32,7 +34,16 @@ from typing import Any
 import pytest
 import redis
 
-from celery_leader.election.redact import redact_options, redact_text, redact_url
+from celery_leader.cli import _redis_failure
+from celery_leader.election.elector import log as elector_log
+from celery_leader.election.redact import (
+    RedactingFilter,
+    redact_options,
+    redact_text,
+    redact_url,
+)
+from celery_leader.election.redisclient import redis_client_from_url
+from celery_leader.settings import LeaderSettings
 from celery_leader.testing import EmbeddedRedis, free_port
 from tests.celery_procs import Cluster, Worker, wait_until
 
@@ -299,3 +310,49 @@ def test_redact_text_masks_urls_and_client_reprs() -> None:
     plain = ("leader election secrets-1: lock redis:k failed; celery@host:123 became "
              "leader; invalid username-password pair; password: see the docs")
     assert redact_text(plain) == plain
+
+
+def test_every_celery_leader_logger_masks_its_records() -> None:
+    """Each module's ``log`` goes through the masking filter (a new module's too)."""
+    unmasked = []
+    for path in sorted((ROOT / "celery_leader").rglob("*.py")):
+        module_name = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+        module = importlib.import_module(module_name.removesuffix(".__init__"))
+        for attribute, value in vars(module).items():
+            if isinstance(value, logging.Logger) and not any(
+                    isinstance(f, RedactingFilter) for f in value.filters):
+                unmasked.append(f"{module_name}.{attribute} ({value.name})")
+    assert not unmasked, unmasked
+
+
+def test_leaky_client_repr_in_an_error_is_masked(monkeypatch: pytest.MonkeyPatch,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """redis-py 6.2 to 7.x printed a pool's connection arguments, password
+    included, in its repr, and MasterNotFoundError embeds that repr: the
+    elector's log (message and traceback) and the CLI's error line mask it."""
+    def leaky_repr(pool: Any) -> str:  # as redis-py 7.0 wrote it
+        kwargs = ",".join(f"{k}={v}" for k, v in pool.connection_kwargs.items())
+        return f"<{type(pool).__module__}.{type(pool).__name__}({kwargs})>"
+
+    monkeypatch.setattr(redis.connection.ConnectionPool, "__repr__", leaky_repr)
+    closed = free_port()
+    client = redis_client_from_url(
+        f"sentinel://:{DEFAULT_PW}@127.0.0.1:{closed}/0",
+        {"master_name": "mymaster", "sentinel_kwargs": {"password": DEFAULT_PW,
+                                                        "socket_connect_timeout": 0.5}})
+    with pytest.raises(redis.exceptions.ConnectionError) as raised:
+        client.ping()
+    assert CANARY in str(raised.value), "the leak this guards against did not happen"
+    with caplog.at_level(logging.WARNING, logger=elector_log.name):
+        elector_log.warning("lock failed (%s)", raised.value, exc_info=raised.value)
+    assert "lock failed (" in caplog.text and "password=***" in caplog.text
+    assert CANARY not in caplog.text, caplog.text
+    assert CANARY not in str(_redis_failure(raised.value).message)
+
+
+def test_settings_repr_masks_the_url_and_options() -> None:
+    settings = LeaderSettings(redis_url=f"redis://leader:{LEADER_PW}@h:6379/0",
+                              redis_options={"password": LEADER_PW},
+                              transport_options={"sentinel_kwargs": {"password": LEADER_PW}})
+    shown = repr(settings)
+    assert CANARY not in shown and "redis://leader:***@h:6379/0" in shown, shown
