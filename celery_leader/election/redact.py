@@ -5,8 +5,8 @@ A Redis password in ``leader_redis_url`` must never reach stderr, a log
 collector, the command line's output or an HTTP endpoint.  The forms masked:
 
 - URL credentials: ``redis://:pw@h:6379/0`` -> ``redis://:***@h:6379/0``,
-  ``redis://user:pw@h`` -> ``redis://user:***@h``, a bare ``redis://pw@h`` ->
-  ``redis://***@h`` (it may be a password written in the wrong place), each URL
+  ``redis://user:pw@h`` -> ``redis://user:***@h`` (a bare ``redis://user@h`` is
+  a user name to redis-py and kombu, and Celery's banner shows it too), each URL
   of a Sentinel list ``sentinel://:pw@h1;sentinel://h2/0``, and a URL whose
   ``://`` was mistyped (``redis:/:pw@h`` -> ``redis:/:***@h``);
 - query parameters named like a secret: ``?password=pw`` -> ``?password=***``;
@@ -76,7 +76,7 @@ def _redact_one_url(part: str) -> str:
     userinfo, at, hostpart = rest.rpartition("@")
     if at:
         user, colon, _ = userinfo.partition(":")
-        rest = f"{user}:{MASK}@{hostpart}" if colon else f"{MASK}@{hostpart}"
+        rest = f"{user}:{MASK}@{hostpart}" if colon else f"{user}@{hostpart}"
     return _redact_query(f"{scheme}://{rest}")
 
 
