@@ -18,7 +18,6 @@ process, leading or not; here ask ``scheduler.elector.is_leader()``.
 
 from __future__ import annotations
 
-import logging
 import socket
 import threading
 from typing import Any
@@ -28,12 +27,13 @@ from celery.beat import Scheduler
 from .election.config import LeaderCallbacks
 from .election.elections import ROLE_BEAT, StepDownListener, mark_role
 from .election.elector import LeaderElector
+from .election.redact import secret_safe_logger
 from .election.redislock import RedisLock
 from .election.running import run_while_leading, start_elector_thread
 from .schedule.runner import ScheduleRunner
 from .settings import exit_on_configuration_error, read_settings
 
-log = logging.getLogger(__name__)
+log = secret_safe_logger(__name__)
 
 
 class LeaderScheduler(Scheduler):  # type: ignore[misc]

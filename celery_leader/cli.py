@@ -20,6 +20,7 @@ from .election.elections import (
     election_names,
     read_role,
 )
+from .election.redact import redact, redact_text
 from .election.redislock import RedisLock
 from .schedule.cronexpr import cron
 from .schedule.entries import EntryError, EntryExistsError
@@ -55,7 +56,7 @@ def _settings(ctx: click.Context) -> LeaderSettings:
     try:
         return read_settings(_app(ctx))
     except ConfigurationError as exc:
-        raise click.UsageError(str(exc)) from None
+        raise click.UsageError(redact_text(str(exc))) from None
 
 
 def election_status(lock: RedisLock, settings: LeaderSettings) -> dict[str, Any]:
@@ -104,9 +105,12 @@ def _lock(settings: LeaderSettings, name: str | None, client: Any = None) -> Red
 
 
 def _redis_failure(exc: Exception) -> CommandError:
+    """One line for a Redis error, passwords masked (redis-py's messages may
+    carry a client's repr, with its connection arguments)."""
+    text = redact_text(str(exc))
     if isinstance(exc, redis.exceptions.NoPermissionError):
-        return CommandError(f"Redis refused a command for the election's user: {exc}")
-    return CommandError(f"cannot read the election from Redis ({type(exc).__name__}: {exc})")
+        return CommandError(f"Redis refused a command for the election's user: {text}")
+    return CommandError(f"cannot read the election from Redis ({type(exc).__name__}: {text})")
 
 
 @click.group(name="leader", help="Inspect and steer celery-leader's elections.")
@@ -137,6 +141,7 @@ def status(ctx: click.Context, election: str | None, show_all: bool, as_json: bo
             found = [election_status(_lock(settings, election), settings)]
     except redis.exceptions.RedisError as exc:
         raise _redis_failure(exc) from None
+    found = redact(found)  # what is printed, in either format, passwords masked
     if show_all:
         _print_all(found, settings, as_json)
         sys.exit(0 if any(info["leader"] for info in found) else 1)
@@ -178,8 +183,8 @@ def _print_all(found: list[dict[str, Any]], settings: LeaderSettings, as_json: b
 @click.pass_context
 def step_down(ctx: click.Context, election: str | None, timeout: float) -> None:
     settings = _settings(ctx)
-    lock = _lock(settings, election)
     try:
+        lock = _lock(settings, election)  # reads Redis (the beat election's hash tag)
         info = election_status(lock, settings)
         if not info["leader"]:
             click.echo(f"no leader for election {lock.name!r}")
@@ -235,7 +240,10 @@ def schedule(ctx: click.Context, as_json: bool) -> None:
         rows = schedule_report(_app(ctx))
         owner = None if as_json else schedule_owner(_app(ctx))
     except ConfigurationError as exc:
-        raise click.UsageError(str(exc)) from None
+        raise click.UsageError(redact_text(str(exc))) from None
+    except redis.exceptions.RedisError as exc:
+        raise _redis_failure(exc) from None
+    rows, owner = redact(rows), redact(owner)  # passwords masked, in either format
     if as_json:
         click.echo(json.dumps(rows, sort_keys=True))
         return

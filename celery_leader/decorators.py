@@ -10,13 +10,13 @@ so a redelivered message never runs twice within one leadership.
 from __future__ import annotations
 
 import functools
-import logging
 from collections.abc import Callable
 from typing import Any, TypeVar, overload
 
 from celery.exceptions import Ignore, Reject
 from celery.local import PromiseProxy
 
+from .election.redact import secret_safe_logger
 from .election.resourcelock import ClaimResult
 from .leaderqueue import DELIVERY_HEADER
 from .state import LEADER_ONLY_TASKS, current_term
@@ -26,7 +26,7 @@ from .worker import current_controller
 __all__ = ["LEADER_ONLY_TASKS", "POLICIES", "TASK_CLAIM_TTL_MS", "TASK_START_LUA",
            "NotLeaderError", "leader_only"]
 
-log = logging.getLogger(__name__)
+log = secret_safe_logger(__name__)
 
 POLICIES = ("requeue", "skip", "raise")
 

@@ -43,7 +43,6 @@ from __future__ import annotations
 import base64
 import functools
 import json
-import logging
 import threading
 import time
 from collections.abc import Callable
@@ -53,9 +52,10 @@ from typing import Any
 import redis
 from kombu.transport.virtual.base import Message
 
+from .election.redact import secret_safe_logger
 from .election.redislock import FENCED, RedisLock, as_text
 
-log = logging.getLogger(__name__)
+log = secret_safe_logger(__name__)
 
 INFLIGHT_SUFFIX = "leader-queue:inflight"
 SEQUENCE_SUFFIX = "leader-queue:sequence"

@@ -7,12 +7,12 @@ never written back with defaults, which would shadow the user's config module.
 from __future__ import annotations
 
 import contextlib
-import logging
 import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
+from urllib.parse import urlparse
 
 from celery.utils.log import LoggingProxy
 
@@ -26,6 +26,7 @@ from .election.config import (
     validate_timings,
 )
 from .election.elector import LeaderElector
+from .election.redact import redact, redact_options, redact_text, redact_url, secret_safe_logger
 from .election.redisclient import REDIS_SCHEMES, redis_client_from_url
 from .election.redislock import RedisLock
 from .schedule.options import CATCH_UP_POLICIES, app_setting, closest
@@ -39,7 +40,7 @@ __all__ = ["CATCH_UP_POLICIES", "REDIS_SCHEMES", "LeaderSettings", "closest",
 setting = app_setting
 _UNSET = object()
 
-log = logging.getLogger(__name__)
+log = secret_safe_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,14 @@ class LeaderSettings:
     wait_timeout: float = 0.5
     tick_run_once: bool = True
     transport_options: dict[str, Any] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        # Passwords masked (election/redact.py): settings end up in tracebacks and logs.
+        shown = {f.name: getattr(self, f.name) for f in fields(self)}
+        shown.update(redis_url=redact_url(self.redis_url),
+                     redis_options=redact_options(self.redis_options),
+                     transport_options=redact_options(self.transport_options))
+        return f"LeaderSettings({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
 
     def default_identity(self, hostname: str | None = None) -> str:
         """``leader_identity``, else ``<hostname>:<pid>``."""
@@ -155,7 +164,8 @@ def read_settings(app: Any) -> LeaderSettings:
             url = broker
         else:
             raise ConfigurationError(
-                f"leader_redis_url is not set and broker_url ({broker!r}) is not a Redis URL; "
+                f"leader_redis_url is not set and broker_url ({redact(broker)!r}) is not a "
+                "Redis URL; "
                 "set leader_redis_url to redis://, rediss://, unix:// or sentinel://"
             )
     _check_url("leader_redis_url", url)
@@ -212,7 +222,8 @@ def exit_on_configuration_error() -> Iterator[None]:
         stream = sys.stderr
         if isinstance(stream, LoggingProxy):  # once the worker runs: not a log record
             stream = sys.__stderr__ or stream
-        print(f"celery-leader: configuration error: {exc}", file=stream, flush=True)
+        print(f"celery-leader: configuration error: {redact_text(str(exc))}", file=stream,
+              flush=True)
         raise SystemExit(2) from None
 
 
@@ -280,7 +291,8 @@ def _optional_port(name: str, value: Any) -> int | None:
 
 def _mapping(name: str, value: Any) -> dict[str, Any]:
     if not isinstance(value, Mapping):
-        raise ConfigurationError(f"{name} must be a dict of redis client options, got {value!r}")
+        raise ConfigurationError(f"{name} must be a dict of redis client options, "
+                                 f"got {redact(value)!r}")
     return dict(value)
 
 
@@ -292,12 +304,20 @@ def _catch_up(name: str, value: Any) -> str:
 
 
 def _check_url(name: str, url: Any) -> None:
+    """The URL's scheme and port, checked now; it is shown with its
+    passwords masked, like everywhere else (election/redact.py)."""
     if not isinstance(url, str):
-        raise ConfigurationError(f"{name} must be a URL string, got {url!r}")
+        raise ConfigurationError(f"{name} must be a URL string, got {redact(url)!r}")
     for part in url.split(";"):
         scheme = part.split("://", 1)[0] if "://" in part else ""
         if scheme not in REDIS_SCHEMES:
             raise ConfigurationError(
-                f"{name} has an unknown scheme in {url!r}; use one of "
+                f"{name} has an unknown scheme in {redact_url(url)!r}; use one of "
                 + ", ".join(f"{s}://" for s in REDIS_SCHEMES)
             )
+        try:  # a password with an unescaped / ? or # ends the host early: no port
+            urlparse(part).port  # noqa: B018
+        except ValueError:
+            raise ConfigurationError(
+                f"{name} has no valid host and port in {redact_url(url)!r}; percent-encode "
+                "any ':', '/', '?', '#' or '@' in the user name or password") from None

@@ -8,7 +8,6 @@ Claim key: ``task_claim_key(lock, task_id)`` (``<prefix>:{<name>}:task:<id>``),
 
 from __future__ import annotations
 
-import logging
 import time
 import uuid
 from collections.abc import Callable
@@ -16,12 +15,13 @@ from typing import Any
 
 import redis
 
+from .election.redact import secret_safe_logger
 from .election.redislock import FENCED, RedisLock
 from .election.resourcelock import ClaimResult
 from .leaderqueue import task_claim_key
 
 # Logger names are part of the interface (users configure them): the old module's.
-log = logging.getLogger("celery_leader.decorators")
+log = secret_safe_logger("celery_leader.decorators")
 
 # Fenced (see redislock.FENCE_LUA): claims a task id for this term as
 # ARGV[4] = 'running:<term>:<attempt token>'.  Returns 1 to run, 0 for a

@@ -13,7 +13,6 @@ from __future__ import annotations
 # the import lock, and a child forked while an elector thread holds that lock
 # would hang forever on its own first connection.
 import encodings.idna  # noqa: F401
-import logging
 import threading
 from collections.abc import Callable
 from dataclasses import replace
@@ -27,6 +26,7 @@ from .election.config import ConfigurationError, LeaderCallbacks
 from .election.elections import ROLE_WORKERS, mark_role
 from .election.elector import LeaderElector
 from .election.healthz import HealthzAdaptor, HealthzServer, serve_healthz
+from .election.redact import secret_safe_logger
 from .election.redislock import RedisLock
 from .election.running import (
     LeadershipHook,
@@ -52,7 +52,7 @@ from .tlscheck import check_tls
 __all__ = ["LeaderController", "LeaderQueueStep", "LeaderWorkerStep", "LeadershipHook",
            "controller_for_worker", "current_controller", "on_worker_shutdown", "run_elector"]
 
-log = logging.getLogger(__name__)
+log = secret_safe_logger(__name__)
 
 REFUSED_POOLS = ("gevent", "eventlet")
 

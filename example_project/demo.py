@@ -40,10 +40,11 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import redis
-
 from celery_leader.embedded import EmbeddedRedis, redis_server_binary
 from celery_leader.redislock import RedisLock
 from celery_leader.scheduler import ScheduleStore
+
+from celery_leader.election.redact import redact_text, redact_url
 
 from . import audit
 
@@ -428,13 +429,18 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
     try:
         if args.redis_url:
             url = args.redis_url
-            label = url.split("@")[-1]
+            label = redact_url(url)  # INVARIANT: the password is never printed
         else:
             server = start_redis()
             url = server.url
             label = f"embedded redis-server :{server.port} (pid {server.pid})"
-        conn = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
-        conn.ping()
+        try:
+            conn = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+            conn.ping()
+        except (redis.RedisError, ValueError) as exc:
+            print(f"cannot use Redis at {label}: {type(exc).__name__}: "
+                  f"{redact_text(str(exc))}", file=sys.stderr)
+            return 2
         lock = RedisLock(conn, name=name, identity="demo-observer")
         store = ScheduleStore(None, lock)
         live = out.isatty() and not args.plain and os.environ.get("TERM") != "dumb"

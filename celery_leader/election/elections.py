@@ -17,7 +17,6 @@ Nothing here imports Celery.
 from __future__ import annotations
 
 import json
-import logging
 import re
 import threading
 import time
@@ -26,10 +25,11 @@ from collections.abc import Callable
 from typing import Any
 
 from .elector import LeaderElector
+from .redact import secret_safe_logger
 from .redislock import RedisLock, as_text, key_of
 
 # Logger names are part of the interface (users configure them): the old module's.
-log = logging.getLogger("celery_leader.elections")
+log = secret_safe_logger("celery_leader.elections")
 
 ROLE_WORKERS = "workers"
 ROLE_BEAT = "beat"

@@ -17,7 +17,6 @@ Differences from client-go, each enforced where marked ``INVARIANT``:
 
 from __future__ import annotations
 
-import logging
 import random
 import threading
 from collections.abc import Callable
@@ -27,10 +26,11 @@ from . import metrics
 from .clock import Clock, SystemClock
 from .config import JITTER_FACTOR, LeaderElectionConfig, to_seconds
 from .record import LeaderElectionRecord
+from .redact import secret_safe_logger
 from .resourcelock import LockConflictError, Observation
 
 # Logger names are part of the interface (users configure them): the old module's.
-log = logging.getLogger("celery_leader.elector")
+log = secret_safe_logger("celery_leader.elector")
 
 # How often waits re-check the caller's stop event (it cannot wake us itself).
 STOP_POLL_INTERVAL = 0.1

@@ -13,6 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from .config import HealthCheck
+from .redact import redact, redact_text
 
 
 class HealthzAdaptor:
@@ -68,12 +69,14 @@ class HealthzServer:
                     try:
                         adaptor.check()
                     except Exception as exc:
-                        self._send(500, f"[-]{adaptor.name} failed: {exc}\n", "text/plain")
+                        self._send(500, f"[-]{adaptor.name} failed: {redact_text(str(exc))}\n",
+                                   "text/plain")
                     else:
                         self._send(200, "ok\n", "text/plain")
                 elif path in extra:
                     status, body = extra[path]()
-                    self._send(status, json.dumps(body, sort_keys=True) + "\n",
+                    # Every route's body is served with its passwords masked.
+                    self._send(status, json.dumps(redact(body), sort_keys=True) + "\n",
                                "application/json")
                 else:
                     self._send(404, "not found\n", "text/plain")

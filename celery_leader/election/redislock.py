@@ -29,10 +29,11 @@ from typing import Any
 import redis
 
 from .record import LeaderElectionRecord, MalformedRecordError
+from .redact import secret_safe_logger
 from .resourcelock import ClaimResult, LockConflictError, Observation, ResourceLock
 
 # Logger names are part of the interface (users configure them): the old module's.
-log = logging.getLogger("celery_leader.redislock")
+log = secret_safe_logger("celery_leader.redislock")
 
 # Shared by every script: reads the lease as a string; a key of another type
 # reads as a marker so the ordinary CAS path can replace it.  ``holder`` is

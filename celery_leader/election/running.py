@@ -6,14 +6,14 @@ written once.  Nothing here imports Celery.
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections.abc import Callable, Sequence
 
 from .elector import LeaderElector
+from .redact import secret_safe_logger
 
 # Logger names are part of the interface (users configure them).
-log = logging.getLogger("celery_leader.elector")
+log = secret_safe_logger("celery_leader.elector")
 
 LeadershipHook = Callable[[int, threading.Event], None]
 """Work run while leading: ``hook(term, stop)`` returns soon after ``stop`` is set."""

@@ -11,12 +11,13 @@ sends one at all).  Any other broker falls back to publish-then-clear.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from typing import Any
 
+from ..election.redact import secret_safe_logger
+
 # Logger names are part of the interface (users configure them): the old module's.
-log = logging.getLogger("celery_leader.publish")
+log = secret_safe_logger("celery_leader.publish")
 
 # What identifies "the same Redis": a script only sees one server and database.
 # (An ACL user that may not push to the queue is found at the first push.)

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import heapq
 import json
-import logging
 import threading
 import time
 import uuid
@@ -51,6 +50,7 @@ import redis
 
 from ..election.config import ConfigurationError
 from ..election.elections import BEAT_SUFFIX
+from ..election.redact import secret_safe_logger
 from ..election.redislock import FENCED, RedisLock, as_text, key_of
 from .entries import Entry, entries_from_config
 from .options import ScheduleOptions
@@ -59,7 +59,7 @@ from .store import ScheduleStore, from_ms, next_fire_time, to_ms
 from .tickstart import LostTicks, TickKeys
 
 # Logger names are part of the interface (users configure them): the old module's.
-log = logging.getLogger("celery_leader.scheduler")
+log = secret_safe_logger("celery_leader.scheduler")
 UTC = timezone.utc
 TASK_ID_NAMESPACE = uuid.UUID("6f1c7f5e-3b4e-4d8a-9a57-1f0a5c2f2d11")
 

@@ -11,12 +11,12 @@ and the Celery app for ``beat_schedule``; it never reads ``leader_*`` settings
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Iterable
 from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any
 
+from ..election.redact import secret_safe_logger
 from ..election.redislock import RedisLock, as_text, key_of
 from .entries import (
     Entry,
@@ -29,7 +29,7 @@ from .entries import (
 )
 
 # Logger names are part of the interface (users configure them): the old module's.
-log = logging.getLogger("celery_leader.scheduler")
+log = secret_safe_logger("celery_leader.scheduler")
 UTC = timezone.utc
 
 

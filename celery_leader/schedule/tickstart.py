@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
 import time
 import uuid
 from collections.abc import Callable
@@ -39,10 +38,11 @@ from typing import Any
 
 from celery.exceptions import Ignore
 
+from ..election.redact import secret_safe_logger
 from ..election.redislock import FENCED, RedisLock, as_text
 
 # Logger names are part of the interface (users configure them): the old module's.
-log = logging.getLogger("celery_leader.tickstart")
+log = secret_safe_logger("celery_leader.tickstart")
 
 TICK_HEADER = "leader_tick"
 """Message header naming a tick; a task sees it as ``request.leader_tick``."""
