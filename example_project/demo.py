@@ -40,11 +40,11 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import redis
+
+from celery_leader.election.redact import redact_text, redact_url
 from celery_leader.embedded import EmbeddedRedis, redis_server_binary
 from celery_leader.redislock import RedisLock
 from celery_leader.scheduler import ScheduleStore
-
-from celery_leader.election.redact import redact_text, redact_url
 
 from . import audit
 
