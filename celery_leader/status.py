@@ -239,8 +239,10 @@ def render_page(status: dict[str, Any]) -> str:
         f'<span class="muted">{html.escape(title)}</span><b>{html.escape(str(value))}</b></div>'
         for title, value in cards)
     replicas = _table(["identity", "role", "term", "seen (s ago)"],
-                      ([r.get("identity"), r.get("role"), r.get("term"),
-                        r.get("seen_seconds_ago")] for r in election["replicas"]),
+                      ([r.get("identity"),
+                        f"{r.get('role')} (silent: gone?)" if r.get("stale") else r.get("role"),
+                        r.get("term"), r.get("seen_seconds_ago")]
+                       for r in election["replicas"]),
                       "no replica has recorded itself yet")
     transitions = _table(["at", "event", "identity", "term", "reason"],
                          ([t["at"], t["event"], t["identity"], t["term"], t["reason"]]

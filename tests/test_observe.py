@@ -9,10 +9,11 @@ parser.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from celery_leader.testing import free_port
+from tests import browser
 from tests.celery_procs import FAILOVER_BOUND, Cluster, Worker, wait_until
 
 pytestmark = pytest.mark.integration
@@ -177,3 +179,40 @@ def test_leader_only_tasks_are_counted_across_pool_children(cluster: Cluster) ->
         10, "3 leader-only starts counted", cluster.logs)
     assert value(samples, "celery_leader_tasks_duplicates_refused_total", name=name,
                  task=task) == 0
+
+
+def test_the_status_page_in_headless_chromium(cluster: Cluster, tmp_path: Path) -> None:
+    """Loads with no console error, shows the leader, follows a fail-over by itself
+    (it reloads every 2 s).  SCREENSHOT=<path> also saves the page there."""
+    if browser.chromium_binary() is None:
+        pytest.skip("no chromium binary: `make test` installs Debian's chromium "
+                    "(apt-get install -y chromium, as root); it could not here")
+    workers, ports = started_with_ports(cluster, 2)
+    leader, started = cluster.wait_leader(BOOT)
+    follower = next(w for w in workers if w is not leader)
+    url = f"http://127.0.0.1:{ports[follower.name]}/"
+
+    def leader_shown(identity: str) -> Callable[[], str | None]:
+        def shown() -> str | None:
+            text = page.text()
+            return text if f"Leader\n{identity}" in text else None
+        return shown
+
+    with browser.chromium() as page:
+        page.navigate(url)
+        text = wait_until(leader_shown(started["identity"]), 20,
+                          f"the page to show leader {started['identity']}",
+                          lambda: page.text())
+        assert "follower" in text and "half-second" in text
+        leader.signal(signal.SIGKILL)
+        leader.wait_exit(10)
+        _, took_over = cluster.wait_leader(FAILOVER_BOUND + SLACK, after_term=started["term"],
+                                           among=[follower])
+        text = wait_until(leader_shown(took_over["identity"]), 20,
+                          f"the page to show the new leader {took_over['identity']}",
+                          lambda: page.text())
+        assert f"Term\n{took_over['term']}" in text
+        assert page.errors == []
+        shot = Path(os.environ.get("SCREENSHOT") or tmp_path / "status.png")
+        page.screenshot(shot)
+        assert shot.read_bytes().startswith(b"\x89PNG")
