@@ -55,17 +55,14 @@ class ReplicaRegistry:
         self.identity = identity
         self.interval = interval
         self.key = lock.key(REPLICAS_SUFFIX)
-        # Forgotten after this long without a heartbeat.
+        # Forgotten (by the next reader) after this long without a heartbeat.
         self.forget_after = max(30.0, 10 * interval)
 
     def beat(self, leading: bool, term: int) -> None:
         record = json.dumps({"role": "leader" if leading else "follower", "term": term,
                              "at_ms": int(time.time() * 1000)})
         try:
-            pipe = self.lock.client.pipeline(transaction=False)
-            pipe.hset(self.key, self.identity, record)
-            pipe.pexpire(self.key, int(self.forget_after * 1000))
-            pipe.execute()
+            self.lock.client.hset(self.key, self.identity, record)
         except Exception as exc:  # Redis down: the election reports it already
             log.debug("celery-leader: cannot record this replica: %s", exc)
 
@@ -85,7 +82,9 @@ class ReplicaRegistry:
                 age = now - int(data["at_ms"]) / 1000
             except (ValueError, KeyError, TypeError):
                 continue
-            if age > self.forget_after:
+            if age > self.forget_after:  # gone: forgotten (commands the ACL allows)
+                with contextlib.suppress(Exception):
+                    self.lock.client.hdel(self.key, raw_name)
                 continue
             seen.append({"identity": as_text(raw_name), "role": str(data.get("role")),
                          "term": data.get("term"), "seen_seconds_ago": round(max(age, 0), 1),
