@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint typecheck tls-redis unit demo bench clean
+.PHONY: test lint typecheck tls-redis unit demo bench clean chromium
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,7 +22,15 @@ typecheck: $(STAMP)
 tls-redis:
 	@sh tests/tls/install-redis-server.sh
 
-test: lint typecheck tls-redis
+# The status page test drives a real headless Chromium: install Debian's where it
+# is missing and we are root; otherwise that one test skips, saying why.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
+	      >/dev/null 2>&1 || echo "chromium not installed: the status page test will skip"; }
+
+test: lint typecheck tls-redis chromium
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 demo: $(STAMP)

@@ -21,6 +21,7 @@ from .election.resourcelock import ClaimResult
 from .leaderqueue import DELIVERY_HEADER
 from .state import LEADER_ONLY_TASKS, current_term
 from .taskruns import TASK_CLAIM_TTL_MS, TASK_START_LUA, claim_task_start
+from .taskstats import DUPLICATE, REQUEUED, STARTED
 from .worker import current_controller
 
 __all__ = ["LEADER_ONLY_TASKS", "POLICIES", "TASK_CLAIM_TTL_MS", "TASK_START_LUA",
@@ -99,11 +100,13 @@ def _guard_task(task: Any, policy: str) -> None:
         term = current_term()
         started = _start_run(request.id, term) if term else ClaimResult.FENCED
         if started is ClaimResult.ALREADY_CLAIMED:  # it ran or runs under this term
+            _count(task.name, DUPLICATE)
             log.info("leader-only task %s[%s] already ran; skipping duplicate",
                      task.name, request.id)
             raise Ignore()
         if started is ClaimResult.FENCED:
             return _on_follower(task, request, policy, args, kwargs)
+        _count(task.name, STARTED)
         request.leader_term = term
         try:
             result = original_run(*args, **kwargs)
@@ -114,6 +117,13 @@ def _guard_task(task: Any, policy: str) -> None:
         return result
 
     task.run = guarded_run
+
+
+def _count(task: str, outcome: int) -> None:
+    """Count for ``/metrics`` (taskstats.py); nothing without a worker's controller."""
+    controller = current_controller()
+    if controller is not None:
+        controller.task_stats.count(task, outcome)
 
 
 def _start_run(task_id: str | None, term: int) -> ClaimResult:
@@ -159,6 +169,7 @@ def _on_follower(task: Any, request: Any, policy: str, args: Any, kwargs: Any) -
                  task.name, request.id)
         raise Ignore()
     log.info("leader-only task %s[%s] requeued for the leader", task.name, request.id)
+    _count(task.name, REQUEUED)
     if getattr(request, "acks_late", None) or (task.acks_late and not request.called_directly):
         raise Reject("not the leader", requeue=True)
     # Already acknowledged: publish the same task again (same id) for the leader.

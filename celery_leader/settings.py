@@ -63,6 +63,9 @@ class LeaderSettings:
     wait_replicas: int = 0
     wait_timeout: float = 0.5
     tick_run_once: bool = True
+    healthz_token: str | None = field(default=None, repr=False)  # a secret
+    metrics_per_entry: bool = False
+    metrics_per_task: bool = False
     transport_options: dict[str, Any] = field(default_factory=dict)
 
     def __repr__(self) -> str:
@@ -195,6 +198,9 @@ def read_settings(app: Any) -> LeaderSettings:
         wait_replicas=get("leader_wait_replicas", 0, _count),
         wait_timeout=get("leader_wait_timeout", 0.5, _positive_seconds),
         tick_run_once=get("leader_tick_run_once", True, _bool),
+        healthz_token=get("leader_healthz_token", None, _optional_token),
+        metrics_per_entry=get("leader_metrics_per_entry", False, _bool),
+        metrics_per_task=get("leader_metrics_per_task", False, _bool),
         transport_options=dict(setting(app, "broker_transport_options", None) or {}),
     )
     return settings
@@ -277,6 +283,16 @@ def _name(name: str, value: Any) -> str:
 
 def _optional_name(name: str, value: Any) -> str | None:
     return None if value is None else _name(name, value)
+
+
+def _optional_token(name: str, value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip() or value != value.strip():
+        # Not echoed: it is a secret.
+        raise ConfigurationError(f"{name} must be a non-empty string without surrounding "
+                                 "spaces, or None")
+    return value
 
 
 def _optional_port(name: str, value: Any) -> int | None:

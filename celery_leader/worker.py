@@ -47,6 +47,8 @@ from .settings import (
     read_settings,
 )
 from .state import LEADER_ONLY_TASKS, shared_leadership
+from .status import ReplicaRegistry, StatusSource
+from .taskstats import TaskStats
 from .tlscheck import check_tls
 
 __all__ = ["LeaderController", "LeaderQueueStep", "LeaderWorkerStep", "LeadershipHook",
@@ -88,7 +90,8 @@ class LeaderController:
         if settings.beat:
             # Validates beat_schedule now: a bad entry stops the worker at start.
             self.scheduler = ScheduleRunner(app, self.lock, settings,
-                                            still_leading=self.elector.is_leader)
+                                            still_leading=self.elector.is_leader,
+                                            per_entry_metrics=settings.metrics_per_entry)
             self.leadership_hooks.append(self.scheduler.run)
         # Leader-only messages: taken under the term and never lost in flight
         # (leaderqueue.py) when the broker is the lease's Redis, else through kombu.
@@ -104,6 +107,14 @@ class LeaderController:
             guard_tick_starts(app.tasks, TickStartClaim(lambda: self.lock.client))
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # /metrics, /status and / on the health port (status.py); the task counters
+        # are shared with the pool's children, so made before it forks.
+        self.task_stats = TaskStats(per_task=settings.metrics_per_task)
+        self.replicas = ReplicaRegistry(self.lock, self.identity,
+                                        interval=max(settings.retry_period,
+                                                     settings.lease_duration / 3))
+        self.status_source = StatusSource(settings.name, self.identity, self.elector,
+                                          self.replicas, self.scheduler, self.task_stats)
         self._transition = threading.Lock()
         self._started_term = 0
         self._accepting = True  # false once warm shutdown began
@@ -124,11 +135,16 @@ class LeaderController:
         if port is not None:
             try:
                 self.http = serve_healthz(self.healthz, port, host=host,
-                                          routes={"/leader": self.status_route})
+                                          routes={"/leader": self.status_route,
+                                                  **self.status_source.routes()},
+                                          token=self.settings.healthz_token)
             except OSError as exc:  # before the elector starts: this replica never leads
                 raise ConfigurationError(f"leader_healthz_port {port} cannot be served on "
                                          f"{host}: {exc.strerror or exc}") from None
         self._thread = start_elector_thread(self.elector, self._stop)
+        threading.Thread(target=self.replicas.run, name="celery-leader-replicas", daemon=True,
+                         args=(self._stop, lambda: (self.elector.is_leader(),
+                                                    self.elector.term))).start()
 
     def begin_warm_shutdown(self) -> None:
         """Stop taking new leader work; keep the lease while the pool drains.

@@ -85,6 +85,7 @@ class LeaderElector:
         self._last_failure = ""
         self.last_stop_reason = ""
         self._lease_listeners: list[Callable[[int, float], None]] = []
+        self.stats = metrics.ElectionStats()  # counters only; read at scrape time
         if config.watchdog is not None:
             config.watchdog.set_leader_election(self)
 
@@ -112,6 +113,20 @@ class LeaderElector:
 
     def observed_record(self) -> LeaderElectionRecord | None:
         return self._observed.record
+
+    def observed_term(self) -> int:
+        """The term in the lease as last seen (0 before any)."""
+        record = self._observed.record
+        return record.term if record else 0
+
+    def lease_remaining(self) -> float:
+        """Seconds until the lease last seen expires unless renewed, on this
+        replica's monotonic clock from when it saw it change (0 when none)."""
+        with self._state:
+            record, seen_at = self._observed.record, self._observed_time
+        if record is None or not record.holder_identity:
+            return 0.0
+        return max(0.0, seen_at + record.lease_duration - self._clock.monotonic())
 
     def valid_until(self) -> float:
         """Monotonic instant at which this replica stops acting (0.0 when not leading).
@@ -209,6 +224,7 @@ class LeaderElector:
         try:
             if own_raw is not None:
                 written = self.lock.update(desired, own_raw)
+                self.stats.renew_seconds.observe(self._clock.monotonic() - started)
             else:
                 current = self.lock.get()
                 # INVARIANT: another holder's record is timed from when its
@@ -224,9 +240,13 @@ class LeaderElector:
                     return False
         except LockConflictError as conflict:
             self._last_conflict = True
+            if own_raw is not None:
+                self.stats.renew_failures += 1
             self._observe(conflict.observation, self._clock.monotonic())
             return False
         except Exception as exc:  # Redis down, timeouts, script errors
+            if own_raw is not None:
+                self.stats.renew_failures += 1
             self._lock_failed(exc)
             return False
         self._lock_recovered()
@@ -244,6 +264,7 @@ class LeaderElector:
         # One clear line when the lock starts failing or the error changes, not
         # one per retry period: an unreachable Redis is a state, not an event.
         self._failures += 1
+        self.stats.lock_error(exc)
         message = f"{type(exc).__name__}: {exc}"
         if message != self._last_failure:
             self._last_failure = message
@@ -294,6 +315,7 @@ class LeaderElector:
             if not holder[0] or holder == self._reported_holder:
                 return
             self._reported_holder = holder
+            self.stats.new_holder(holder[0], record.term if record else 0)
         callback = self.config.callbacks.on_new_leader
         if callback is not None:
             _call_safely("on_new_leader", callback, holder[0])  # the identity, as configured
@@ -369,6 +391,7 @@ class LeaderElector:
                  leadership.term)
         self.lock.record_event(f"{self._identity} became leader (term {leadership.term})")
         metrics.provider.set_leader(self._name, True)
+        self.stats.started(self._identity, leadership.term)
         threading.Thread(target=self._guard, args=(leadership,),
                          name=f"celery-leader-guard-{self._name}", daemon=True).start()
         threading.Thread(target=self._work, args=(leadership,),
@@ -469,6 +492,7 @@ class LeaderElector:
         log.info("leader election %s: %s stopped leading (term %d): %s", self._name,
                  self._identity, leadership.term, reason)
         metrics.provider.set_leader(self._name, False)
+        self.stats.stopped(self._identity, leadership.term, reason)
         self.last_stop_reason = reason
         _call_safely("on_stopped_leading", self.config.callbacks.on_stopped_leading)
 

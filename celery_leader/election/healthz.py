@@ -6,11 +6,14 @@ that believes it leads without having renewed, instead of letting it sit there.
 
 from __future__ import annotations
 
+import hmac
 import json
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import parse_qs
 
 from .config import HealthCheck
 from .redact import redact, redact_text
@@ -52,20 +55,47 @@ class HealthzAdaptor:
             elector.check(self.timeout)
 
 
+@dataclass(frozen=True)
+class Body:
+    """A route's reply sent as is (HTML, the Prometheus text format), not as JSON."""
+
+    content_type: str
+    data: bytes
+
+
 Route = Callable[[], tuple[int, Any]]
 
 
+def authorized(token: str | None, header: str | None, query: str) -> bool:
+    """With a token set: ``Authorization: Bearer <token>``, or ``?token=<token>``
+    (a browser cannot send the header when it opens the status page)."""
+    if token is None:
+        return True
+    given = ""
+    if header and header.lower().startswith("bearer "):
+        given = header[7:].strip()
+    elif query:
+        given = (parse_qs(query).get("token") or [""])[0]
+    return hmac.compare_digest(given.encode(), token.encode())
+
+
 class HealthzServer:
-    """Serves ``GET /healthz`` (plus extra JSON routes) from a daemon thread."""
+    """Serves ``GET /healthz`` (plus extra routes, JSON unless they return a
+    :class:`Body`) from a daemon thread.  With ``token``, every route but
+    ``/healthz`` (a probe carries no credentials) needs it."""
 
     def __init__(self, adaptor: HealthzAdaptor, port: int, host: str = "127.0.0.1",
-                 routes: dict[str, Route] | None = None) -> None:
+                 routes: dict[str, Route] | None = None, token: str | None = None) -> None:
         extra = dict(routes or {})
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
-                path = self.path.split("?", 1)[0]
-                if path == "/healthz":
+                path, _, query = self.path.partition("?")
+                if path != "/healthz" and not authorized(
+                        token, self.headers.get("Authorization"), query):
+                    self._send(401, "unauthorized: send Authorization: Bearer <token>\n",
+                               "text/plain", {"WWW-Authenticate": "Bearer"})
+                elif path == "/healthz":
                     try:
                         adaptor.check()
                     except Exception as exc:
@@ -74,16 +104,26 @@ class HealthzServer:
                     else:
                         self._send(200, "ok\n", "text/plain")
                 elif path in extra:
-                    status, body = extra[path]()
-                    # Every route's body is served with its passwords masked.
-                    self._send(status, json.dumps(redact(body), sort_keys=True) + "\n",
-                               "application/json")
+                    try:
+                        status, body = extra[path]()
+                    except Exception as exc:  # a read failed (Redis down): say so
+                        status, body = 500, Body("text/plain; charset=utf-8",
+                                                 f"error: {type(exc).__name__}\n".encode())
+                    if isinstance(body, Body):
+                        self._send(status, body.data, body.content_type)
+                    else:
+                        # Every route's JSON is served with its passwords masked.
+                        self._send(status, json.dumps(redact(body), sort_keys=True) + "\n",
+                                   "application/json")
                 else:
                     self._send(404, "not found\n", "text/plain")
 
-            def _send(self, status: int, body: str, content_type: str) -> None:
-                data = body.encode()
+            def _send(self, status: int, body: str | bytes, content_type: str,
+                      headers: dict[str, str] | None = None) -> None:
+                data = body.encode() if isinstance(body, str) else body
                 self.send_response(status)
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
                 self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
@@ -105,6 +145,7 @@ class HealthzServer:
 
 
 def serve_healthz(adaptor: HealthzAdaptor, port: int, host: str = "127.0.0.1",
-                  routes: dict[str, Route] | None = None) -> HealthzServer:
+                  routes: dict[str, Route] | None = None,
+                  token: str | None = None) -> HealthzServer:
     """Start serving ``/healthz``; port 0 picks a free one (see ``.port``)."""
-    return HealthzServer(adaptor, port, host, routes)
+    return HealthzServer(adaptor, port, host, routes, token)

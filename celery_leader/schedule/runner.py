@@ -50,9 +50,11 @@ import redis
 
 from ..election.config import ConfigurationError
 from ..election.elections import BEAT_SUFFIX
+from ..election.metrics import Family
 from ..election.redact import secret_safe_logger
 from ..election.redislock import FENCED, RedisLock, as_text, key_of
 from .entries import Entry, entries_from_config
+from .metrics import SKIPPED_GRACE, SKIPPED_POLICY, ScheduleStats
 from .options import ScheduleOptions
 from .publish import Unsupported, capture_redis_publish
 from .store import ScheduleStore, from_ms, next_fire_time, to_ms
@@ -229,7 +231,8 @@ class ScheduleRunner:
     def __init__(self, app: Any, lock: RedisLock, settings: ScheduleOptions,
                  entries: dict[str, Entry] | None = None,
                  still_leading: Callable[[], bool] = lambda: True,
-                 now: Callable[[], float] = time.time) -> None:
+                 now: Callable[[], float] = time.time,
+                 per_entry_metrics: bool = False) -> None:
         if lock.hash_tag != settings.name:
             raise ConfigurationError(
                 f"the scheduler's election {lock.name!r} must keep its keys in the schedule's "
@@ -267,9 +270,20 @@ class ScheduleRunner:
         self._sent_pending: set[str] = set()
         self._warned_unknown: set[tuple[str, str]] = set()
         self.dispatched = 0
+        self.stats = ScheduleStats(per_entry=per_entry_metrics)
 
     def wake(self) -> None:
         self._wake.set()
+
+    def families(self) -> list[Family]:
+        """This runner's metrics (schedule/metrics.py), for a scrape."""
+        return self.stats.families(self.settings.name, self._pending_ticks)
+
+    def _pending_ticks(self) -> int | None:
+        try:
+            return int(self.store.client.hlen(self.store.pending_key))
+        except Exception:  # Redis unreachable: leave the gauge out of this scrape
+            return None
 
     # -- owning the schedule ------------------------------------------------
 
@@ -476,6 +490,8 @@ class ScheduleRunner:
         entries = self.store.entries(self.config_entries)
         states = self.store.states()
         self._warn_unknown_tasks(entries)
+        self.stats.entries_loaded = len(entries)
+        self.stats.entries_invalid = self.store.invalid_runtime_entries
         slots: dict[str, _Slot] = {}
         for name, entry in entries.items():
             old = previous.get(name) if previous is not None else None
@@ -541,6 +557,7 @@ class ScheduleRunner:
             send = ([missed[-1]] if missed else []) + current
         else:
             send = current
+        after_policy = len(send)
         if grace is not None:
             send = [t for t in send if (now - t).total_seconds() <= grace]
         # Claims only move forward, so claiming a tick also passes over the
@@ -551,6 +568,9 @@ class ScheduleRunner:
         for fire, publish in claims:
             if not self._claim_and_publish(entry, fire, term, publish=publish):
                 return False
+        self.stats.skipped_ticks(entry.name, SKIPPED_POLICY, len(due) - after_policy)
+        self.stats.skipped_ticks(entry.name, SKIPPED_GRACE, after_policy - len(send))
+        self.stats.caught_up_ticks(entry.name, sum(1 for fire in send if fire < started_at))
         if due:
             slot.last = due[-1]
         slot.next = entry.next_fire_after(slot.last or now)
@@ -620,6 +640,7 @@ class ScheduleRunner:
             self._unsent = True
             return
         self.dispatched += 1
+        self.stats.sent(tick, term)
         self._sent_pending.add(tick)
         self.store.client.hdel(self.store.pending_key, tick)  # a Redis error: run() retries
         self._sent_pending.discard(tick)
@@ -677,6 +698,7 @@ class ScheduleRunner:
                         "the next leader", term, tick)
         elif result == 1:
             self.dispatched += 1
+            self.stats.sent(tick, term)
         else:
             log.info("celery-leader: %s was already sent", tick)
         return True
@@ -710,6 +732,7 @@ class ScheduleRunner:
             if result is FENCED:
                 return False
             if result == 1:
+                self.stats.republished_tick(tick)
                 log.warning("celery-leader: sending %s claimed by %s term %d but maybe not "
                             "sent", tick, data.get("election", "an earlier leader"), old_term)
                 self._publish(tick, adopted, term)

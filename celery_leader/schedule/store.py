@@ -132,6 +132,7 @@ class ScheduleStore:
         self._first_seen = self.client.register_script(FIRST_SEEN_LUA)
         self._remove = self.client.register_script(REMOVE_RUNTIME_ENTRY_LUA)
         self._warned_clashes: set[str] = set()
+        self.invalid_runtime_entries = 0  # runtime entries skipped at the last read
 
     # -- beat_schedule entries and their overrides -----------------------------
 
@@ -268,12 +269,15 @@ class ScheduleStore:
     def runtime_entries(self) -> dict[str, Entry]:
         """Valid runtime entries; a bad one is logged and skipped, never fatal."""
         entries: dict[str, Entry] = {}
+        invalid = 0
         for raw_name, raw in (self.client.hgetall(self.entries_key) or {}).items():
             name = as_text(raw_name)
             try:
                 entries[name] = entry_from_json(name, raw, self.app)
             except EntryError as exc:
+                invalid += 1
                 log.error("celery-leader: skipping runtime entry: %s", exc)
+        self.invalid_runtime_entries = invalid  # for the metrics
         return entries
 
     def version(self) -> int:
