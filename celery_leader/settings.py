@@ -7,6 +7,7 @@ never written back with defaults, which would shadow the user's config module.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import sys
 import threading
@@ -62,6 +63,7 @@ class LeaderSettings:
     wait_replicas: int = 0
     wait_timeout: float = 0.5
     tick_run_once: bool = True
+    django_celery_beat: bool = False
     transport_options: dict[str, Any] = field(default_factory=dict)
 
     def default_identity(self, hostname: str | None = None) -> str:
@@ -185,6 +187,7 @@ def read_settings(app: Any) -> LeaderSettings:
         wait_replicas=get("leader_wait_replicas", 0, _count),
         wait_timeout=get("leader_wait_timeout", 0.5, _positive_seconds),
         tick_run_once=get("leader_tick_run_once", True, _bool),
+        django_celery_beat=get("leader_django_celery_beat", False, _django_celery_beat),
         transport_options=dict(setting(app, "broker_transport_options", None) or {}),
     )
     return settings
@@ -289,6 +292,14 @@ def _catch_up(name: str, value: Any) -> str:
         raise ConfigurationError(f"{name} must be one of {', '.join(CATCH_UP_POLICIES)}, "
                                  f"got {value!r}")
     return str(value)
+
+
+def _django_celery_beat(name: str, value: Any) -> bool:
+    enabled = _bool(name, value)
+    if enabled and importlib.util.find_spec("django_celery_beat") is None:
+        raise ConfigurationError(f"{name} is True but django-celery-beat is not installed; "
+                                 "install it with: pip install 'celery-leader[django]'")
+    return enabled
 
 
 def _check_url(name: str, url: Any) -> None:
