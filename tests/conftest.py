@@ -15,6 +15,7 @@ import pytest
 import redis
 
 from celery_leader.embedded import EmbeddedRedis
+from tests.django_db import postgres_db, postgres_server, sqlite_db  # noqa: F401 - fixtures
 
 DATABASES = 256
 _db_numbers = itertools.cycle(range(1, DATABASES))
