@@ -276,23 +276,54 @@ def ensure_django() -> None:
             "INSTALLED_APPS")
 
 
+_TASK_FIELDS = ("pk", "name", "task", "args", "kwargs", "queue", "exchange", "routing_key",
+                "priority", "headers", "expires", "expire_seconds", "one_off", "start_time",
+                "enabled", "total_run_count", "date_changed")
+_SCHEDULE_FIELDS = {
+    "interval": ("every", "period"), "crontab": ("minute", "hour", "day_of_month",
+                                                 "month_of_year", "day_of_week", "timezone"),
+    "solar": ("event", "latitude", "longitude"), "clocked": ("clocked_time",)}
+
+
+def row_key(task: Any) -> tuple[Any, ...]:
+    """Every value the conversion reads: a row whose key is unchanged converts to
+    the same entry (so a re-read converts only what changed)."""
+    key: list[Any] = [getattr(task, name) for name in _TASK_FIELDS]
+    for relation, names in _SCHEDULE_FIELDS.items():
+        related = getattr(task, relation)
+        key.append(None if related is None else tuple(str(getattr(related, n))
+                                                      for n in names))
+    return tuple(key)
+
+
 def read_rows(app: Any, enabled_only: bool = True,
               skipped: Callable[[Any, Exception], None] | None = None,
+              cache: dict[tuple[Any, ...], tuple[Entry, Row]] | None = None,
               ) -> tuple[dict[str, Entry], dict[str, Row]]:
     """Every (enabled) PeriodicTask as an entry; a row that cannot be one is
-    passed to ``skipped`` (never stops the others).  Database errors propagate."""
+    passed to ``skipped`` (never stops the others).  Database errors propagate.
+    ``cache`` (row key -> converted), kept by the caller between reads, is
+    updated to hold exactly the rows read."""
     periodic_task = django_apps.get_model("django_celery_beat", "PeriodicTask")
     query = periodic_task.objects.select_related("interval", "crontab", "solar", "clocked")
     if enabled_only:
         query = query.filter(enabled=True)
     entries: dict[str, Entry] = {}
     rows: dict[str, Row] = {}
+    seen: dict[tuple[Any, ...], tuple[Entry, Row]] = {}
     for task in query.iterator(chunk_size=2000):
+        key = row_key(task) if cache is not None else ()
         try:
-            entries[task.name], rows[task.name] = entry_from_row(task, app)
+            converted = cache.get(key) if cache is not None else None
+            if converted is None:
+                converted = entry_from_row(task, app)
+            entries[task.name], rows[task.name] = seen[key] = converted
         except Exception as exc:
             if skipped is not None:
                 skipped(task, exc)
+    if cache is not None:
+        cache.clear()
+        cache.update(seen)
     return entries, rows
 
 
@@ -327,6 +358,7 @@ class DjangoBeatSource:
         self._written: dict[str, tuple[int, int]] = {}  # name -> (count, last ms) in the row
         self._disabled: set[tuple[int, int]] = set()  # (pk, tick ms) disabled by us
         self._skipped: set[tuple[str, Any]] = set()
+        self._converted: dict[tuple[Any, ...], tuple[Entry, Row]] = {}
         self._down: dict[str, bool] = {"database": False, "redis": False}
 
     # -- EntrySource ----------------------------------------------------------
@@ -387,7 +419,7 @@ class DjangoBeatSource:
             self._loaded.set()
 
     def _reload(self) -> None:
-        entries, rows = read_rows(self.app, skipped=self._skip)
+        entries, rows = read_rows(self.app, skipped=self._skip, cache=self._converted)
         with self._lock:
             self._rows = rows
             if entries == self._entries:
