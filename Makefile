@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint typecheck tls-redis unit demo bench clean chromium
+.PHONY: test lint typecheck tls-redis unit demo bench clean chromium postgres
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,7 +30,15 @@ chromium:
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
 	      >/dev/null 2>&1 || echo "chromium not installed: the status page test will skip"; }
 
-test: lint typecheck tls-redis chromium
+# PostgreSQL for the django-celery-beat tests (Debian's server binaries; the tests
+# skip, saying so, only where it cannot be installed).
+postgres:
+	@ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || \
+		(apt-get install -y postgresql >/dev/null 2>&1 || \
+		 (apt-get update >/dev/null 2>&1 && apt-get install -y postgresql >/dev/null 2>&1)) || \
+		echo "postgresql could not be installed: its tests will be skipped"
+
+test: lint typecheck tls-redis chromium postgres
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 demo: $(STAMP)

@@ -32,6 +32,7 @@ from .election.redislock import RedisLock
 from .election.running import run_while_leading, start_elector_thread
 from .schedule.runner import ScheduleRunner
 from .settings import exit_on_configuration_error, read_settings
+from .sources import entry_source
 
 log = secret_safe_logger(__name__)
 
@@ -49,7 +50,8 @@ class LeaderScheduler(Scheduler):  # type: ignore[misc]
                 self.lock, LeaderCallbacks(on_started_leading=self._lead,
                                            on_stopped_leading=lambda: None))
             self.runner = ScheduleRunner(app, self.lock, settings,
-                                         still_leading=self.elector.is_leader)
+                                         still_leading=self.elector.is_leader,
+                                         source=entry_source(app, settings, self.lock))
         # No control consumer here: `celery leader step-down` reaches beat through Redis.
         self.step_down_listener = StepDownListener(self.elector, self.lock,
                                                    poll=settings.lease_duration)

@@ -262,13 +262,16 @@ def schedule_table(rows: list[dict[str, Any]]) -> str:
     """The schedule as aligned columns, two spaces apart, nothing truncated; the
     term is shown with the election that holds it (terms of the workers' and the
     beats' elections are not comparable)."""
-    header = ("name", "schedule", "next fire (UTC)", "last fire (UTC)", "term (election)")
+    # A "source" column only when an entry source (django-celery-beat) is on.
+    sources = any(row.get("source") not in (None, "beat_schedule", "runtime") for row in rows)
+    header: tuple[str, ...] = ("name", "schedule", "next fire (UTC)", "last fire (UTC)",
+                               "term (election)") + (("source",) if sources else ())
     lines = [header]
     for row in rows:
         nxt = _table_time(row["next_fire_time"]) if row["enabled"] else "disabled"
         term = "-" if row["term"] is None else f"{row['term']} ({row['election']})"
         lines.append((row["name"], row["schedule"], nxt, _table_time(row["last_fire_time"]),
-                      term))
+                      term) + ((row["source"],) if sources else ()))
     widths = [max(len(line[column]) for line in lines) for column in range(len(header))]
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths,
                                                                          strict=True)).rstrip()

@@ -33,6 +33,7 @@ from .schedule.runner import (
 )
 from .schedule.store import FIRST_SEEN_LUA, REMOVE_RUNTIME_ENTRY_LUA, next_fire_time
 from .settings import beat_lock, read_settings
+from .sources import external_entries
 
 __all__ = [
     "ADOPT_PENDING_LUA",
@@ -75,8 +76,9 @@ class ScheduleStore(store.ScheduleStore):
 
 
 def schedule_report(app: Any) -> list[dict[str, Any]]:
-    """:meth:`ScheduleStore.report` of ``app``'s schedule."""
-    return ScheduleStore.for_app(app).report()
+    """:meth:`ScheduleStore.report` of ``app``'s schedule, with the entries of the
+    sources its settings turn on (django-celery-beat's tasks)."""
+    return ScheduleStore.for_app(app).report(external_entries(app, read_settings(app)))
 
 
 def schedule_owner(app: Any) -> dict[str, Any] | None:

@@ -7,6 +7,7 @@ never written back with defaults, which would shadow the user's config module.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -66,6 +67,7 @@ class LeaderSettings:
     healthz_token: str | None = field(default=None, repr=False)  # a secret
     metrics_per_entry: bool = False
     metrics_per_task: bool = False
+    django_celery_beat: bool = False
     transport_options: dict[str, Any] = field(default_factory=dict)
 
     def __repr__(self) -> str:
@@ -201,6 +203,7 @@ def read_settings(app: Any) -> LeaderSettings:
         healthz_token=get("leader_healthz_token", None, _optional_token),
         metrics_per_entry=get("leader_metrics_per_entry", False, _bool),
         metrics_per_task=get("leader_metrics_per_task", False, _bool),
+        django_celery_beat=get("leader_django_celery_beat", False, _django_celery_beat),
         transport_options=dict(setting(app, "broker_transport_options", None) or {}),
     )
     return settings
@@ -317,6 +320,14 @@ def _catch_up(name: str, value: Any) -> str:
         raise ConfigurationError(f"{name} must be one of {', '.join(CATCH_UP_POLICIES)}, "
                                  f"got {value!r}")
     return str(value)
+
+
+def _django_celery_beat(name: str, value: Any) -> bool:
+    enabled = _bool(name, value)
+    if enabled and importlib.util.find_spec("django_celery_beat") is None:
+        raise ConfigurationError(f"{name} is True but django-celery-beat is not installed; "
+                                 "install it with: pip install 'celery-leader[django]'")
+    return enabled
 
 
 def _check_url(name: str, url: Any) -> None:

@@ -46,6 +46,7 @@ from .settings import (
     exit_on_configuration_error,
     read_settings,
 )
+from .sources import entry_source
 from .state import LEADER_ONLY_TASKS, shared_leadership
 from .status import ReplicaRegistry, StatusSource
 from .taskstats import TaskStats
@@ -91,7 +92,8 @@ class LeaderController:
             # Validates beat_schedule now: a bad entry stops the worker at start.
             self.scheduler = ScheduleRunner(app, self.lock, settings,
                                             still_leading=self.elector.is_leader,
-                                            per_entry_metrics=settings.metrics_per_entry)
+                                            per_entry_metrics=settings.metrics_per_entry,
+                                            source=entry_source(app, settings, self.lock))
             self.leadership_hooks.append(self.scheduler.run)
         # Leader-only messages: taken under the term and never lost in flight
         # (leaderqueue.py) when the broker is the lease's Redis, else through kombu.

@@ -69,7 +69,8 @@ class Replicas:
     """The processes of one test; :meth:`stop` ends every one of them by PID."""
 
     def __init__(self, tmp_path: Path, redis_url: str, name: str,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, app: str = APP) -> None:
+        self.app = app
         self.tmp_path = tmp_path
         self.redis_url = redis_url
         self.name = name
@@ -90,7 +91,7 @@ class Replicas:
 
     def _spawn(self, kind: str, args: list[str], env: dict[str, str] | None) -> Proc:
         name = f"{kind[0]}{sum(p.kind == kind for p in self.procs) + 1}"
-        command = [sys.executable, "-m", "celery", "-A", APP, kind, *args]
+        command = [sys.executable, "-m", "celery", "-A", self.app, kind, *args]
         if kind == "worker":
             command += ["-n", f"{name}@%h"]
         log_path = self.tmp_path / f"{name}.log"
@@ -122,7 +123,7 @@ class Replicas:
 
     def celery(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
         """Run ``celery -A tests.apps.beat_app <args>`` to completion."""
-        return subprocess.run([sys.executable, "-m", "celery", "-A", APP, *args], cwd=ROOT,
+        return subprocess.run([sys.executable, "-m", "celery", "-A", self.app, *args], cwd=ROOT,
                               env=self.base_env(), capture_output=True, text=True,
                               timeout=timeout, stdin=subprocess.DEVNULL)
 

@@ -32,6 +32,8 @@ SPEC_FIELDS = ("task", "schedule", "args", "kwargs", "options", "catch_up", "mis
                "enabled")
 # What one entry may say: Celery's beat_schedule keys plus celery-leader's own.
 ENTRY_KEYS = frozenset({*SPEC_FIELDS, "relative"})
+NEVER = datetime(9999, 12, 31, tzinfo=UTC)
+"""The "next fire time" of a schedule that will not fire again (a one-shot that fired)."""
 
 
 class EntryError(ConfigurationError):
@@ -54,9 +56,13 @@ class Entry:
     misfire_grace: float | None = None
     enabled: bool = True
     runtime: bool = False  # added through the API, stored in Redis
+    source: str = ""  # an EntrySource's name (source.py) for its entries; "" otherwise
 
     def next_fire_after(self, after: datetime) -> datetime:
         return next_fire_after(self.schedule, after)
+
+    def first_fire_after(self, anchor: datetime) -> datetime:
+        return first_fire_after(self.schedule, anchor)
 
     def describe_schedule(self) -> str:
         return describe_schedule(self.schedule)
@@ -69,8 +75,9 @@ class Entry:
 def next_fire_after(sched: Any, after: datetime) -> datetime:
     """The first fire time strictly after ``after`` (aware, UTC)."""
     after = after.astimezone(UTC)
-    if isinstance(sched, cron):
-        return sched.next_fire_after(after)
+    if isinstance(sched, cron) or callable(getattr(sched, "next_fire_after", None)):
+        # cron, and any schedule that computes exact fire times itself.
+        return sched.next_fire_after(after)  # type: ignore[no-any-return]
     if isinstance(sched, schedule) and not isinstance(sched, crontab):
         run_every: timedelta = sched.run_every
         return after + run_every
@@ -85,6 +92,17 @@ def next_fire_after(sched: Any, after: datetime) -> datetime:
     remaining = pinned.remaining_estimate(after)
     seconds = remaining.total_seconds() if isinstance(remaining, timedelta) else float(remaining)
     return after + timedelta(seconds=max(seconds, 0.001))
+
+
+def first_fire_after(sched: Any, anchor: datetime) -> datetime:
+    """The first fire time of an entry that never fired, anchored where the schedule
+    first saw it.  The next fire time after ``anchor``, unless the schedule says
+    otherwise with a ``first_fire_after`` method of its own: a one-shot whose
+    time passed before any leader saw it still fires once, at ``anchor``."""
+    own = getattr(sched, "first_fire_after", None)
+    if callable(own):
+        return own(anchor.astimezone(UTC))  # type: ignore[no-any-return]
+    return next_fire_after(sched, anchor)
 
 
 def _pinned(sched: Any, now: datetime) -> Any:

@@ -57,6 +57,7 @@ from .entries import Entry, entries_from_config
 from .metrics import SKIPPED_GRACE, SKIPPED_POLICY, ScheduleStats
 from .options import ScheduleOptions
 from .publish import Unsupported, capture_redis_publish
+from .source import EntrySource
 from .store import ScheduleStore, from_ms, next_fire_time, to_ms
 from .tickstart import LostTicks, TickKeys
 
@@ -232,7 +233,8 @@ class ScheduleRunner:
                  entries: dict[str, Entry] | None = None,
                  still_leading: Callable[[], bool] = lambda: True,
                  now: Callable[[], float] = time.time,
-                 per_entry_metrics: bool = False) -> None:
+                 per_entry_metrics: bool = False,
+                 source: EntrySource | None = None) -> None:
         if lock.hash_tag != settings.name:
             raise ConfigurationError(
                 f"the scheduler's election {lock.name!r} must keep its keys in the schedule's "
@@ -245,6 +247,10 @@ class ScheduleRunner:
         self.config_entries = entries_from_config(app) if entries is None else entries
         self.still_leading = still_leading
         self._now = now
+        # More entries, from outside Redis (source.py); re-read when its version moves.
+        self.source = source
+        if source is not None:
+            source.watch(self.wake)
         # Which mode this runner dispatches for, and the other mode's lease.
         self.standalone = lock.name != settings.name
         other = settings.name if self.standalone else beat_election_name(settings, True)
@@ -449,6 +455,7 @@ class ScheduleRunner:
         if self.lost_ticks is not None and not self.lost_ticks.repush(term):
             return
         version = self.store.version()
+        source_version = self.source.version() if self.source is not None else None
         slots = self._load_slots(started_at)
         heap = self._heap(slots)
         next_check = time.monotonic() + self.settings.retry_period
@@ -464,6 +471,10 @@ class ScheduleRunner:
                     version = current
                     slots = self._load_slots(datetime.fromtimestamp(self._now(), UTC), slots)
                     heap = self._heap(slots)
+            if self.source is not None and self.source.version() != source_version:
+                source_version = self.source.version()
+                slots = self._load_slots(datetime.fromtimestamp(self._now(), UTC), slots)
+                heap = self._heap(slots)
             now = datetime.fromtimestamp(self._now(), UTC)
             while heap and heap[0][0] <= to_ms(now):
                 _, _, name = heapq.heappop(heap)
@@ -488,6 +499,8 @@ class ScheduleRunner:
     def _load_slots(self, started_at: datetime,
                     previous: dict[str, _Slot] | None = None) -> dict[str, _Slot]:
         entries = self.store.entries(self.config_entries)
+        if self.source is not None:
+            entries = self.store.with_external(entries, self.source.entries())
         states = self.store.states()
         self._warn_unknown_tasks(entries)
         self.stats.entries_loaded = len(entries)
@@ -519,7 +532,7 @@ class ScheduleRunner:
             if previous is not None and last is None:
                 # Added, changed or re-enabled while leading, never fired: count
                 # from now, and so does every later leader.
-                fire = entry.next_fire_after(started_at)
+                fire = entry.first_fire_after(started_at)
                 moved.append(entry)
             elif previous is not None and (old is None or not old.entry.enabled):
                 # Re-enabled while leading: no catch-up for the time it was disabled.
@@ -606,9 +619,20 @@ class ScheduleRunner:
         if result == TICK_ENTRY_REMOVED:
             log.info("celery-leader: runtime entry %r was removed; not dispatching %s",
                      entry.name, tick)
-        elif result == TICK_CLAIMED and publish:
-            self._publish(tick, message, term)
+        elif result == TICK_CLAIMED:
+            if entry.source and self.source is not None:
+                self._tell_source(self.source, entry, fire, publish)
+            if publish:
+                self._publish(tick, message, term)
         return True
+
+    def _tell_source(self, source: EntrySource, entry: Entry, fire: datetime,
+                     published: bool) -> None:
+        try:
+            source.claimed(entry, fire, published)
+        except Exception:  # its bookkeeping only: the claim in Redis stands
+            log.exception("celery-leader: %s entry source failed to record %s@%d",
+                          entry.source, entry.name, to_ms(fire))
 
     def _publish(self, tick: str, message: str, term: int) -> None:
         # A deposed leader must not publish even what it claimed in time: the

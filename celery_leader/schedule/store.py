@@ -11,7 +11,7 @@ and the Celery app for ``beat_schedule``; it never reads ``leader_*`` settings
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any
@@ -19,6 +19,7 @@ from typing import Any
 from ..election.redact import secret_safe_logger
 from ..election.redislock import RedisLock, as_text, key_of
 from .entries import (
+    NEVER,
     Entry,
     EntryError,
     EntryExistsError,
@@ -89,7 +90,13 @@ def next_fire_time(entry: Entry, last: datetime | None, first_seen: datetime | N
     claimed fire time; if it never fired, after where the schedule first saw it;
     if no leader has seen it yet, after ``now``.  ``celery leader schedule``
     shows the same."""
-    return entry.next_fire_after(last or first_seen or now)
+    if last is not None:
+        return entry.next_fire_after(last)
+    return entry.first_fire_after(first_seen or now)
+
+
+def _iso_unless_never(moment: datetime) -> str | None:
+    return None if moment >= NEVER else moment.isoformat()
 
 
 class ScheduleStore:
@@ -133,6 +140,7 @@ class ScheduleStore:
         self._remove = self.client.register_script(REMOVE_RUNTIME_ENTRY_LUA)
         self._warned_clashes: set[str] = set()
         self.invalid_runtime_entries = 0  # runtime entries skipped at the last read
+        self._warned_external: set[tuple[str, str]] = set()
 
     # -- beat_schedule entries and their overrides -----------------------------
 
@@ -179,6 +187,24 @@ class ScheduleStore:
                           "`celery leader schedule remove %s`", name, entry.task, name,
                           entries[name].task, name)
         return entries
+
+    def with_external(self, entries: dict[str, Entry],
+                      external: Mapping[str, Entry]) -> dict[str, Entry]:
+        """``entries`` (beat_schedule and runtime ones) and an EntrySource's
+        (source.py).  One named like an entry already there is ignored, with an
+        error logged once: beat_schedule and runtime entries win."""
+        merged = dict(entries)
+        for name, entry in external.items():
+            if name not in merged:
+                merged[name] = entry
+            elif (entry.source, name) not in self._warned_external:
+                self._warned_external.add((entry.source, name))
+                log.error("celery-leader: ignoring %s entry %r (task %r): the schedule has a "
+                          "%s entry %r (task %r), which wins; rename one of them",
+                          entry.source, name, entry.task,
+                          "runtime" if merged[name].runtime else "beat_schedule", name,
+                          merged[name].task)
+        return merged
 
     # -- runtime entries (validated before anything is written) --------------
 
@@ -348,11 +374,12 @@ class ScheduleStore:
 
     # -- reports (``celery leader schedule``) ---------------------------------
 
-    def report(self) -> list[dict[str, Any]]:
+    def report(self, external: Mapping[str, Entry] | None = None) -> list[dict[str, Any]]:
         """Every entry with its schedule, next and last fire time, and the term and
         election that claimed its last fire time.  The next fire time is the one the
-        runner computes (:func:`next_fire_time`), from the state and first-seen time."""
-        entries = self.entries(self._configured())
+        runner computes (:func:`next_fire_time`), from the state and first-seen time.
+        ``external``: an EntrySource's entries, shown too (``source`` names it)."""
+        entries = self.with_external(self.entries(self._configured()), external or {})
         states = self.states()
         # Progress of a standalone beat that has not been merged yet (an older version).
         for name, state in self.states(self.legacy_state_key).items():
@@ -368,8 +395,9 @@ class ScheduleStore:
             rows.append({
                 "name": name, "task": entry.task, "schedule": entry.describe_schedule(),
                 "enabled": entry.enabled, "runtime": entry.runtime,
+                "source": entry.source or ("runtime" if entry.runtime else "beat_schedule"),
                 "last_fire_time": last.isoformat() if last else None,
-                "next_fire_time": next_fire_time(entry, last, seen, now).isoformat()
+                "next_fire_time": _iso_unless_never(next_fire_time(entry, last, seen, now))
                 if entry.enabled else None,
                 "term": state.get("term"),
                 "election": state.get("election", self.name if state else None),

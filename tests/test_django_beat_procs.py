@@ -1,0 +1,158 @@
+"""django-celery-beat's tables dispatched by the leader, with three real worker
+replicas, a real Redis and a real database (PostgreSQL, and SQLite).
+
+- an every-second interval row with ``leader_catch_up = "all"`` while the leader
+  is SIGKILLed, SIGSTOPped past its lease and SIGTERMed, and while PostgreSQL is
+  down: every fire second runs exactly once; disabling the row through the ORM
+  stops it within one retry period + 1 s;
+- a one-off row runs exactly once across a leader killed at its fire time; a
+  clocked row runs once; both are then disabled in the table;
+- ``last_run_at`` / ``total_run_count`` in the table match what ran.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections import Counter
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from tests.django_db import Postgres, django_env, rows
+from tests.sched_procs import RETRY, Replicas, fire_second, wait_until
+from tests.test_scheduler_failover import fail_over
+
+pytestmark = pytest.mark.integration
+APP = "tests.apps.django_app"
+
+
+def replicas_on(tmp_path: Path, redis_url: str, name: str, db: str) -> Replicas:
+    procs = Replicas(tmp_path, redis_url, name, app=APP,
+                     env={k: v for k, v in django_env(db).items()
+                          if k in ("LEADER_TEST_DB", "DJANGO_SETTINGS_MODULE")})
+    for _ in range(3):
+        procs.worker()
+    return procs
+
+
+@pytest.fixture
+def stopper() -> Iterator[list[Replicas]]:
+    started: list[Replicas] = []
+    yield started
+    for procs in started:
+        procs.stop()
+        print(procs.logs())  # shown when the test failed
+
+
+def assert_counts_match(db: str, r: Replicas, name: str, label: str) -> None:
+    """The row's total_run_count and last_run_at say what ran (written back in batches)."""
+    ran = [datetime.fromisoformat(t["fire_time"]).timestamp() for t in r.ticks()
+           if t["label"] == label]
+
+    def written() -> bool:
+        row = rows(db, "dump")[name]
+        if row["last_run_at"] is None:
+            return False
+        # Ticks go on while the rows are written: what ran up to the row's last_run_at.
+        upto = [fire for fire in ran if fire <= row["last_run_at"] + 0.0005]
+        return (row["total_run_count"] == len(upto) and bool(upto)
+                and abs(row["last_run_at"] - max(upto)) < 0.001)
+
+    wait_until(written, 10, f"{name}'s total_run_count {len(ran)} and last_run_at "
+               f"{max(ran)} in the table", lambda: str(rows(db, "dump")[name]))
+
+
+def fire_ms(r: Replicas, label: str) -> list[int]:
+    """Fire times (ms) of ``label``'s ticks, in arrival order.  An interval row is
+    anchored where the leader first saw it, so they are not whole seconds."""
+    return [round(datetime.fromisoformat(t["fire_time"]).timestamp() * 1000)
+            for t in r.ticks() if t["label"] == label]
+
+
+def wait_quiet(r: Replicas, label: str) -> None:
+    """A moment between ticks (the last one recorded 0.25-0.6 s ago, every one
+    before it too), so a killed leader has no tick message in flight."""
+
+    def quiet() -> bool:
+        fired = sorted(set(fire_ms(r, label)))
+        if not fired:
+            return False
+        since = time.time() - fired[-1] / 1000
+        return 0.25 <= since <= 0.6 and fired == list(range(fired[0], fired[-1] + 1, 1000))
+
+    wait_until(quiet, 15, "a quiet moment between ticks", r.logs)
+
+
+def test_every_second_row_exactly_once_across_faults_and_a_database_outage(
+        tmp_path: Path, redis_url: str, election_name: str, postgres_server: Postgres,
+        postgres_db: str, stopper: list[Replicas]) -> None:
+    db = postgres_db
+    rows(db, "create", name="every-second", label="every-second", every=1)
+    r = replicas_on(tmp_path, redis_url, election_name, db)
+    stopper.append(r)
+    r.wait_workers_ready()
+    r.wait_ticks(3, timeout=60)
+    log: list[str] = []
+    for fault in ("kill", "stop", "term"):
+        time.sleep(1.5)
+        wait_quiet(r, "every-second")
+        fail_over(r, election_name, fault, log)
+    # The database goes away: the leader keeps dispatching what it read.
+    before = len(fire_ms(r, "every-second"))
+    postgres_server.stop()
+    r.wait_ticks(before + 3, timeout=15)
+    postgres_server.start()
+    time.sleep(1.5)
+    wait_quiet(r, "every-second")
+    assert_counts_match(db, r, "every-second", "every-second")
+    # Disabled in the ORM: no tick fires later than one retry period + 1 s after.
+    rows(db, "enable", name="every-second", enabled=False)
+    disabled_at = time.time()
+    time.sleep(RETRY + 2.5)
+    fired = fire_ms(r, "every-second")
+    expected = list(range(min(fired), max(fired) + 1, 1000))
+    duplicated = sorted(ms for ms, n in Counter(fired).items() if n > 1)
+    missing = sorted(set(expected) - set(fired))
+    assert not duplicated and not missing and sorted(fired) == expected, (
+        f"{len(fired)} ticks, duplicated {duplicated}, missing {missing}", log)
+    assert max(fired) / 1000 <= disabled_at + RETRY + 1, (max(fired), disabled_at)
+    leader_logs = "".join(p.log() for p in r.procs)
+    assert leader_logs.count("database unavailable") >= 1
+    # django-celery-beat clears last_run_at of a row saved disabled; the count stays.
+    wait_until(lambda: rows(db, "dump")["every-second"]["total_run_count"] == len(fired), 10,
+               "the final total_run_count", lambda: str(rows(db, "dump")))
+
+
+def test_one_off_row_runs_once_across_a_leader_kill_and_a_clocked_row_runs_once(
+        tmp_path: Path, redis_url: str, election_name: str, sqlite_db: str,
+        stopper: list[Replicas]) -> None:
+    db = sqlite_db
+    rows(db, "create", name="heartbeat", label="heartbeat", every=1)
+    r = replicas_on(tmp_path, redis_url, election_name, db)
+    stopper.append(r)
+    r.wait_workers_ready()
+    r.wait_ticks(2, label="heartbeat", timeout=60)
+    # Saved while running: each fires at its own single tick, a few seconds from now.
+    at = int(time.time()) + 4
+    rows(db, "create", name="clocked", label="clocked", clocked_at=at)
+    rows(db, "create", name="one-off", label="one-off", every=4, one_off=True)
+    leader, term = r.wait_leader(election_name)
+    # Kill the leader at the clocked row's fire time (the one-off fires about then too).
+    wait_until(lambda: time.time() >= at - 0.05, 10, "the clocked row's fire time")
+    leader.signal(signal.SIGKILL)
+    r.wait_leader(election_name, timeout=20, not_pid=leader.pid, after_term=term)
+    r.wait_ticks(2, label="heartbeat", term=term, timeout=15)
+    wait_until(lambda: {t["label"] for t in r.ticks()} >= {"clocked", "one-off"}, 15,
+               "the clocked and one-off rows to run", r.logs)
+    time.sleep(5)  # long enough for either to have run again, if it would
+    counts = Counter(t["label"] for t in r.ticks())
+    assert counts["clocked"] == 1 and counts["one-off"] == 1, counts
+    clocked = [fire_second(t) for t in r.ticks() if t["label"] == "clocked"]
+    assert clocked == [at]
+    wait_until(lambda: not any(rows(db, "dump")[n]["enabled"] for n in ("clocked", "one-off")),
+               10, "both single-tick rows disabled in the table", lambda: str(rows(db, "dump")))
+    for name in ("clocked", "one-off"):
+        assert_counts_match(db, r, name, name)
