@@ -412,21 +412,23 @@ def test_every_tick_runs_once_although_a_partitioned_follower_popped_one(
     flowing = events.wait_kind("tick_run", BOOT, count=2, what="ticks running")
     first = min(_fire_second(e) for e in flowing)
 
-    # Keep the leader from waiting in a BRPOP: its pool is full of leader-only work.
+    # Keep the leader's pool full of leader-only work: once kombu's prefetch of the
+    # tick queue is full too (at most a couple of ticks), the leader stops
+    # waiting in its BRPOP and the next tick can only go to the follower.  (The
+    # leader-only work no longer passes through kombu, so its BRPOP on the tick
+    # queue may go on until then.)
     sender = faults.sender()
-    busy = [sender.send(f"busy{i}", seconds=6.0) for i in range(CONCURRENCY[pool])]
+    busy = [sender.send(f"busy{i}", seconds=10.0) for i in range(CONCURRENCY[pool])]
     events.wait_kind("task_start", BOOT, count=len(busy),
                      where=lambda e: e["task_id"] in busy, what="the leader busy")
-    leader_proxy, proxy = faults.proxy(leader), faults.proxy(follower)
-    wait_until(lambda: leader_proxy.blocked_in(b"BRPOP") is None, 5.0,
-               f"{leader.name} to stop waiting in BRPOP")
+    proxy = faults.proxy(follower)
     proxy.partition_after(brpop_on(TICK_QUEUE.encode()))
     wait_until(lambda: proxy.partitioned, 5.0, f"{follower.name} cut inside its BRPOP")
     cut = proxy.partitioned_at
     assert cut is not None
     # A tick that found nobody waiting (the follower's BRPOP was spent on the one
-    # before it, the leader is busy) shows that the follower's BRPOP is over.
-    wait_until(lambda: events.client.llen(TICK_QUEUE) >= 1, 5.0,
+    # before it, the leader's prefetch is full) shows that the follower's BRPOP is over.
+    wait_until(lambda: events.client.llen(TICK_QUEUE) >= 1, 8.0,
                "a tick waiting in the queue", faults.describe)
     dropped = proxy.reset()
     reset_at = time.time()
