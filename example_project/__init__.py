@@ -4,6 +4,8 @@
 - ``example_project.celeryconfig``: its settings, deployment values from the environment;
 - ``example_project.django_settings``: the same settings under Django-style
   ``CELERY_*`` names (``EXAMPLE_SETTINGS=django``);
+- ``example_project.django_beat_settings`` / ``example_project.manage``: a Django
+  project whose schedule is django-celery-beat's tables (``EXAMPLE_SETTINGS=django-beat``);
 - ``example_project.tasks``: periodic tasks and a ``@leader_only`` maintenance task;
 - ``example_project.receivers``: leadership signal receivers that log transitions;
 - ``example_project.audit``: what the tasks and receivers record in Redis;

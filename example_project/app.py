@@ -16,6 +16,9 @@ app = Celery("example_project",
              include=["example_project.tasks", "example_project.receivers"])
 if os.environ.get("EXAMPLE_SETTINGS") == "django":
     app.config_from_object("example_project.django_settings", namespace="CELERY")
+elif os.environ.get("EXAMPLE_SETTINGS") == "django-beat":  # schedule in django-celery-beat
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "example_project.django_beat_settings")
+    app.config_from_object("django.conf:settings", namespace="CELERY")
 else:
     app.config_from_object("example_project.celeryconfig")
 celery_leader.install(app)
