@@ -45,7 +45,10 @@ print(PeriodicTask.objects.get(name="audit-heartbeat").total_run_count)
 
 
 def example_env(tmp_path: Path, redis_url: str, name: str) -> dict[str, str]:
+    # DJANGO_SETTINGS_MODULE explicitly: an in-process Django test of this session
+    # may have set another one in os.environ, which the workers would inherit.
     return {"EXAMPLE_SETTINGS": "django-beat", "EXAMPLE_DATABASE": str(tmp_path / "db.sqlite3"),
+            "DJANGO_SETTINGS_MODULE": "example_project.django_beat_settings",
             "EXAMPLE_REDIS_URL": redis_url, "EXAMPLE_LEADER_NAME": name,
             "EXAMPLE_LEASE_DURATION": str(LEASE), "EXAMPLE_RENEW_DEADLINE": str(RENEW),
             "EXAMPLE_RETRY_PERIOD": str(RETRY), "EXAMPLE_TASK_QUEUE": f"{name}-tasks",
