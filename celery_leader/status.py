@@ -134,7 +134,7 @@ class StatusSource:
         record = elector.observed_record()
         holder = record.holder_identity if record else ""
         try:
-            replicas = self.registry.replicas()
+            replicas = self._with_live_roles(self.registry.replicas(), holder)
         except Exception as exc:
             replicas = [{"error": type(exc).__name__}]
         election = {
@@ -152,6 +152,21 @@ class StatusSource:
                        for t in reversed(elector.stats.recent)]
         return {"generated_at": _iso(time.time()), "election": election,
                 "schedule": self._schedule(limit), "transitions": transitions}
+
+    def _with_live_roles(self, replicas: list[dict[str, Any]],
+                         holder: str) -> list[dict[str, Any]]:
+        """Roles from the lease this replica sees now, not from heartbeats that may
+        predate a fail-over (so the table agrees with the header); this replica's
+        own row is its live state."""
+        rows = []
+        for row in replicas:
+            row = dict(row, role="leader" if holder and row["identity"] == holder
+                       else "follower")
+            if row["identity"] == self.identity:
+                row.update(term=self.elector.term if self.elector.is_leader() else 0,
+                           seen_seconds_ago=0.0, stale=False)
+            rows.append(row)
+        return sorted(rows, key=lambda r: (r["role"] != "leader", r["identity"]))
 
     def _schedule(self, limit: int) -> dict[str, Any]:
         runner = self.scheduler
