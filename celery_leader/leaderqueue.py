@@ -226,10 +226,14 @@ class _Session:
         with self.changed:
             keeps_record = self.outstanding.pop(tag, None)
             self.changed.notify_all()
-        if requeue:
-            self.queue.requeue(tag)  # only if its record is still there
-        elif keeps_record is False:  # None: given back already, the record is another's
-            self.queue.lock.client.hdel(self.queue.inflight_key, tag)
+        try:
+            if requeue:
+                self.queue.requeue(tag)  # only if its record is still there
+            elif keeps_record is False:  # None: given back already, the record is another's
+                self.queue.lock.client.hdel(self.queue.inflight_key, tag)
+        except redis.RedisError as exc:  # the record stays: the next term puts it back
+            log.warning("celery-leader: could not end the in-flight record of %s (%s)",
+                        tag, exc)
 
 
 class LeaderQueue:
