@@ -602,3 +602,18 @@ def test_stock_celery_beat_runs_a_per_second_cron(
         entry = db["entries"]["every-second"]
     assert entry.schedule == cron("* * * * * *")
     assert entry.total_run_count >= wanted
+
+
+@pytest.mark.parametrize(("expr", "tz"), [
+    ("7 */3 * * 1-5", "Europe/Berlin"), ("30 2 * * *", "America/New_York"),
+    ("*/5 * * * * *", None), ("0 0 29 2 *", None), ("15 1 L * *", "Australia/Lord_Howe")])
+def test_the_reused_croniter_answers_as_a_fresh_one(expr: str, tz: str | None) -> None:
+    """One croniter per expression, moved to each start: the same fire times as a
+    croniter built afresh per call (as before), in any order of questions."""
+    reused = cron(expr, tz)
+    instants = [datetime(2030, 1, 1, tzinfo=UTC) + timedelta(seconds=s)
+                for s in (0, 3_600 * 24 * 300, 59, 3_600 * 24 * 88 + 1, 7, 3_600 * 24 * 230,
+                          3_600 * 24 * 302 + 1_800, 1)]
+    for at in instants + instants[::-1]:
+        fresh = cron(expr, tz)  # a new instance: its first call builds its croniter
+        assert reused.next_fire_after(at) == fresh.next_fire_after(at), at

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import re
 import sys
+import threading
 from collections.abc import Callable, Hashable
 from datetime import datetime, timedelta, timezone, tzinfo
 from typing import Any
@@ -117,6 +118,7 @@ class cron(BaseSchedule):  # type: ignore[misc]
     ) -> None:
         super().__init__(nowfun=nowfun, app=app)
         self.expression, self._canonical, self._croniter_expr = _parse(expr)
+        self._croniter_lock = threading.Lock()
         self._zone: tzinfo | None = _load_zone(tz)
         self._tz_arg: str | tzinfo | None = _zone_arg(self._zone)
         try:
@@ -163,9 +165,18 @@ class cron(BaseSchedule):  # type: ignore[misc]
 
     def _wall_after(self, wall: datetime) -> datetime:
         """The first matching naive wall time strictly after naive ``wall``."""
-        floor = wall.replace(microsecond=0)  # croniter works in whole seconds
-        it = croniter(self._croniter_expr, floor.replace(tzinfo=UTC), ret_type=datetime)
-        return it.get_next(datetime).replace(tzinfo=None)
+        floor = wall.replace(microsecond=0).replace(tzinfo=UTC)  # croniter: whole seconds
+        # One croniter per expression, moved to each start (its constructor
+        # parses and expands the expression: most of a call's cost otherwise).
+        with self._croniter_lock:
+            it = self.__dict__.get("_croniter")
+            if it is None:
+                it = self.__dict__["_croniter"] = croniter(self._croniter_expr, floor,
+                                                           ret_type=datetime)
+            else:
+                it.set_current(floor, force=True)
+            found: datetime = it.get_next(datetime)
+        return found.replace(tzinfo=None)
 
     # -- Celery schedule protocol -----------------------------------------------
 

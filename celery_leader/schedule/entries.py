@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Hashable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -72,9 +73,46 @@ class Entry:
         return {name: getattr(self, name) for name in SPEC_FIELDS}
 
 
+# Fire times computed lately, by (schedule's value, instant): a herd of
+# thousands of entries with the same cron/crontab schedule asks the same
+# question thousands of times at the top of the hour, and pays for it once.
+_NEXT_FIRE_MEMO: dict[tuple[Hashable, datetime], datetime] = {}
+_NEXT_FIRE_MEMO_SIZE = 8192
+
+
+def _memo_key(sched: Any) -> Hashable | None:
+    """What determines a cron/crontab schedule's fire times (None: not memoised)."""
+    if isinstance(sched, cron):
+        key: Hashable = ("cron", sched._key(), sched.tz)
+    elif isinstance(sched, crontab):
+        key = ("crontab", sched._orig_minute, sched._orig_hour, sched._orig_day_of_week,
+               sched._orig_day_of_month, sched._orig_month_of_year, sched.tz)
+    else:
+        return None
+    try:
+        hash(key)
+    except TypeError:  # e.g. crontab(minute={0, 30}): fields given as sets
+        return None
+    return key
+
+
 def next_fire_after(sched: Any, after: datetime) -> datetime:
     """The first fire time strictly after ``after`` (aware, UTC)."""
     after = after.astimezone(UTC)
+    key = _memo_key(sched)
+    if key is None:
+        return _next_fire_after(sched, after)
+    memo = (key, after)
+    found = _NEXT_FIRE_MEMO.get(memo)
+    if found is None:
+        found = _next_fire_after(sched, after)
+        if len(_NEXT_FIRE_MEMO) >= _NEXT_FIRE_MEMO_SIZE:
+            _NEXT_FIRE_MEMO.clear()
+        _NEXT_FIRE_MEMO[memo] = found
+    return found
+
+
+def _next_fire_after(sched: Any, after: datetime) -> datetime:
     if isinstance(sched, cron) or callable(getattr(sched, "next_fire_after", None)):
         # cron, and any schedule that computes exact fire times itself.
         return sched.next_fire_after(after)  # type: ignore[no-any-return]
@@ -85,8 +123,8 @@ def next_fire_after(sched: Any, after: datetime) -> datetime:
         start, delta, _ = sched.remaining_delta(after)
         nxt = (start + delta).astimezone(UTC)
         # remaining_delta works at minute precision; never return a time <= after.
-        return nxt if nxt > after else next_fire_after(sched, after + timedelta(minutes=1)
-                                                       - timedelta(seconds=after.second))
+        return nxt if nxt > after else _next_fire_after(sched, after + timedelta(minutes=1)
+                                                        - timedelta(seconds=after.second))
     # Any other BaseSchedule (solar, user classes): ask it with "now" pinned to after.
     pinned = _pinned(sched, after)
     remaining = pinned.remaining_estimate(after)

@@ -41,9 +41,9 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from typing import Any
 
 import redis
@@ -54,6 +54,14 @@ from ..election.metrics import Family
 from ..election.redact import secret_safe_logger
 from ..election.redislock import FENCED, RedisLock, as_text, key_of
 from .entries import Entry, entries_from_config
+from .herd import (
+    HERD_DISPATCH_LUA,
+    Claim,
+    HerdDispatcher,
+    HerdKeys,
+    jsonable_options,
+    pending_message,
+)
 from .metrics import SKIPPED_GRACE, SKIPPED_POLICY, ScheduleStats
 from .options import ScheduleOptions
 from .publish import Unsupported, capture_redis_publish
@@ -214,6 +222,13 @@ def beat_election_name(options: ScheduleOptions, standalone: bool) -> str:
     return f"{options.name}{BEAT_SUFFIX}" if standalone else options.name
 
 
+# Idle time is spent building templates in slices of at most WARM_SLICE s,
+# stopping WARM_MARGIN s before the next tick is due.
+WARM_SLICE, WARM_MARGIN = 0.1, 0.05
+
+_Tally = tuple[int, int, int]  # due ticks skipped by policy, by grace; caught up
+
+
 @dataclass
 class _Slot:
     entry: Entry
@@ -261,6 +276,7 @@ class ScheduleRunner:
         self._claim = lock.fenced_script(CLAIM_TICK_LUA)
         self._adopt = lock.fenced_script(ADOPT_PENDING_LUA)
         self._publish_tick = lock.fenced_script(PUBLISH_TICK_LUA)
+        self._herd_script = lock.fenced_script(OWNED_LUA + HERD_DISPATCH_LUA)
         # Ticks are tracked from their push to their start (tickstart.py).
         self.ticks = TickKeys(self.store.sent_key, self.store.sent_at_key,
                               self.store.started_prefix)
@@ -275,8 +291,34 @@ class ScheduleRunner:
         # Sent, but the pending copy is not deleted yet: never sent again by this runner.
         self._sent_pending: set[str] = set()
         self._warned_unknown: set[tuple[str, str]] = set()
-        self.dispatched = 0
+        self._cold: list[Entry] = []  # entries whose templates are not built yet
+        self._dispatched = 0
         self.stats = ScheduleStats(per_entry=per_entry_metrics)
+        # Ticks due now are claimed and published in fenced batches (herd.py).
+        self.herd = HerdDispatcher(
+            app, self.store.client, self._herd_script,
+            HerdKeys(self.store.state_key, self.store.pending_key, self.store.entries_key,
+                     self.ticks.sent, self.ticks.sent_at,
+                     self.store.started_prefix if self.lost_ticks is not None else ""),
+            settings.name, lock.name, round(self.tick_look_after * 1000), TASK_ID_NAMESPACE,
+            owned=lambda script, term, keys, args: self._owned(script, term, keys, args),
+            publish_one=lambda tick, message, term: self._publish(tick, message, term),
+            send=self._send_for_template,
+            still_leading=lambda: self.still_leading(),
+            atomic_allowed=lambda: self.atomic_publish is not False,
+            forbid_atomic=self._forbid_atomic,
+            sent_pending=self._sent_pending,
+            claimed=self._herd_claimed,
+            sent=self.stats.sent)
+
+    @property
+    def dispatched(self) -> int:
+        """Ticks this runner sent (one by one or in batches)."""
+        return self._dispatched + self.herd.dispatched
+
+    @dispatched.setter
+    def dispatched(self, value: int) -> None:
+        self._dispatched = value - self.herd.dispatched
 
     def wake(self) -> None:
         self._wake.set()
@@ -476,17 +518,15 @@ class ScheduleRunner:
                 slots = self._load_slots(datetime.fromtimestamp(self._now(), UTC), slots)
                 heap = self._heap(slots)
             now = datetime.fromtimestamp(self._now(), UTC)
-            while heap and heap[0][0] <= to_ms(now):
-                _, _, name = heapq.heappop(heap)
-                slot = slots.get(name)
-                if slot is None or not slot.entry.enabled:
-                    continue
-                if not self._fire_due(slot, term, now, started_at):
-                    return  # fenced: this term is over
-                heapq.heappush(heap, (to_ms(slot.next), id(slot), name))
+            if heap and heap[0][0] <= to_ms(now) \
+                    and not self._fire_all_due(heap, slots, term, now, started_at):
+                return  # fenced: this term is over
             timeout = next_check - time.monotonic()
             if heap:
                 timeout = min(timeout, heap[0][0] / 1000 - self._now())
+            if self._cold and timeout > WARM_MARGIN:
+                self._warm_templates(time.monotonic() + min(timeout - WARM_MARGIN, WARM_SLICE))
+                continue
             self._wake.clear()
             if timeout > 0:
                 self._wake.wait(timeout)
@@ -494,7 +534,20 @@ class ScheduleRunner:
     def _heap(self, slots: dict[str, _Slot]) -> list[tuple[int, int, str]]:
         heap = [(to_ms(s.next), id(s), name) for name, s in slots.items() if s.entry.enabled]
         heapq.heapify(heap)
+        # Templates to build while idle, the soonest due last (popped first).
+        self._cold = [slot.entry for slot in sorted(
+            (s for s in slots.values() if s.entry.enabled), key=lambda s: s.next, reverse=True)]
         return heap
+
+    def _warm_templates(self, deadline: float) -> None:
+        """Build message templates ahead of the ticks (herd.py), so a herd at the
+        top of the hour does not build thousands of them itself."""
+        try:
+            self.herd.warm(self._cold, deadline)
+        except Exception as error:  # the broker, say: they are built at the first tick
+            self._cold = []
+            log.warning("celery-leader: could not build message templates ahead (%s); they "
+                        "are built at each entry's first tick", error)
 
     def _load_slots(self, started_at: datetime,
                     previous: dict[str, _Slot] | None = None) -> dict[str, _Slot]:
@@ -556,46 +609,99 @@ class ScheduleRunner:
 
     # -- one entry ------------------------------------------------------------
 
-    def _fire_due(self, slot: _Slot, term: int, now: datetime, started_at: datetime) -> bool:
+    def _fire_all_due(self, heap: list[tuple[int, int, str]], slots: dict[str, _Slot],
+                      term: int, now: datetime, started_at: datetime) -> bool:
+        """Pop every entry due by ``now`` (a herd: thousands at the top of the
+        hour), claim and publish their ticks in fenced batches (herd.py), then
+        move each slot on.  False when the term is over."""
+        now_ms = to_ms(now)
+        claims: list[Claim] = []
+        # (name, slot, new last, new next, claims up to here, tally of skipped/caught up)
+        due: list[tuple[str, _Slot, datetime | None, datetime, int, _Tally]] = []
+        while heap and heap[0][0] <= now_ms:
+            _, _, name = heapq.heappop(heap)
+            slot = slots.get(name)
+            if slot is None or not slot.entry.enabled:
+                continue
+            last, fire_next, tally = self._due_claims(slot, now, now_ms, started_at, claims)
+            due.append((name, slot, last, fire_next, len(claims), tally))
+        done = self.herd.dispatch(claims, term)
+        for _, slot, _, _, claims_end, tally in due:
+            # Counted as one by one would: for the entries whose claims all went through.
+            if claims_end <= self.herd.claims_done:
+                self._count(slot.entry, tally)
+        if not done:
+            return False
+        for name, slot, last, fire_next, _, _ in due:
+            slot.last, slot.next = last, fire_next
+            heapq.heappush(heap, (to_ms(fire_next), id(slot), name))
+        return True
+
+    def _count(self, entry: Entry, tally: _Tally) -> None:
+        """The metrics of one entry's due ticks not sent, or sent late (catch-up)."""
+        skipped_policy, skipped_grace, caught_up = tally
+        self.stats.skipped_ticks(entry.name, SKIPPED_POLICY, skipped_policy)
+        self.stats.skipped_ticks(entry.name, SKIPPED_GRACE, skipped_grace)
+        self.stats.caught_up_ticks(entry.name, caught_up)
+
+    def _herd_claimed(self, claim: Claim) -> None:
+        """A batch claimed ``claim``: tell its entry source, as one by one does."""
+        if claim.entry.source and self.source is not None:
+            self._tell_source(self.source, claim.entry, from_ms(claim.fire_ms), claim.publish)
+
+    def _due_claims(self, slot: _Slot, now: datetime, now_ms: int, started_at: datetime,
+                    claims: list[Claim]) -> tuple[datetime | None, datetime, _Tally]:
+        """Append the slot's claims due by ``now`` (catch-up policy, misfire grace)
+        and return its new (last, next) fire times and the ticks (skipped by the
+        policy, skipped by the grace, caught up) for the metrics.  Schedule arithmetic runs once
+        per tick: the first fire time not due is the slot's next."""
         entry = slot.entry
         policy = entry.catch_up or self.settings.catch_up
         grace = entry.misfire_grace if entry.misfire_grace is not None \
             else self.settings.misfire_grace
-        due = list(self._due_ticks(slot, now))
-        missed = [t for t in due if t < started_at]
-        current = [t for t in due if t >= started_at]
-        if policy == "all":
-            send = missed + current
-        elif policy == "latest":
-            send = ([missed[-1]] if missed else []) + current
+        # Compared in whole milliseconds, like the heap keys: a tick the heap calls
+        # due must be due here too, or the loop would pop and push it forever.
+        due: list[datetime] = []
+        fire = slot.next
+        while to_ms(fire) <= now_ms:
+            due.append(fire)
+            fire = entry.next_fire_after(fire)
+        if not due:
+            return slot.last, entry.next_fire_after(slot.last or now), (0, 0, 0)
+        if len(due) == 1 and due[0] >= started_at:
+            send = due  # the usual case: one current tick
         else:
-            send = current
+            missed = [t for t in due if t < started_at]
+            current = [t for t in due if t >= started_at]
+            if policy == "all":
+                send = missed + current
+            elif policy == "latest":
+                send = ([missed[-1]] if missed else []) + current
+            else:
+                send = current
         after_policy = len(send)
         if grace is not None:
             send = [t for t in send if (now - t).total_seconds() <= grace]
         # Claims only move forward, so claiming a tick also passes over the
         # skipped ones before it; the last due tick is claimed even if skipped.
-        claims = [(fire, True) for fire in send]
-        if due and (not send or send[-1] != due[-1]):
-            claims.append((due[-1], False))
-        for fire, publish in claims:
-            if not self._claim_and_publish(entry, fire, term, publish=publish):
-                return False
-        self.stats.skipped_ticks(entry.name, SKIPPED_POLICY, len(due) - after_policy)
-        self.stats.skipped_ticks(entry.name, SKIPPED_GRACE, after_policy - len(send))
-        self.stats.caught_up_ticks(entry.name, sum(1 for fire in send if fire < started_at))
-        if due:
-            slot.last = due[-1]
-        slot.next = entry.next_fire_after(slot.last or now)
-        return True
+        for tick in send:
+            claims.append(Claim(entry, to_ms(tick), True))
+        if not send or send[-1] != due[-1]:
+            claims.append(Claim(entry, to_ms(due[-1]), False))
+        tally = (len(due) - after_policy, after_policy - len(send),
+                 sum(1 for tick in send if tick < started_at))
+        return due[-1], fire, tally
 
-    def _due_ticks(self, slot: _Slot, now: datetime) -> Iterator[datetime]:
-        # Compared in whole milliseconds, like the heap keys: a tick the heap calls
-        # due must be due here too, or the loop would pop and push it forever.
-        fire = slot.next
-        while to_ms(fire) <= to_ms(now):
-            yield fire
-            fire = slot.entry.next_fire_after(fire)
+    def _fire_due(self, slot: _Slot, term: int, now: datetime, started_at: datetime) -> bool:
+        """Claim and publish one slot's due ticks (the loop batches all due slots
+        through :meth:`_fire_all_due`; this is the same for one)."""
+        claims: list[Claim] = []
+        last, fire_next, tally = self._due_claims(slot, now, to_ms(now), started_at, claims)
+        if not self.herd.dispatch(claims, term):
+            return False
+        self._count(slot.entry, tally)
+        slot.last, slot.next = last, fire_next
+        return True
 
     def _claim_and_publish(self, entry: Entry, fire: datetime, term: int, publish: bool) -> bool:
         fire_ms = to_ms(fire)
@@ -642,17 +748,9 @@ class ScheduleRunner:
                         "for the next leader", tick)
             return
         data = json.loads(message)
-        options = dict(data["options"])
-        headers = dict(options.pop("headers", None) or {})
-        headers.update(leader_fire_time=from_ms(data["fire_ms"]).isoformat(),
-                       leader_term=term)
-        if self.lost_ticks is not None:
-            headers.update(self.ticks.headers(tick))
 
         def send(producer: Any = None) -> None:
-            extra = {} if producer is None else {"producer": producer}
-            self.app.send_task(data["task"], args=data["args"], kwargs=data["kwargs"],
-                               task_id=data["task_id"], headers=headers, **extra, **options)
+            self._send_task(data, producer, from_ms(data["fire_ms"]).isoformat(), term, tick)
 
         if self.atomic_publish is not False and self._publish_atomically(
                 tick, message, term, data["entry"], send):
@@ -668,6 +766,34 @@ class ScheduleRunner:
         self._sent_pending.add(tick)
         self.store.client.hdel(self.store.pending_key, tick)  # a Redis error: run() retries
         self._sent_pending.discard(tick)
+
+    def _send_task(self, data: dict[str, Any], producer: Any, fire_time: Any, term: Any,
+                   tick: str) -> None:
+        """``app.send_task`` of a pending copy ``data``, with the leader headers: the
+        one way a tick's message is built, for a tick or for an entry's template."""
+        options = dict(data["options"])
+        headers = dict(options.pop("headers", None) or {})
+        headers.update(leader_fire_time=fire_time, leader_term=term)
+        if self.lost_ticks is not None:
+            headers.update(self.ticks.headers(tick))
+        extra = {} if producer is None else {"producer": producer}
+        self.app.send_task(data["task"], args=data["args"], kwargs=data["kwargs"],
+                           task_id=data["task_id"], headers=headers, **extra, **options)
+
+    def _send_for_template(self, producer: Any, entry: Entry, task_id: str,
+                           sentinels: dict[str, Any]) -> None:
+        """Send ``entry``'s message as a tick's publish would, with the template's
+        sentinels for the task id, fire time, term and tick (template.py)."""
+        data = json.loads(pending_message(entry, 0, 0, self.lock.name, task_id))
+        self._send_task(data, producer, sentinels["leader_fire_time"],
+                        sentinels["leader_term"], sentinels["__tick__"])
+
+    def _forbid_atomic(self, error: Exception) -> None:
+        self.atomic_publish = False
+        log.warning("celery-leader: the leader_redis_url user may not push to the "
+                    "broker's queue (%s); ticks are published after their claim "
+                    "from now on (grant it +lpush on the queue keys to fence the "
+                    "publish)", error)
 
     def _publish_atomically(self, tick: str, message: str, term: int, entry: str,
                             send: Callable[[Any], None]) -> bool:
@@ -708,11 +834,7 @@ class ScheduleRunner:
             if isinstance(error, redis.exceptions.NoPermissionError) or (
                     isinstance(error, redis.exceptions.ResponseError)
                     and "NOPERM" in str(error)):
-                self.atomic_publish = False
-                log.warning("celery-leader: the leader_redis_url user may not push to the "
-                            "broker's queue (%s); ticks are published after their claim "
-                            "from now on (grant it +lpush on the queue keys to fence the "
-                            "publish)", error)
+                self._forbid_atomic(error)
                 return False
             log.exception("celery-leader: could not send %s; will retry", tick)
             self._unsent = True
@@ -763,9 +885,6 @@ class ScheduleRunner:
         return True
 
 
-def _jsonable_options(options: dict[str, Any]) -> dict[str, Any]:
-    return {k: (v.isoformat() if isinstance(v, datetime) else
-                v.total_seconds() if isinstance(v, timedelta) else v)
-            for k, v in options.items()}
+_jsonable_options = jsonable_options  # moved to herd.py (the pending copy's format)
 
 

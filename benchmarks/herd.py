@@ -1,0 +1,200 @@
+"""Herd benchmark: N entries all due at one instant, real Redis broker.
+
+For each schedule kind (``crontab(minute='*')``, ``cron('* * * * *')``, an
+interval) and size, a fresh embedded redis-server (lease store and broker, db 0)
+and a ScheduleRunner (celery-leader's standalone dispatcher, the same class
+``celery beat -S leader`` runs) holding a fresh lease.  The runner's clock is
+shifted so that the next whole minute (crontab/cron) or the interval (its
+entries all anchored at the start) arrives ``--lead`` s (default 2) after the
+runner is ready.
+Measured: from the fire instant to the return of the batch script that pushed
+the last message (the last message is then in the broker list), the longest
+single batch-script call (client side), and afterwards the broker list is
+checked: N messages, N distinct task ids, N distinct ticks, one fire time.
+``--broker other`` puts the broker in db 1 (claims batched, pushes pipelined).
+
+The runner builds the entries' message templates while idle before the fire
+instant (shared by entries alike: one kombu publish per task and options);
+``--cold`` turns that off, so the herd builds them itself.  "cold at fire" is
+how many entries had no template yet when the herd began.
+
+Also the floor: N pre-built messages LPUSHed in one pipeline.
+
+    .venv/bin/python benchmarks/herd.py [--entries 10000,50000]
+        [--kinds crontab,cron,interval] [--repeat 3] [--broker same|other] [--cold]
+        [--lead SECONDS]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import sys
+import threading
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # benchmark the working tree, installed or not
+    sys.path.insert(0, str(ROOT))
+
+import redis  # noqa: E402
+from celery import Celery  # noqa: E402
+from celery.schedules import crontab  # noqa: E402
+
+from celery_leader import cron  # noqa: E402
+from celery_leader.election.record import LeaderElectionRecord  # noqa: E402
+from celery_leader.election.redislock import RedisLock  # noqa: E402
+from celery_leader.schedule.entries import entry_from_config  # noqa: E402
+from celery_leader.schedule.runner import ScheduleRunner  # noqa: E402
+from celery_leader.settings import LeaderSettings  # noqa: E402
+from celery_leader.testing import EmbeddedRedis  # noqa: E402
+
+NAME = "herd"
+
+
+def schedule_of(kind: str) -> Any:
+    return {"crontab": crontab(minute="*"), "cron": cron("* * * * *"),
+            "interval": timedelta(seconds=30)}[kind]
+
+
+def one_run(url: str, broker_url: str, kind: str, n: int, cold: bool,
+            lead: float) -> dict[str, Any]:
+    client = redis.Redis.from_url(url)
+    client.flushall()
+    lock = RedisLock(client, name=NAME, identity="bench")
+    record = lock.create(LeaderElectionRecord(holder_identity="bench", lease_duration=600.0))
+    assert record.record is not None
+    term = record.record.term
+    app = Celery("herd", broker=broker_url, set_as_current=False)
+    app.conf.update(leader_name=NAME, beat_schedule={})
+    app.task(name="bench.noop")(lambda *args: None)
+    sched = schedule_of(kind)
+    entries = {f"e{i:06d}": entry_from_config(
+        f"e{i:06d}", {"task": "bench.noop", "schedule": sched, "args": [i]}, app)
+        for i in range(n)}
+    settings = LeaderSettings(redis_url=url, name=NAME, retry_period=5.0)
+    # The clock: the fire instant comes ``lead`` s after start.
+    real_start = time.time()
+    if kind == "interval":
+        offset = 0.0
+        fire_at = None  # anchored at the runner's start + 30 s: shifted below
+    else:
+        minute = (int(real_start) // 60 + 1) * 60
+        offset = minute - (real_start + lead)
+        fire_at = minute
+    shift = [offset]
+    runner = ScheduleRunner(app, lock, settings, entries=entries,
+                            now=lambda: time.time() + shift[0])
+    if cold:
+        runner._warm_templates = lambda deadline: runner._cold.clear()  # type: ignore
+    done = threading.Event()
+    marks: dict[str, float] = {}
+    real_fire_all = runner._fire_all_due
+
+    def fire_all(*args: Any) -> bool:
+        marks.setdefault("first", time.time() + shift[0])
+        marks.setdefault("cold", n - len(runner.herd._templates))
+        result = real_fire_all(*args)
+        marks["last"] = time.time() + shift[0]
+        if runner.dispatched >= n:
+            done.set()
+        return result
+
+    runner._fire_all_due = fire_all  # type: ignore[method-assign]
+    stop = threading.Event()
+    thread = threading.Thread(target=runner.run, args=(term, stop), daemon=True)
+    thread.start()
+    if kind == "interval":
+        # Every entry is anchored where the schedule first saw it (this start).
+        while client.hlen(lock.key("schedule:first-seen")) < n:
+            time.sleep(0.01)
+        seen = {int(v) for v in client.hvals(lock.key("schedule:first-seen"))}
+        assert len(seen) == 1, "entries anchored at different instants"
+        fire_at = seen.pop() / 1000 + 30
+        shift[0] = 30.0 - lead  # the clock jumps: the interval ends in about ``lead`` s
+        runner.wake()
+    ok = done.wait(120)
+    stop.set()
+    runner.wake()
+    thread.join(30)
+    assert ok, f"only {runner.dispatched} of {n} dispatched"
+    broker = redis.Redis.from_url(broker_url)
+    raws = broker.lrange("celery", 0, -1)
+    ids, ticks, fires = set(), set(), set()
+    for raw in raws:
+        headers = json.loads(raw)["headers"]
+        ids.add(headers["id"])
+        ticks.add(headers["leader_tick"])
+        fires.add(headers["leader_fire_time"])
+    assert len(raws) == len(ids) == len(ticks) == n and len(fires) == 1, (
+        len(raws), len(ids), len(ticks), fires)
+    broker.close()
+    assert fire_at is not None
+    result = {"kind": kind, "entries": n, "last_s": marks["last"] - fire_at,
+              "first_s": marks["first"] - fire_at,
+              "longest_script_ms": runner.herd.longest_call_s * 1000,
+              "cold_at_fire": marks["cold"]}
+    app.close()
+    client.close()
+    return result
+
+
+def floor(url: str, n: int) -> float:
+    client = redis.Redis.from_url(url)
+    client.flushall()
+    payload = "x" * 900
+    started = time.perf_counter()
+    pipe = client.pipeline(transaction=False)
+    for i in range(n):
+        pipe.lpush("celery", f"{payload}{i}")
+    pipe.execute()
+    took = time.perf_counter() - started
+    client.close()
+    return took
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--entries", default="10000,50000")
+    parser.add_argument("--kinds", default="crontab,cron,interval")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--broker", choices=("same", "other"), default="same")
+    parser.add_argument("--lead", type=float, default=2.0,
+                        help="seconds from the runner's start to the fire instant (< 28)")
+    parser.add_argument("--cold", action="store_true",
+                        help="no templates built ahead: the herd builds them")
+    args = parser.parse_args()
+    print(f"command: `{shlex.join(['.venv/bin/python', 'benchmarks/herd.py', *sys.argv[1:]])}`")
+    rows = []
+    with EmbeddedRedis() as server:
+        url = server.url.rsplit("/", 1)[0] + "/0"
+        broker_url = url if args.broker == "same" else url.rsplit("/", 1)[0] + "/1"
+        for n in (int(x) for x in args.entries.split(",")):
+            floors = [floor(url, n) for _ in range(args.repeat)]
+            rows.append(f"| floor (pipelined LPUSH of pre-built messages) | {n:,} | "
+                        f"{statistics.median(floors):.3f} | - | - | - |")
+            for kind in args.kinds.split(","):
+                runs = [one_run(url, broker_url, kind, n, args.cold, args.lead)
+                        for _ in range(args.repeat)]
+                print(json.dumps(runs), file=sys.stderr, flush=True)
+                lasts = [r["last_s"] for r in runs]
+                rows.append(
+                    f"| celery-leader {kind} (broker {args.broker}) | {n:,} | "
+                    f"{statistics.median(lasts):.3f} (runs {', '.join(f'{x:.3f}' for x in lasts)})"
+                    f" | {statistics.median(r['first_s'] for r in runs) * 1000:.1f} | "
+                    f"{max(r['longest_script_ms'] for r in runs):.1f} | "
+                    f"{max(r['cold_at_fire'] for r in runs):,} |")
+    print("| contender | N | last message in the broker after the fire instant, s "
+          "(median) | first batch started, ms after | longest batch script, ms | "
+          "cold at fire |")
+    print("|---|---|---|---|---|---|")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
