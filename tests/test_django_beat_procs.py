@@ -49,20 +49,24 @@ def stopper() -> Iterator[list[Replicas]]:
 
 def assert_counts_match(db: str, r: Replicas, name: str, label: str) -> None:
     """The row's total_run_count and last_run_at say what ran (written back in batches)."""
-    ran = [datetime.fromisoformat(t["fire_time"]).timestamp() for t in r.ticks()
-           if t["label"] == label]
+
+    def ran() -> list[float]:
+        return [datetime.fromisoformat(t["fire_time"]).timestamp() for t in r.ticks()
+                if t["label"] == label]
 
     def written() -> bool:
         row = rows(db, "dump")[name]
         if row["last_run_at"] is None:
             return False
-        # Ticks go on while the rows are written: what ran up to the row's last_run_at.
-        upto = [fire for fire in ran if fire <= row["last_run_at"] + 0.0005]
+        # Ticks go on while the rows are written, and a tick is counted at its claim,
+        # a moment before it runs: what ran up to the row's last_run_at, read after it.
+        upto = [fire for fire in ran() if fire <= row["last_run_at"] + 0.0005]
         return (row["total_run_count"] == len(upto) and bool(upto)
                 and abs(row["last_run_at"] - max(upto)) < 0.001)
 
-    wait_until(written, 10, f"{name}'s total_run_count {len(ran)} and last_run_at "
-               f"{max(ran)} in the table", lambda: str(rows(db, "dump")[name]))
+    wait_until(written, 10, f"{name}'s total_run_count and last_run_at to match the ticks "
+               "that ran", lambda: f"{rows(db, 'dump')[name]}, ran {len(ran())} ticks "
+               f"up to {max(ran(), default=None)}")
 
 
 def fire_ms(r: Replicas, label: str) -> list[int]:
