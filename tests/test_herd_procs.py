@@ -58,7 +58,8 @@ def terms_of(replicas: Replicas, fire: str) -> Counter[int]:
 
 @pytest.mark.integration
 @pytest.mark.parametrize(("fault", "policy"), [
-    ("kill", "all"), ("kill", "latest"), ("kill", "none"), ("stop", "all")])
+    ("kill", "all"), ("kill", "latest"), ("kill", "none"),
+    ("stop", "all"), ("stop", "latest"), ("stop", "none")])
 def test_a_leader_lost_mid_herd_each_fire_time_is_sent_at_most_once(
         replicas: Replicas, election_name: str, fault: str, policy: str) -> None:
     replicas.env.update(LEADER_CATCH_UP=policy)

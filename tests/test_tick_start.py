@@ -20,6 +20,7 @@ from celery import Celery
 
 from celery_leader.redislock import FENCED
 from celery_leader.tickstart import (
+    LIST_SCAN,
     START_TICK_LUA,
     LostTicks,
     TickStartClaim,
@@ -182,3 +183,19 @@ def test_a_real_worker_runs_a_tick_once_whatever_copies_reach_it(
         cluster.stop()
         cluster.events.close()
         client.close()
+
+
+def test_a_tick_in_a_backlog_longer_than_the_search_gets_no_copy_until_it_is_shorter(
+        rig: Rig) -> None:
+    """A herd leaves thousands of ticks waiting: none may be copied into the backlog."""
+    lock, term, runner, tick = fire(rig)
+    lost = LostTicks(lock, runner.ticks, look_after=60)
+    [payload] = rig.client.rpop(QUEUE, 1)  # swallowed ...
+    rig.client.lpush(QUEUE, *[f"other {i}" for i in range(LIST_SCAN + 1)])  # ... in a backlog
+    look_now(rig, lock)
+    assert lost.repush(term)
+    assert rig.client.llen(QUEUE) == LIST_SCAN + 1 and sent(rig, lock)[tick]["copies"] == 0
+    rig.client.rpop(QUEUE, 2)  # the backlog drains below the search length
+    look_now(rig, lock)
+    assert lost.repush(term)
+    assert rig.client.lindex(QUEUE, 0) == payload and sent(rig, lock)[tick]["copies"] == 1

@@ -16,8 +16,11 @@ Mechanism.
 - The leader, every retry period, looks at ticks sent a while ago and not
   started (REPUSH_LOST_TICKS_LUA, fenced): one that is neither waiting in its
   list nor held in kombu's ``unacked`` hash was swallowed, and is pushed
-  again.  The look-again delay doubles each time, so a tick that waits long in
-  a backlog costs a few harmless copies, not a stream of them.
+  again.  The look-again delay doubles each time a copy is pushed.  A list
+  longer than LIST_SCAN is not searched (a herd of thousands of ticks would
+  make every sweep scan it) and gets no copies (they would only lengthen the
+  backlog): its ticks are looked at again, at the same delay, until the
+  backlog is short enough to tell.
 
 Safety argument.  Copies never double a run: only the copy that sets the start
 marker runs.  A tick leaves ``schedule:sent`` only when it started (or its
@@ -53,7 +56,8 @@ STARTED_TTL_MS = 7 * 24 * 3600 * 1000
 REPUSH_BATCH = 100
 """Ticks looked at per sweep: one sweep never blocks Redis for long."""
 LIST_SCAN = 1000
-"""Oldest messages of a list searched for a tick; past that a copy is pushed anyway."""
+"""Longest list searched for a tick (a search costs ~50 µs per 1,000 messages);
+ticks of a longer list wait until it is shorter."""
 
 # Not fenced (any worker may run a tick): sets the start marker KEYS[1] to the
 # attempt ARGV[2] once, and ends the sent record ARGV[1] in the same step.
@@ -68,9 +72,10 @@ return 1
 """
 
 # Fenced: for up to ARGV[4] ticks of the sent-at set KEYS[3] due by now, drops
-# the started ones and pushes again those neither in their list (oldest
-# ARGV[5] messages) nor in kombu's unacked hash; each looked at again after
-# ARGV[3] ms doubled per push.  Returns the ticks pushed again.
+# the started ones and pushes again those neither held in kombu's unacked hash
+# nor waiting in their list; a list longer than ARGV[5] is not searched and its
+# ticks are not pushed (undecided).  Each tick is looked at again after ARGV[3]
+# ms doubled per push.  Returns the ticks pushed again.
 REPUSH_LOST_TICKS_LUA = """
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
@@ -84,10 +89,12 @@ for _, tick in ipairs(due) do
   else
     local held = false
     for i, push in ipairs(record.pushes) do
-      if redis.call('LPOS', push[1], push[2], 'RANK', -1, 'MAXLEN', tonumber(ARGV[5])) then
-        held = true
-      elseif record.unacked ~= '' and record.tags[i] ~= ''
+      if record.unacked ~= '' and record.tags[i] ~= ''
           and redis.call('HEXISTS', record.unacked, record.tags[i]) == 1 then
+        held = true
+      elseif redis.call('LLEN', push[1]) > tonumber(ARGV[5]) then
+        held = true  -- undecided: not searched, no copy into a long backlog
+      elseif redis.call('LPOS', push[1], push[2], 'RANK', -1) then
         held = true
       end
     end
@@ -147,9 +154,11 @@ class LostTicks:
                               args=[self._look_after_ms, REPUSH_BATCH, LIST_SCAN])
         if result is FENCED:
             return False
-        for tick in result:
-            log.warning("celery-leader: tick %s was sent but never started (a worker that "
-                        "took it died?); sent it again", as_text(tick))
+        ticks = [as_text(tick) for tick in result]
+        if ticks:  # one line per sweep: a herd swallowed by one worker is thousands
+            log.warning("celery-leader: %d ticks were sent but never started (a worker "
+                        "that took them died?); sent them again: %s%s", len(ticks),
+                        ", ".join(ticks[:10]), " ..." if len(ticks) > 10 else "")
         return True
 
 
