@@ -37,6 +37,10 @@ from .sources import entry_source
 log = secret_safe_logger(__name__)
 
 
+SIGNAL_LATENCY = 1.0
+"""Longest sleep of beat's main thread, so the longest wait for a SIGTERM's handler."""
+
+
 class LeaderScheduler(Scheduler):  # type: ignore[misc]
     """A beat scheduler that dispatches only while its replica leads."""
 
@@ -74,7 +78,11 @@ class LeaderScheduler(Scheduler):  # type: ignore[misc]
         mark_role(self.lock, ROLE_BEAT)  # for `celery leader status --all`
 
     def tick(self, *args: Any, **kwargs: Any) -> float:
-        return float(self.max_interval)
+        # Dispatch runs in the leadership thread; the main thread only sleeps.  A
+        # SIGTERM the kernel hands to another of our threads (it does when the main
+        # thread was just stopped, e.g. SIGCONT then SIGTERM) runs its handler only
+        # when this sleep ends: keep it short, or a stop waits beat_max_loop_interval.
+        return min(float(self.max_interval), SIGNAL_LATENCY)
 
     def sync(self) -> None:
         pass

@@ -19,6 +19,7 @@ import redis
 from celery import Celery
 
 from celery_leader.redislock import FENCED
+from celery_leader.schedule.entries import entry_from_config
 from celery_leader.tickstart import (
     LIST_SCAN,
     START_TICK_LUA,
@@ -199,3 +200,16 @@ def test_a_tick_in_a_backlog_longer_than_the_search_gets_no_copy_until_it_is_sho
     look_now(rig, lock)
     assert lost.repush(term)
     assert rig.client.lindex(QUEUE, 0) == payload and sent(rig, lock)[tick]["copies"] == 1
+
+
+def test_entries_sending_an_unregistered_task_are_named_in_one_line(
+        rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
+    """A herd of 2,000 entries of one task made 2,000 warning lines."""
+    lock, _ = rig.lead("a")
+    runner = rig.runner(lock)
+    entries = {f"h{i}": entry_from_config(f"h{i}", {"task": "not.registered", "schedule": 60},
+                                          runner.app) for i in range(50)}
+    with caplog.at_level("WARNING", logger="celery_leader.scheduler"):
+        runner._warn_unknown_tasks(entries)
+    lines = [r.getMessage() for r in caplog.records if "does not register" in r.getMessage()]
+    assert len(lines) == 1 and "50 entries ('h0', 'h1', 'h2', ...)" in lines[0], lines

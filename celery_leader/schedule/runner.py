@@ -600,12 +600,18 @@ class ScheduleRunner:
             known = set(self.app.tasks)
         except Exception:  # pragma: no cover - an app that cannot list its tasks
             return
+        unknown: dict[str, list[str]] = {}
         for name, entry in entries.items():
             key = (name, entry.task)
             if entry.task not in known and key not in self._warned_unknown:
                 self._warned_unknown.add(key)
-                log.warning("celery-leader: entry %r sends task %r, which this app does not "
-                            "register; it is sent anyway (check the name)", name, entry.task)
+                unknown.setdefault(entry.task, []).append(name)
+        for task, names in unknown.items():  # one line per task: a herd shares one
+            log.warning("celery-leader: %s %s task %r, which this app does not register; "
+                        "it is sent anyway (check the name)",
+                        f"entry {names[0]!r}" if len(names) == 1 else
+                        f"{len(names)} entries ({', '.join(map(repr, names[:3]))}, ...)",
+                        "sends" if len(names) == 1 else "send", task)
 
     # -- one entry ------------------------------------------------------------
 
