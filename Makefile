@@ -38,8 +38,12 @@ postgres:
 		 (apt-get update >/dev/null 2>&1 && apt-get install -y postgresql >/dev/null 2>&1)) || \
 		echo "postgresql could not be installed: its tests will be skipped"
 
+# Two test processes (pytest-xdist): most tests wait on real processes and
+# Redis, so two share 2 cores well; TEST_PROCS=0 runs them in this process.
+TEST_PROCS ?= 2
+
 test: lint typecheck tls-redis chromium postgres
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_PROCS) $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(PY) -m example_project.demo $(DEMO_ARGS)

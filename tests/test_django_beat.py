@@ -164,6 +164,28 @@ def test_source_rereads_only_when_last_update_moves_and_writes_progress_back(
     assert fresh.total_run_count == 7 and fresh.last_run_at == fired
 
 
+def test_a_tick_claimed_from_entries_read_before_its_row_was_disabled_is_counted(
+        models: Any, app: Celery) -> None:
+    """The source re-reads the table in its own thread: the runner may claim a tick
+    of a row the source has just dropped (disabled), and that run must count."""
+    from celery_leader.contrib.django_beat import DjangoBeatSource
+    from celery_leader.schedule_api import ScheduleStore
+
+    every = models.IntervalSchedule.objects.create(every=1, period="seconds")
+    row = task(models, "a", interval=every, total_run_count=5)
+    source = DjangoBeatSource(app, ScheduleStore.for_app(app), poll=3600)
+    source.cycle()
+    entry = source._entries["a"]  # what the runner holds
+    fresh = models.PeriodicTask.objects.get(pk=row.pk)
+    fresh.enabled = False
+    fresh.save()
+    source.cycle()
+    assert "a" not in source._entries
+    source.claimed(entry, T0, published=True)
+    source.cycle()
+    assert models.PeriodicTask.objects.get(pk=row.pk).total_run_count == 6
+
+
 def test_database_outage_keeps_the_entries_and_logs_once(
         models: Any, app: Celery, caplog: pytest.LogCaptureFixture,
         monkeypatch: pytest.MonkeyPatch) -> None:

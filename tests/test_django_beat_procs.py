@@ -118,7 +118,7 @@ def test_every_second_row_exactly_once_across_faults_and_a_database_outage(
     assert leader_logs.count("database unavailable") >= 1
     # django-celery-beat clears last_run_at of a row saved disabled; the count stays.
     wait_until(lambda: rows(db, "dump")["every-second"]["total_run_count"] == len(fired), 10,
-               "the final total_run_count", lambda: str(rows(db, "dump")))
+               f"the final total_run_count {len(fired)}", lambda: str(rows(db, "dump")))
 
 
 def test_one_off_row_runs_once_across_a_leader_kill_and_a_clocked_row_runs_once(

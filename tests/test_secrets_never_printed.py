@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import django
 import pytest
 import redis
 
@@ -312,8 +313,13 @@ def test_redact_text_masks_urls_and_client_reprs() -> None:
     assert redact_text(plain) == plain
 
 
-def test_every_celery_leader_logger_masks_its_records() -> None:
+def test_every_celery_leader_logger_masks_its_records(monkeypatch: pytest.MonkeyPatch,
+                                                      tmp_path: Path) -> None:
     """Each module's ``log`` goes through the masking filter (a new module's too)."""
+    # contrib.django_beat imports Django's models: settings of its own, whatever ran before.
+    monkeypatch.setenv("LEADER_TEST_DB", f"sqlite:{tmp_path / 'db.sqlite3'}")
+    monkeypatch.setenv("DJANGO_SETTINGS_MODULE", "tests.django_proj.settings")
+    django.setup()
     unmasked = []
     for path in sorted((ROOT / "celery_leader").rglob("*.py")):
         module_name = ".".join(path.relative_to(ROOT).with_suffix("").parts)

@@ -348,6 +348,9 @@ class DjangoBeatSource:
         self._record_run = store.client.register_script(RECORD_RUN_LUA)
         self._entries: dict[str, Entry] = {}
         self._rows: dict[str, Row] = {}
+        # Every row read, kept after it is disabled or deleted: the runner may still
+        # claim a tick from the entries it read before, and that run must count.
+        self._rows_seen: dict[str, Row] = {}
         self._version = 0
         self._wakers: list[Callable[[], None]] = []
         self._lock = threading.Lock()
@@ -378,7 +381,7 @@ class DjangoBeatSource:
             return dict(self._entries)
 
     def claimed(self, entry: Entry, fire: datetime, published: bool) -> None:
-        row = self._rows.get(entry.name)
+        row = self._rows_seen.get(entry.name)
         if published and row is not None:
             # Next to the claim, in Redis: whichever leader writes the rows back
             # counts what every term sent.
@@ -422,6 +425,7 @@ class DjangoBeatSource:
         entries, rows = read_rows(self.app, skipped=self._skip, cache=self._converted)
         with self._lock:
             self._rows = rows
+            self._rows_seen.update(rows)
             if entries == self._entries:
                 return
             self._entries = entries
