@@ -43,7 +43,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import redis
@@ -299,7 +299,7 @@ class ScheduleRunner:
         self._warned_unknown: set[str] = set()  # task names
         self._cold: list[Entry] = []  # entries due soon whose templates are not built yet
         # Entries due by this instant (ms) are in _cold or have templates; None: none yet.
-        self._warm_horizon: int | None = None
+        self._warm_horizon: datetime | None = None
         self._dispatched = 0
         self.stats = ScheduleStats(per_entry=per_entry_metrics)
         # Ticks due now are claimed and published in fenced batches (herd.py).
@@ -527,13 +527,13 @@ class ScheduleRunner:
                 slots = self._load_slots(datetime.fromtimestamp(self._now(), UTC), slots)
                 heap = self._heap(slots)
             now = datetime.fromtimestamp(self._now(), UTC)
-            if heap and heap[0][0] <= to_ms(now) \
+            if heap and to_ms(heap[0][0]) <= to_ms(now) \
                     and not self._fire_all_due(heap, slots, term, now, started_at):
                 return  # fenced: this term is over
             timeout = next_check - time.monotonic()
             if heap:
-                timeout = min(timeout, heap[0][0] / 1000 - self._now())
-                self._look_ahead(heap, slots, to_ms(now))
+                timeout = min(timeout, heap[0][0].timestamp() - self._now())
+                self._look_ahead(heap, slots, now)
             if self._cold and timeout > WARM_MARGIN:
                 self._warm_templates(time.monotonic() + min(timeout - WARM_MARGIN, WARM_SLICE))
                 continue
@@ -541,30 +541,31 @@ class ScheduleRunner:
             if timeout > 0:
                 self._wake.wait(timeout)
 
-    def _heap(self, slots: dict[str, _Slot]) -> list[tuple[int, str]]:
-        """The enabled entries by next fire time (ms; ties by name).  Templates
-        are looked at afresh: only the entries due within TEMPLATES_AHEAD keep
-        theirs or get one built (:meth:`_look_ahead`)."""
-        heap = [(to_ms(s.next), name) for name, s in slots.items() if s.entry.enabled]
+    def _heap(self, slots: dict[str, _Slot]) -> list[tuple[datetime, str]]:
+        """The enabled entries by next fire time (the slot's own datetime, not a
+        copy: 100k entries; ties by name; due when its whole ms is, as in
+        :meth:`_due_claims`).  Templates are looked at afresh: only the entries
+        due within TEMPLATES_AHEAD keep theirs or get one built (:meth:`_look_ahead`)."""
+        heap = [(s.next, name) for name, s in slots.items() if s.entry.enabled]
         heapq.heapify(heap)
         self._cold = []
         self._warm_horizon = None
-        self._look_ahead(heap, slots, to_ms(datetime.fromtimestamp(self._now(), UTC)))
+        self._look_ahead(heap, slots, datetime.fromtimestamp(self._now(), UTC))
         return heap
 
-    def _look_ahead(self, heap: list[tuple[int, str]], slots: dict[str, _Slot],
-                    now_ms: int) -> None:
+    def _look_ahead(self, heap: list[tuple[datetime, str]], slots: dict[str, _Slot],
+                    now: datetime) -> None:
         """Queue the templates of the entries that came within TEMPLATES_AHEAD
         of ``now_ms`` to be built while idle, the soonest due last (popped
         first).  Runs when less than half the window is left: a walk down the
         heap that stops at the first later fire time of each branch, so it
         visits only the entries due within the window."""
-        horizon = now_ms + round(TEMPLATES_AHEAD * 1000)
+        horizon = now + timedelta(seconds=TEMPLATES_AHEAD)
         previous = self._warm_horizon
-        if previous is not None and previous - now_ms >= TEMPLATES_AHEAD * 500:
+        if previous is not None and previous - now >= timedelta(seconds=TEMPLATES_AHEAD / 2):
             return
         self._warm_horizon = horizon
-        found: list[tuple[int, str]] = []
+        found: list[tuple[datetime, str]] = []
         stack, size = [0], len(heap)
         while stack:
             index = stack.pop()
@@ -613,6 +614,8 @@ class ScheduleRunner:
         first_seen = self.store.first_seen(fresh, to_ms(started_at))
         moved: list[Entry] = []
         started_ms = to_ms(started_at)
+        # Entries alike (one schedule, one anchor) share their next fire time's object.
+        fire_times: dict[datetime, datetime] = {}
         for name, entry in entries.items():
             if name in slots:
                 continue
@@ -631,7 +634,7 @@ class ScheduleRunner:
             elif previous is not None and (old is None or not old.entry.enabled):
                 # Re-enabled while leading: no catch-up for the time it was disabled.
                 fire = entry.next_fire_after(max(last or seen_at, started_at))
-            slots[name] = _Slot(entry, last, fire)
+            slots[name] = _Slot(entry, last, fire_times.setdefault(fire, fire))
         self.store.first_seen(moved, to_ms(started_at), move=True)
         return slots
 
@@ -658,7 +661,7 @@ class ScheduleRunner:
 
     # -- one entry ------------------------------------------------------------
 
-    def _fire_all_due(self, heap: list[tuple[int, str]], slots: dict[str, _Slot],
+    def _fire_all_due(self, heap: list[tuple[datetime, str]], slots: dict[str, _Slot],
                       term: int, now: datetime, started_at: datetime) -> bool:
         """Pop every entry due by ``now`` (a herd: thousands at the top of the
         hour), claim and publish their ticks in fenced batches (herd.py), then
@@ -667,7 +670,7 @@ class ScheduleRunner:
         claims: list[Claim] = []
         # (name, slot, new last, new next, claims up to here, tally of skipped/caught up)
         due: list[tuple[str, _Slot, datetime | None, datetime, int, _Tally]] = []
-        while heap and heap[0][0] <= now_ms:
+        while heap and to_ms(heap[0][0]) <= now_ms:
             _, name = heapq.heappop(heap)
             slot = slots.get(name)
             if slot is None or not slot.entry.enabled:
@@ -684,9 +687,8 @@ class ScheduleRunner:
         horizon = self._warm_horizon
         for name, slot, last, fire_next, _, _ in due:
             slot.last, slot.next = last, fire_next
-            next_ms = to_ms(fire_next)
-            heapq.heappush(heap, (next_ms, name))
-            if horizon is not None and next_ms > horizon:
+            heapq.heappush(heap, (fire_next, name))
+            if horizon is not None and fire_next > horizon:
                 # Not due again within the window: built again when it comes near.
                 self.herd.forget_template(name)
         return True
