@@ -12,7 +12,8 @@ The same schedule and the same publish capture for every contender:
 - ``active`` entries with distinct interval schedules spread evenly over
   [period, 2 * period], so that together they fire ``rate`` times a second
   with (almost) no two fire times in the same millisecond; the other entries
-  have intervals of a day or more and never fire in the run.  The active
+  (``idle``) never fire in the run: intervals of a day or more, each its own
+  (``distinct``), or one of 24 monthly crontabs (``alike``).  The active
   entries come last in ``beat_schedule``, so stock beat and RedBeat (which
   anchor an entry at its creation) anchor them at the end of their start-up.
 - ``broker: memory`` (the default): ``app.send_task`` is replaced by a
@@ -72,12 +73,29 @@ def active_periods(rate: float, period: float) -> list[float]:
     return [round(period * (1 + i / k), 3) for i in range(k)]
 
 
-def build_schedule(entries: int, rate: float, period: float) -> tuple[dict[str, Any], float]:
+def idle_schedule(i: int, idle: str) -> Any:
+    """Idle entry ``i``'s schedule.  ``distinct``: an interval of its own (a day
+    and ``i`` s); ``alike``: one of 24 crontabs (an hour of the 1st of a month
+    six months away), a new object per entry as a loop building beat_schedule
+    makes them, like per-customer reports sharing a few schedules."""
+    if idle == "distinct":
+        return IDLE_BASE + i
+    from datetime import date
+
+    from celery.schedules import crontab
+
+    month = (date.today().month + 5) % 12 + 1
+    return crontab(minute=0, hour=i % 24, day_of_month=1, month_of_year=month)
+
+
+def build_schedule(entries: int, rate: float, period: float,
+                   idle_kind: str = "distinct") -> tuple[dict[str, Any], float]:
     periods = active_periods(rate, period)[:entries]
     idle = entries - len(periods)
     schedule: dict[str, Any] = {}
     for i in range(idle):
-        schedule[f"idle-{i:06d}"] = {"task": TASK, "schedule": IDLE_BASE + i, "args": (i,)}
+        schedule[f"idle-{i:06d}"] = {"task": TASK, "schedule": idle_schedule(i, idle_kind),
+                                     "args": (i,)}
     for i, p in enumerate(periods):
         schedule[f"active-{i:06d}"] = {"task": TASK, "schedule": p, "args": (i,)}
     return schedule, sum(1 / p for p in periods)
@@ -386,7 +404,8 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     threading.Thread(target=_exit_with_parent, daemon=True).start()
-    schedule, rate = build_schedule(cfg["entries"], cfg["rate"], cfg["period"])
+    schedule, rate = build_schedule(cfg["entries"], cfg["rate"], cfg["period"],
+                                    cfg.get("idle", "distinct"))
     app = make_app(cfg, schedule)
     real = cfg.get("broker", "memory") != "memory"
     recorder = Recorder(real)

@@ -37,7 +37,8 @@ contender above a size.
     .venv/bin/python benchmarks/scheduler.py [--entries 1000,10000,100000]
         [--contenders leader,leader-msclock,beat,redbeat] [--rate 200]
         [--period 2] [--warmup 4] [--seconds 10] [--cap beat=10000]
-        [--broker memory|redis|redis-other] [--repeat 1] [--json results.json]
+        [--broker memory|redis|redis-other] [--idle distinct|alike] [--repeat 1]
+        [--json results.json]
 """
 
 from __future__ import annotations
@@ -138,7 +139,7 @@ def run_one(args: argparse.Namespace, contender: str, entries: int) -> dict[str,
     cfg: dict[str, Any] = {
         "contender": contender, "entries": entries, "rate": args.rate, "period": args.period,
         "warmup": args.warmup, "seconds": args.seconds, "startup_timeout": args.startup_timeout,
-        "redis_url": None, "broker": args.broker,
+        "redis_url": None, "broker": args.broker, "idle": args.idle,
     }
     if args.profile_dir:
         cfg["profile"] = os.path.join(args.profile_dir, f"{contender}-{entries}.pstats")
@@ -372,6 +373,9 @@ def main(argv: list[str] | None = None) -> None:
                         default="memory", help="where the contenders publish (default "
                         "%(default)s: a recorder; redis: kombu to the lease's Redis db; "
                         "redis-other: to its db 1)")
+    parser.add_argument("--idle", choices=("distinct", "alike"), default="distinct",
+                        help="idle entries' schedules: an interval each (default) or one of "
+                        "24 crontabs (entries alike)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="runs per contender and size; the table shows medians")
     parser.add_argument("--json", help="also write the raw results here")
@@ -411,7 +415,7 @@ def main(argv: list[str] | None = None) -> None:
     print(header)
     print(f"{args.rate:g} dispatches/s target from entries with intervals in "
           f"[{args.period:g}, {2 * args.period:g}) s; warm-up {args.warmup:g} s, "
-          f"window {args.seconds:g} s; broker {args.broker}; "
+          f"window {args.seconds:g} s; broker {args.broker}; idle entries {args.idle}; "
           f"{'medians of ' + str(args.repeat) + ' runs' if args.repeat > 1 else '1 run'}.\n")
     print(table(results))
     print("\nRedis commands per dispatch, by command (commandstats, incl. calls from Lua):\n")

@@ -89,8 +89,28 @@ _NEXT_FIRE_MEMO: dict[tuple[Hashable, datetime], datetime] = {}
 _NEXT_FIRE_MEMO_SIZE = 8192
 
 
+# The memo key of a schedule object lately asked, by id: (the object, its app,
+# the key).  Entries alike share one object (Interned), so loading 100,000 of
+# them computes its key (the app's zone, a tuple) once, not 100,000 times.
+# The object and its app are held and compared, so a reused id or an object
+# bound to another app since (another zone) is never taken for it.
+_KEY_OF: dict[int, tuple[Any, Any, Hashable | None]] = {}
+
+
 def _memo_key(sched: Any) -> Hashable | None:
     """What determines a cron/crontab schedule's fire times (None: not memoised)."""
+    found = _KEY_OF.get(id(sched))
+    app = getattr(sched, "_app", None)
+    if found is not None and found[0] is sched and found[1] is app:
+        return found[2]
+    key = _compute_memo_key(sched)
+    if len(_KEY_OF) >= 1024:
+        _KEY_OF.clear()
+    _KEY_OF[id(sched)] = (sched, app, key)
+    return key
+
+
+def _compute_memo_key(sched: Any) -> Hashable | None:
     if isinstance(sched, cron):
         key: Hashable = ("cron", sched._key(), sched.tz)
     elif isinstance(sched, crontab):

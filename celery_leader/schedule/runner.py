@@ -36,7 +36,6 @@ under ``{<name>-beat}``; the first owner of the schedule merges those keys in
 
 from __future__ import annotations
 
-import heapq
 import json
 import threading
 import time
@@ -53,6 +52,7 @@ from ..election.elections import BEAT_SUFFIX
 from ..election.metrics import Family
 from ..election.redact import secret_safe_logger
 from ..election.redislock import FENCED, RedisLock, as_text, key_of
+from .duequeue import DueQueue
 from .entries import Entry, entries_from_config, gc_paused
 from .herd import (
     HERD_DISPATCH_LUA,
@@ -527,12 +527,12 @@ class ScheduleRunner:
                 slots = self._load_slots(datetime.fromtimestamp(self._now(), UTC), slots)
                 heap = self._heap(slots)
             now = datetime.fromtimestamp(self._now(), UTC)
-            if heap and to_ms(heap[0][0]) <= to_ms(now) \
+            if heap and to_ms(heap.first()) <= to_ms(now) \
                     and not self._fire_all_due(heap, slots, term, now, started_at):
                 return  # fenced: this term is over
             timeout = next_check - time.monotonic()
             if heap:
-                timeout = min(timeout, heap[0][0].timestamp() - self._now())
+                timeout = min(timeout, heap.first().timestamp() - self._now())
                 self._look_ahead(heap, slots, now)
             if self._cold and timeout > WARM_MARGIN:
                 self._warm_templates(time.monotonic() + min(timeout - WARM_MARGIN, WARM_SLICE))
@@ -541,39 +541,28 @@ class ScheduleRunner:
             if timeout > 0:
                 self._wake.wait(timeout)
 
-    def _heap(self, slots: dict[str, _Slot]) -> list[tuple[datetime, str]]:
-        """The enabled entries by next fire time (the slot's own datetime, not a
-        copy: 100k entries; ties by name; due when its whole ms is, as in
-        :meth:`_due_claims`).  Templates are looked at afresh: only the entries
-        due within TEMPLATES_AHEAD keep theirs or get one built (:meth:`_look_ahead`)."""
-        heap = [(s.next, name) for name, s in slots.items() if s.entry.enabled]
-        heapq.heapify(heap)
+    def _heap(self, slots: dict[str, _Slot]) -> DueQueue:
+        """The enabled entries by next fire time (duequeue.py; due when its whole
+        ms is, as in :meth:`_due_claims`).  Templates are looked at afresh: only
+        the entries due within TEMPLATES_AHEAD keep theirs or get one built
+        (:meth:`_look_ahead`)."""
+        heap = DueQueue((s.next, name) for name, s in slots.items() if s.entry.enabled)
         self._cold = []
         self._warm_horizon = None
         self._look_ahead(heap, slots, datetime.fromtimestamp(self._now(), UTC))
         return heap
 
-    def _look_ahead(self, heap: list[tuple[datetime, str]], slots: dict[str, _Slot],
-                    now: datetime) -> None:
+    def _look_ahead(self, heap: DueQueue, slots: dict[str, _Slot], now: datetime) -> None:
         """Queue the templates of the entries that came within TEMPLATES_AHEAD
-        of ``now_ms`` to be built while idle, the soonest due last (popped
-        first).  Runs when less than half the window is left: a walk down the
-        heap that stops at the first later fire time of each branch, so it
-        visits only the entries due within the window."""
+        of ``now`` to be built while idle, the soonest due last (popped first).
+        Runs when less than half the window is left, and visits only the fire
+        times within the window (DueQueue.within)."""
         horizon = now + timedelta(seconds=TEMPLATES_AHEAD)
         previous = self._warm_horizon
         if previous is not None and previous - now >= timedelta(seconds=TEMPLATES_AHEAD / 2):
             return
         self._warm_horizon = horizon
-        found: list[tuple[datetime, str]] = []
-        stack, size = [0], len(heap)
-        while stack:
-            index = stack.pop()
-            if index >= size or heap[index][0] > horizon:
-                continue
-            if previous is None or heap[index][0] > previous:
-                found.append(heap[index])
-            stack += (2 * index + 1, 2 * index + 2)
+        found = heap.within(previous, horizon)
         if previous is None:
             # A fresh heap: keep only the templates of the entries due soon.
             self.herd.keep_templates_of({name for _, name in found})
@@ -661,7 +650,7 @@ class ScheduleRunner:
 
     # -- one entry ------------------------------------------------------------
 
-    def _fire_all_due(self, heap: list[tuple[datetime, str]], slots: dict[str, _Slot],
+    def _fire_all_due(self, heap: DueQueue, slots: dict[str, _Slot],
                       term: int, now: datetime, started_at: datetime) -> bool:
         """Pop every entry due by ``now`` (a herd: thousands at the top of the
         hour), claim and publish their ticks in fenced batches (herd.py), then
@@ -670,13 +659,13 @@ class ScheduleRunner:
         claims: list[Claim] = []
         # (name, slot, new last, new next, claims up to here, tally of skipped/caught up)
         due: list[tuple[str, _Slot, datetime | None, datetime, int, _Tally]] = []
-        while heap and to_ms(heap[0][0]) <= now_ms:
-            _, name = heapq.heappop(heap)
-            slot = slots.get(name)
-            if slot is None or not slot.entry.enabled:
-                continue
-            last, fire_next, tally = self._due_claims(slot, now, now_ms, started_at, claims)
-            due.append((name, slot, last, fire_next, len(claims), tally))
+        while heap and to_ms(heap.first()) <= now_ms:
+            for name in heap.pop_first():
+                slot = slots.get(name)
+                if slot is None or not slot.entry.enabled:
+                    continue
+                last, fire_next, tally = self._due_claims(slot, now, now_ms, started_at, claims)
+                due.append((name, slot, last, fire_next, len(claims), tally))
         done = self.herd.dispatch(claims, term)
         for _, slot, _, _, claims_end, tally in due:
             # Counted as one by one would: for the entries whose claims all went through.
@@ -687,7 +676,7 @@ class ScheduleRunner:
         horizon = self._warm_horizon
         for name, slot, last, fire_next, _, _ in due:
             slot.last, slot.next = last, fire_next
-            heapq.heappush(heap, (fire_next, name))
+            heap.push(fire_next, name)
             if horizon is not None and fire_next > horizon:
                 # Not due again within the window: built again when it comes near.
                 self.herd.forget_template(name)
