@@ -15,7 +15,7 @@ import json
 import math
 from collections.abc import Hashable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -205,11 +205,12 @@ class Interned:
     An entry's empty kwargs and options are one shared, never-mutated dict.
     """
 
-    __slots__ = ("empty", "from_json", "schedules")
+    __slots__ = ("empty", "from_json", "schedules", "tasks")
 
     def __init__(self) -> None:
         self.schedules: dict[Hashable, Any] = {}
         self.empty: dict[str, Any] = {}
+        self.tasks: dict[str, str] = {}  # one string per task name (read from JSON: a copy each)
         self.from_json: dict[Hashable, Any] = {}  # a runtime entry's JSON schedule -> object
 
     def schedule(self, raw: Any, relative: bool, app: Any) -> Any:
@@ -256,12 +257,13 @@ def _check_computes(sched: Any) -> None:
 
 def entry_from_config(name: str, spec: Any, app: Any,
                       what: str = "beat_schedule entry",
-                      interned: Interned | None = None) -> Entry:
+                      interned: Interned | None = None, runtime: bool = False) -> Entry:
     """One ``beat_schedule`` item, validated; raise EntryError naming it.
 
     ``what`` is how the messages call it (``"runtime entry"`` for the API and
     the command line, where there is no beat_schedule).  ``interned``: share
-    schedules and empty mappings with the other entries of the same load.
+    schedules, task names and empty mappings with the other entries of the
+    same load.  ``runtime``: the entry's ``runtime`` field.
     """
     if not isinstance(spec, dict):
         raise EntryError(f"{what} {name!r} must be a dict, got {spec!r}")
@@ -307,11 +309,13 @@ def entry_from_config(name: str, spec: Any, app: Any,
     except Exception as exc:
         raise EntryError(f"{what} {name!r}: schedule {raw!r} cannot compute its "
                          f"next fire time: {exc}") from exc
+    if interned is not None:
+        task = interned.tasks.setdefault(task, task)
     return Entry(name=name, task=task, schedule=sched, args=tuple(args),
                  kwargs=kwargs if kwargs is empty else dict(kwargs),
                  options=options, catch_up=catch_up,
                  misfire_grace=float(grace) if grace is not None else None,
-                 enabled=bool(spec.get("enabled", True)))
+                 enabled=bool(spec.get("enabled", True)), runtime=runtime)
 
 
 def interval_seconds(what: str, value: Any) -> float:
@@ -490,5 +494,5 @@ def entry_from_json(name: str, raw: bytes | str, app: Any,
     if not isinstance(data, dict):
         raise EntryError(f"runtime entry {name!r} must be a JSON object")
     spec = dict(data, schedule=schedule_from_json(name, data.get("schedule"), interned))
-    return replace(entry_from_config(name, spec, app, what="runtime entry", interned=interned),
-                   runtime=True)
+    return entry_from_config(name, spec, app, what="runtime entry", interned=interned,
+                             runtime=True)
