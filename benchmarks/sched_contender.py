@@ -12,12 +12,21 @@ The same schedule and the same publish capture for every contender:
 - ``active`` entries with distinct interval schedules spread evenly over
   [period, 2 * period], so that together they fire ``rate`` times a second
   with (almost) no two fire times in the same millisecond; the other entries
-  have intervals of a day or more and never fire in the run.  The active
+  (``idle``) never fire in the run: intervals of a day or more, each its own
+  (``distinct``), or one of 24 monthly crontabs (``alike``).  The active
   entries come last in ``beat_schedule``, so stock beat and RedBeat (which
   anchor an entry at its creation) anchor them at the end of their start-up.
-- ``app.send_task`` is replaced by a recorder that notes ``time.time()``;
-  no task is registered, so stock beat and RedBeat publish through
-  ``app.send_task`` too.  The broker is ``memory://`` and never used.
+- ``broker: memory`` (the default): ``app.send_task`` is replaced by a
+  recorder that notes ``time.time()``; no task is registered, so stock beat
+  and RedBeat publish through ``app.send_task`` too.  The broker is
+  ``memory://`` and never used.
+- ``broker: redis`` / ``redis-other``: every contender publishes for real,
+  through kombu's Redis transport, to the throw-away redis-server (the lease's
+  database, or database 1); benchmarks/scheduler.py pops the messages as they
+  arrive and measures dispatches and lateness from them (arrival time minus
+  the fire time: the message's ``leader_fire_time`` header, or for stock beat
+  and RedBeat the one the ``apply_async`` wrapper noted for the task id it
+  returned, reported in ``fires``).
 - Fire time of a publish: celery-leader puts it in the ``leader_fire_time``
   header; for stock beat and RedBeat it is ``entry.last_run_at +
   run_every`` of the entry being applied (their interval ``is_due`` rule),
@@ -64,12 +73,29 @@ def active_periods(rate: float, period: float) -> list[float]:
     return [round(period * (1 + i / k), 3) for i in range(k)]
 
 
-def build_schedule(entries: int, rate: float, period: float) -> tuple[dict[str, Any], float]:
+def idle_schedule(i: int, idle: str) -> Any:
+    """Idle entry ``i``'s schedule.  ``distinct``: an interval of its own (a day
+    and ``i`` s); ``alike``: one of 24 crontabs (an hour of the 1st of a month
+    six months away), a new object per entry as a loop building beat_schedule
+    makes them, like per-customer reports sharing a few schedules."""
+    if idle == "distinct":
+        return IDLE_BASE + i
+    from datetime import date
+
+    from celery.schedules import crontab
+
+    month = (date.today().month + 5) % 12 + 1
+    return crontab(minute=0, hour=i % 24, day_of_month=1, month_of_year=month)
+
+
+def build_schedule(entries: int, rate: float, period: float,
+                   idle_kind: str = "distinct") -> tuple[dict[str, Any], float]:
     periods = active_periods(rate, period)[:entries]
     idle = entries - len(periods)
     schedule: dict[str, Any] = {}
     for i in range(idle):
-        schedule[f"idle-{i:06d}"] = {"task": TASK, "schedule": IDLE_BASE + i, "args": (i,)}
+        schedule[f"idle-{i:06d}"] = {"task": TASK, "schedule": idle_schedule(i, idle_kind),
+                                     "args": (i,)}
     for i, p in enumerate(periods):
         schedule[f"active-{i:06d}"] = {"task": TASK, "schedule": p, "args": (i,)}
     return schedule, sum(1 / p for p in periods)
@@ -126,11 +152,15 @@ def redis_info(url: str | None) -> dict[str, Any]:
 
 
 class Recorder:
-    """Replaces ``app.send_task``: notes the publish time and the fire time."""
+    """Replaces ``app.send_task``: notes the publish time and the fire time.
+    With a real broker (``real``) it records nothing: the harness pops the
+    messages, and the apply_async wrapper puts the fire time in a header."""
 
-    def __init__(self) -> None:
+    def __init__(self, real: bool = False) -> None:
         self.records: list[tuple[float, Any]] = []
         self.pending: Any = None  # fire time noted by the apply_async wrapper
+        self.real = real
+        self.fires: dict[str, float] = {}  # task id -> fire time (a real broker)
 
     def send_task(self, name: str, args: Any = None, kwargs: Any = None, **options: Any) -> None:
         headers = options.get("headers") or {}
@@ -142,7 +172,11 @@ class Recorder:
 
         def apply_async(entry: Any, *args: Any, **kwargs: Any) -> Any:
             self.pending = (entry.last_run_at, entry.schedule.run_every)
-            return original(entry, *args, **kwargs)
+            fire = fire_seconds(self.pending) if self.real else None
+            result = original(entry, *args, **kwargs)
+            if fire is not None and result is not None:
+                self.fires[result.id] = fire
+            return result
 
         scheduler.apply_async = apply_async
 
@@ -177,6 +211,7 @@ def window_result(start: Snapshot, end: Snapshot, recorder: Recorder) -> dict[st
         return lateness[min(len(lateness) - 1, max(0, math.ceil(q * len(lateness)) - 1))]
 
     out: dict[str, Any] = {
+        "window_start": start.wall, "window_end": end.wall,
         "window_s": end.wall - start.wall,
         "dispatches": dispatches,
         "cpu_s": end.cpu - start.cpu,
@@ -195,8 +230,14 @@ def window_result(start: Snapshot, end: Snapshot, recorder: Recorder) -> dict[st
 
 def make_app(cfg: dict[str, Any], schedule: dict[str, Any]) -> Celery:
     app = Celery("bench", set_as_current=False)
+    broker = cfg.get("broker", "memory")
+    broker_url = "memory://"
+    if broker == "redis":
+        broker_url = cfg["redis_url"]
+    elif broker == "redis-other":
+        broker_url = cfg["redis_url"].rsplit("/", 1)[0] + "/1"
     app.conf.update(
-        broker_url="memory://", timezone="UTC", enable_utc=True, beat_schedule=schedule,
+        broker_url=broker_url, timezone="UTC", enable_utc=True, beat_schedule=schedule,
         result_backend=None, leader_name="bench",
         redbeat_redis_url=cfg.get("redis_url"),
     )
@@ -363,16 +404,22 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     threading.Thread(target=_exit_with_parent, daemon=True).start()
-    schedule, rate = build_schedule(cfg["entries"], cfg["rate"], cfg["period"])
+    schedule, rate = build_schedule(cfg["entries"], cfg["rate"], cfg["period"],
+                                    cfg.get("idle", "distinct"))
     app = make_app(cfg, schedule)
-    recorder = Recorder()
-    app.send_task = recorder.send_task  # type: ignore[method-assign]
+    real = cfg.get("broker", "memory") != "memory"
+    recorder = Recorder(real)
+    if not real:
+        app.send_task = recorder.send_task  # type: ignore[method-assign]
     redis_before = redis_info(cfg.get("redis_url"))
     result = RUNNERS[cfg["contender"]](app, cfg, recorder)
     redis_after = redis_info(cfg.get("redis_url"))
     if redis_after:
         result["redis_memory"] = redis_after["memory"] - redis_before["memory"]
+    if real:
+        result["fires"] = recorder.fires
     result.update(contender=cfg["contender"], entries=cfg["entries"], target_rate=rate,
+                  broker=cfg.get("broker", "memory"),
                   dispatches_total=len(recorder.records),
                   active=min(cfg["entries"], len(active_periods(cfg["rate"], cfg["period"]))))
     print(json.dumps(result), flush=True)

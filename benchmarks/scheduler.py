@@ -19,9 +19,17 @@ throw-away redis-server, so RSS and ``INFO commandstats`` are clean:
 Entries: ``--rate`` per second fire from entries with distinct intervals in
 [``--period``, 2 * ``--period``]; all other entries are idle (intervals of a
 day).  After start-up and ``--warmup`` seconds, a window of ``--seconds``
-measures CPU, Redis commands and lateness.  The broker is ``memory://`` and
-unused: every contender publishes through ``app.send_task``, replaced by a
-recorder, so broker publishes are not in any number.  Every run is bounded:
+measures CPU, Redis commands and lateness.  ``--broker memory`` (the
+default): the broker is ``memory://`` and unused: every contender publishes
+through ``app.send_task``, replaced by a recorder, so broker publishes are not
+in any number.  ``--broker redis``: every contender (stock beat too) publishes
+for real through kombu's Redis transport to its throw-away redis-server, on
+the lease's database (celery-leader then pushes inside its fenced batch
+script); ``--broker redis-other``: to database 1 (celery-leader claims, then
+pipelines the pushes).  A thread of this harness pops the messages (BRPOP)
+as they arrive: dispatches and lateness (arrival minus the fire time the
+message carries) come from there, and its BRPOPs are left out of the Redis
+command counts.  Every run is bounded:
 a contender process still running after ``--startup-timeout`` + warm-up +
 window + 60 s is killed and reported as such; ``--cap beat=10000`` skips a
 contender above a size.
@@ -29,6 +37,7 @@ contender above a size.
     .venv/bin/python benchmarks/scheduler.py [--entries 1000,10000,100000]
         [--contenders leader,leader-msclock,beat,redbeat] [--rate 200]
         [--period 2] [--warmup 4] [--seconds 10] [--cap beat=10000]
+        [--broker memory|redis|redis-other] [--idle distinct|alike] [--repeat 1]
         [--json results.json]
 """
 
@@ -36,12 +45,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from importlib import metadata
 from pathlib import Path
@@ -63,12 +75,71 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+class Consumer:
+    """Pops the broker's ``celery`` list as messages arrive (a real broker):
+    (arrival time, task id, ``leader_fire_time`` or None)."""
+
+    def __init__(self, url: str) -> None:
+        import redis
+
+        self.client = redis.Redis.from_url(url)
+        self.arrivals: list[tuple[float, str, float | None]] = []
+        self.errors = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        from datetime import datetime
+
+        while not self._stop.is_set():
+            popped = self.client.brpop(["celery"], timeout=0.2)
+            if popped is None:
+                continue
+            now = time.time()
+            try:
+                headers = json.loads(popped[1])["headers"]
+                fire = headers.get("leader_fire_time")
+                self.arrivals.append((now, headers["id"], None if fire is None else
+                                      datetime.fromisoformat(fire).timestamp()))
+            except (ValueError, KeyError, TypeError):
+                self.errors += 1
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.client.close()
+
+    def window(self, result: dict[str, Any]) -> None:
+        """Dispatches and lateness of the contender's window, from the arrivals
+        (stock beat and RedBeat: the fire time their scheduler noted per task id)."""
+        start, end = result["window_start"], result["window_end"]
+        fires = result.pop("fires", {})
+        inside = [(t, i, f if f is not None else fires.get(i)) for t, i, f in self.arrivals
+                  if start <= t < end]
+        lateness = sorted((t - f) * 1000 for t, _, f in inside if f is not None)
+        result["fire_unknown"] = sum(1 for _, _, f in inside if f is None)
+
+        def pct(q: float) -> float | None:
+            if not lateness:
+                return None
+            return lateness[min(len(lateness) - 1, max(0, math.ceil(q * len(lateness)) - 1))]
+
+        result["dispatches"] = len(inside)
+        result["dispatches_total"] = len(self.arrivals)
+        result["duplicates"] = len(self.arrivals) - len({i for _, i, _ in self.arrivals})
+        result["lateness_ms"] = {"p50": pct(0.5), "p99": pct(0.99), "max": pct(1.0)}
+        calls = result.get("redis_calls", {})
+        calls.pop("brpop", None)  # this consumer's, not the contender's
+
+
 def run_one(args: argparse.Namespace, contender: str, entries: int) -> dict[str, Any]:
-    server = EmbeddedRedis() if contender in USES_REDIS else None
+    real_broker = args.broker != "memory"
+    server = EmbeddedRedis() if contender in USES_REDIS or real_broker else None
     cfg: dict[str, Any] = {
         "contender": contender, "entries": entries, "rate": args.rate, "period": args.period,
         "warmup": args.warmup, "seconds": args.seconds, "startup_timeout": args.startup_timeout,
-        "redis_url": None,
+        "redis_url": None, "broker": args.broker, "idle": args.idle,
     }
     if args.profile_dir:
         cfg["profile"] = os.path.join(args.profile_dir, f"{contender}-{entries}.pstats")
@@ -76,10 +147,14 @@ def run_one(args: argparse.Namespace, contender: str, entries: int) -> dict[str,
     started = time.monotonic()
     with tempfile.TemporaryFile("w+") as errors:
         proc: subprocess.Popen[str] | None = None
+        consumer: Consumer | None = None
         try:
             if server is not None:
                 server.start()
                 cfg["redis_url"] = server.url
+                if real_broker:
+                    broker_db = "1" if args.broker == "redis-other" else "0"
+                    consumer = Consumer(server.url.rsplit("/", 1)[0] + "/" + broker_db)
             proc = subprocess.Popen([sys.executable, str(HELPER), json.dumps(cfg)],
                                     stdout=subprocess.PIPE, stderr=errors, text=True)
             try:
@@ -93,6 +168,9 @@ def run_one(args: argparse.Namespace, contender: str, entries: int) -> dict[str,
             if proc is not None and proc.poll() is None:
                 proc.kill()
                 proc.wait()
+            if consumer is not None:
+                time.sleep(0.5)  # the last messages of the window
+                consumer.stop()
             if server is not None:
                 server.cleanup()
         errors.seek(0)
@@ -103,9 +181,41 @@ def run_one(args: argparse.Namespace, contender: str, entries: int) -> dict[str,
         return {"contender": contender, "entries": entries,
                 "error": f"exit {proc.returncode}: {stderr.strip().splitlines()[-1:]}"}
     result: dict[str, Any] = json.loads(lines[-1])
+    if consumer is not None:
+        consumer.window(result)
     result["wall_s"] = time.monotonic() - started
     result["load1"] = os.getloadavg()[0]
     return result
+
+
+def median_result(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One result from ``--repeat`` runs: the median of every number (each on
+    its own), and the runs' ranges of start-up, CPU per dispatch and p99."""
+    good = [r for r in runs if "error" not in r]
+    if not good:
+        return runs[-1]
+    if len(good) == 1:
+        return good[0]
+    merged = dict(good[0])
+    for key, value in good[0].items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            merged[key] = statistics.median(r[key] for r in good)
+    merged["lateness_ms"] = {
+        q: (statistics.median(v) if (v := [r["lateness_ms"][q] for r in good
+                                            if r["lateness_ms"][q] is not None]) else None)
+        for q in ("p50", "p99", "max")}
+    keys = {k for r in good for k in r.get("redis_calls", {})}
+    merged["redis_calls"] = {k: statistics.median(r.get("redis_calls", {}).get(k, 0)
+                                                  for r in good) for k in keys}
+    merged["runs"] = len(good)
+    merged["ranges"] = {
+        "startup_s": [min(r["startup_s"] for r in good), max(r["startup_s"] for r in good)],
+        "cpu_ms_per_1k": [min(per_dispatch(r).get("cpu_ms_per_1k", 0) for r in good),
+                          max(per_dispatch(r).get("cpu_ms_per_1k", 0) for r in good)],
+        "p99_ms": [min((r["lateness_ms"]["p99"] or 0) for r in good),
+                   max((r["lateness_ms"]["p99"] or 0) for r in good)],
+    }
+    return merged
 
 
 # ------------------------------------------------------------------ report
@@ -142,7 +252,7 @@ def table(results: list[dict[str, Any]]) -> str:
             rows.append(f"| {r['contender']} | {r['entries']:,} | {note} |" + " |" * 10)
             continue
         pd = per_dispatch(r)
-        redis_used = r["contender"] in USES_REDIS
+        redis_used = r["contender"] in USES_REDIS or r.get("broker", "memory") != "memory"
         lat = r["lateness_ms"]
         rate = r["dispatches"] / r["window_s"]
         stalled = ""
@@ -174,6 +284,24 @@ def breakdown(results: list[dict[str, Any]]) -> str:
         parts = ", ".join(f"{k} {v / n:.2f}" for k, v in
                           sorted(r["redis_calls"].items(), key=lambda kv: -kv[1]))
         lines.append(f"- {r['contender']} @ {r['entries']:,}: {parts}")
+    return "\n".join(lines)
+
+
+def spread(results: list[dict[str, Any]]) -> str:
+    """Ranges over the repeated runs, and messages popped twice (real broker)."""
+    lines = []
+    for r in results:
+        parts = []
+        ranges = r.get("ranges")
+        if ranges:
+            parts.append(f"{r['runs']} runs: start-up {ranges['startup_s'][0]:.2f}-"
+                         f"{ranges['startup_s'][1]:.2f} s, CPU ms/1k "
+                         f"{ranges['cpu_ms_per_1k'][0]:.0f}-{ranges['cpu_ms_per_1k'][1]:.0f}, "
+                         f"p99 {ranges['p99_ms'][0]:.1f}-{ranges['p99_ms'][1]:.1f} ms")
+        if "duplicates" in r:
+            parts.append(f"task ids popped twice: {r['duplicates']}")
+        if parts:
+            lines.append(f"- {r['contender']} @ {r['entries']:,}: " + "; ".join(parts))
     return "\n".join(lines)
 
 
@@ -241,6 +369,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--startup-timeout", type=float, default=180.0)
     parser.add_argument("--cap", action="append", default=[], metavar="CONTENDER=N",
                         help="skip CONTENDER for sizes above N (repeatable)")
+    parser.add_argument("--broker", choices=("memory", "redis", "redis-other"),
+                        default="memory", help="where the contenders publish (default "
+                        "%(default)s: a recorder; redis: kombu to the lease's Redis db; "
+                        "redis-other: to its db 1)")
+    parser.add_argument("--idle", choices=("distinct", "alike"), default="distinct",
+                        help="idle entries' schedules: an interval each (default) or one of "
+                        "24 crontabs (entries alike)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="runs per contender and size; the table shows medians")
     parser.add_argument("--json", help="also write the raw results here")
     parser.add_argument("--profile-dir", help="cProfile the window (dispatch thread) into "
                         "DIR/<contender>-<entries>.pstats; numbers then include the profiler")
@@ -268,17 +405,25 @@ def main(argv: list[str] | None = None) -> None:
                 results.append({"contender": contender, "entries": entries,
                                 "skipped": f"skipped (--cap {contender}={caps[contender]})"})
                 continue
-            log(f"running {contender} with {entries:,} entries ...")
-            result = run_one(args, contender, entries)
-            log(f"  -> {json.dumps(result)}")
-            results.append(result)
+            runs = []
+            for attempt in range(args.repeat):
+                log(f"running {contender} with {entries:,} entries ({attempt + 1}/"
+                    f"{args.repeat}) ...")
+                runs.append(run_one(args, contender, entries))
+                log(f"  -> {json.dumps(runs[-1])}")
+            results.append(median_result(runs))
     print(header)
     print(f"{args.rate:g} dispatches/s target from entries with intervals in "
           f"[{args.period:g}, {2 * args.period:g}) s; warm-up {args.warmup:g} s, "
-          f"window {args.seconds:g} s.\n")
+          f"window {args.seconds:g} s; broker {args.broker}; idle entries {args.idle}; "
+          f"{'medians of ' + str(args.repeat) + ' runs' if args.repeat > 1 else '1 run'}.\n")
     print(table(results))
     print("\nRedis commands per dispatch, by command (commandstats, incl. calls from Lua):\n")
     print(breakdown(results))
+    spreads = spread(results)
+    if spreads:
+        print("\nSpread and duplicates:\n")
+        print(spreads)
     print("\nAgainst the targets:\n")
     print(verdict(results))
     if args.json:

@@ -8,10 +8,14 @@ Runtime entries travel through Redis as JSON, never pickle.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import json
 import math
-from collections.abc import Hashable
-from dataclasses import dataclass, field, replace
+from collections.abc import Hashable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -45,8 +49,13 @@ class EntryExistsError(EntryError):
     """A runtime entry of that name exists and the caller did not ask to replace it."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Entry:
+    """One schedule entry.  Slotted and sharing what entries alike share (the
+    schedule object, empty kwargs/options: :class:`Interned`): a schedule of
+    100,000 entries is held in a few hundred bytes per entry."""
+
+
     name: str
     task: str
     schedule: Any  # a Celery schedule object bound to the app
@@ -80,8 +89,28 @@ _NEXT_FIRE_MEMO: dict[tuple[Hashable, datetime], datetime] = {}
 _NEXT_FIRE_MEMO_SIZE = 8192
 
 
+# The memo key of a schedule object lately asked, by id: (the object, its app,
+# the key).  Entries alike share one object (Interned), so loading 100,000 of
+# them computes its key (the app's zone, a tuple) once, not 100,000 times.
+# The object and its app are held and compared, so a reused id or an object
+# bound to another app since (another zone) is never taken for it.
+_KEY_OF: dict[int, tuple[Any, Any, Hashable | None]] = {}
+
+
 def _memo_key(sched: Any) -> Hashable | None:
     """What determines a cron/crontab schedule's fire times (None: not memoised)."""
+    found = _KEY_OF.get(id(sched))
+    app = getattr(sched, "_app", None)
+    if found is not None and found[0] is sched and found[1] is app:
+        return found[2]
+    key = _compute_memo_key(sched)
+    if len(_KEY_OF) >= 1024:
+        _KEY_OF.clear()
+    _KEY_OF[id(sched)] = (sched, app, key)
+    return key
+
+
+def _compute_memo_key(sched: Any) -> Hashable | None:
     if isinstance(sched, cron):
         key: Hashable = ("cron", sched._key(), sched.tz)
     elif isinstance(sched, crontab):
@@ -99,6 +128,9 @@ def _memo_key(sched: Any) -> Hashable | None:
 def next_fire_after(sched: Any, after: datetime) -> datetime:
     """The first fire time strictly after ``after`` (aware, UTC)."""
     after = after.astimezone(UTC)
+    if type(sched) is schedule:  # an interval (most entries): no memo needed
+        run_every: timedelta = sched.run_every
+        return after + run_every
     key = _memo_key(sched)
     if key is None:
         return _next_fire_after(sched, after)
@@ -137,6 +169,9 @@ def first_fire_after(sched: Any, anchor: datetime) -> datetime:
     first saw it.  The next fire time after ``anchor``, unless the schedule says
     otherwise with a ``first_fire_after`` method of its own: a one-shot whose
     time passed before any leader saw it still fires once, at ``anchor``."""
+    if type(sched) is schedule:  # an interval: no method of its own
+        run_every: timedelta = sched.run_every
+        return anchor.astimezone(UTC) + run_every
     own = getattr(sched, "first_fire_after", None)
     if callable(own):
         return own(anchor.astimezone(UTC))  # type: ignore[no-any-return]
@@ -160,16 +195,80 @@ def describe_schedule(sched: Any) -> str:
 
 # --------------------------------------------------------------------- parsing
 
+class Interned:
+    """Schedule objects and empty mappings shared by the entries of one load.
+
+    100,000 entries with a few distinct schedules hold a few schedule objects,
+    not 100,000 (a crontab holds its expanded sets; a ``cron`` its croniter),
+    and each distinct schedule is validated once.  Schedules are values (equal
+    ones fire at the same instants), so sharing them changes no fire time.
+    An entry's empty kwargs and options are one shared, never-mutated dict.
+    """
+
+    __slots__ = ("empty", "from_json", "schedules", "tasks")
+
+    def __init__(self) -> None:
+        self.schedules: dict[Hashable, Any] = {}
+        self.empty: dict[str, Any] = {}
+        self.tasks: dict[str, str] = {}  # one string per task name (read from JSON: a copy each)
+        self.from_json: dict[Hashable, Any] = {}  # a runtime entry's JSON schedule -> object
+
+    def schedule(self, raw: Any, relative: bool, app: Any) -> Any:
+        """The app-bound schedule of ``raw`` (``maybe_schedule``), shared with
+        every equal one of this load; validated (one fire time computed) once."""
+        key = _intern_key(raw, relative)
+        found = self.schedules.get(key) if key is not None else None
+        if found is None:
+            found = maybe_schedule(raw, relative=relative, app=app)
+            _check_computes(found)
+            if key is not None:
+                self.schedules[key] = found
+        return found
+
+
+def _intern_key(raw: Any, relative: bool) -> Hashable | None:
+    """What makes two raw schedules equal (None: not shared)."""
+    if isinstance(raw, (int, float, timedelta)):
+        seconds = raw.total_seconds() if isinstance(raw, timedelta) else float(raw)
+        return ("interval", seconds, relative)
+    key: Hashable
+    if type(raw) is schedule and raw.nowfun is None:
+        key = ("interval", raw.run_every.total_seconds(), bool(raw.relative))
+    elif type(raw) is crontab and raw.nowfun is None:
+        key = ("crontab", raw._orig_minute, raw._orig_hour, raw._orig_day_of_week,
+               raw._orig_day_of_month, raw._orig_month_of_year)
+    elif type(raw) is cron and raw.nowfun is None:
+        key = ("cron", *raw._key())
+    else:
+        return None
+    try:
+        hash(key)
+    except TypeError:  # e.g. crontab(minute={0, 30}): fields given as sets
+        return None
+    return key
+
+
+def _check_computes(sched: Any) -> None:
+    """Raise if the schedule cannot compute a fire time (validated at load, not
+    at its first tick).  An interval always can: its seconds were checked."""
+    if type(sched) is not schedule:
+        next_fire_after(sched, datetime.now(UTC))
+
+
 def entry_from_config(name: str, spec: Any, app: Any,
-                      what: str = "beat_schedule entry") -> Entry:
+                      what: str = "beat_schedule entry",
+                      interned: Interned | None = None, runtime: bool = False) -> Entry:
     """One ``beat_schedule`` item, validated; raise EntryError naming it.
 
     ``what`` is how the messages call it (``"runtime entry"`` for the API and
-    the command line, where there is no beat_schedule).
+    the command line, where there is no beat_schedule).  ``interned``: share
+    schedules, task names and empty mappings with the other entries of the
+    same load.  ``runtime``: the entry's ``runtime`` field.
     """
     if not isinstance(spec, dict):
         raise EntryError(f"{what} {name!r} must be a dict, got {spec!r}")
-    _reject_unknown(f"{what} {name!r}", "key", spec, ENTRY_KEYS)
+    if not spec.keys() <= ENTRY_KEYS:
+        _reject_unknown(f"{what} {name!r}", "key", spec, ENTRY_KEYS)
     task = spec.get("task")
     if not isinstance(task, str) or not task:
         raise EntryError(f"{what} {name!r} needs a task name, got {task!r}")
@@ -177,33 +276,49 @@ def entry_from_config(name: str, spec: Any, app: Any,
     if isinstance(raw, bool) or not isinstance(raw, (int, float, timedelta, BaseSchedule)):
         raise EntryError(f"{what} {name!r} has an invalid schedule {raw!r}; use "
                          "seconds, a timedelta, schedule, crontab, solar or celery_leader.cron")
-    if isinstance(raw, (int, float, timedelta)):
+    # (A positive finite float, the usual case, is checked without formatting a name.)
+    if isinstance(raw, (int, float, timedelta)) and not (
+            type(raw) is float and 0 < raw < math.inf):
         interval_seconds(f"{what} {name!r}", raw)
     args = spec.get("args", ())
     if not isinstance(args, (list, tuple)):
         raise EntryError(f"{what} {name!r}: args must be a list or tuple")
-    kwargs = spec.get("kwargs", {}) or {}
+    empty = interned.empty if interned is not None else None
+    kwargs = spec.get("kwargs") or (empty if empty is not None else {})
     if not isinstance(kwargs, dict):
         raise EntryError(f"{what} {name!r}: kwargs must be a dict")
-    options = _options(f"{what} {name!r}", spec.get("options", {}) or {})
-    catch_up = spec.get("catch_up", options.pop("catch_up", None))
+    options = spec.get("options") or {}
+    options = (empty if not options and empty is not None
+               else _options(f"{what} {name!r}", options, empty))
+    catch_up, grace = spec.get("catch_up"), spec.get("misfire_grace")
+    if "catch_up" in options or "misfire_grace" in options:
+        options = dict(options)
+        catch_up = spec.get("catch_up", options.pop("catch_up", None))
+        grace = spec.get("misfire_grace", options.pop("misfire_grace", None))
+        if not options and empty is not None:
+            options = empty
     if catch_up is not None and catch_up not in CATCH_UP_POLICIES:
         raise EntryError(f"{what} {name!r}: catch_up must be one of "
                          f"{', '.join(CATCH_UP_POLICIES)}, got {catch_up!r}")
-    grace = spec.get("misfire_grace", options.pop("misfire_grace", None))
     if grace is not None and (isinstance(grace, bool) or not isinstance(grace, (int, float))
                               or grace <= 0):
         raise EntryError(f"{what} {name!r}: misfire_grace must be positive seconds")
-    sched = maybe_schedule(raw, relative=bool(spec.get("relative", False)), app=app)
+    relative = bool(spec.get("relative", False))
     try:
-        next_fire_after(sched, datetime.now(UTC))
+        if interned is not None:
+            sched = interned.schedule(raw, relative, app)
+        else:
+            sched = maybe_schedule(raw, relative=relative, app=app)
+            _check_computes(sched)
     except Exception as exc:
         raise EntryError(f"{what} {name!r}: schedule {raw!r} cannot compute its "
                          f"next fire time: {exc}") from exc
-    return Entry(name=name, task=task, schedule=sched, args=tuple(args), kwargs=dict(kwargs),
-                 options=options, catch_up=catch_up,
-                 misfire_grace=float(grace) if grace is not None else None,
-                 enabled=bool(spec.get("enabled", True)))
+    if interned is not None:
+        task = interned.tasks.setdefault(task, task)
+    # Positional (Entry's field order): a third faster than by keyword, 100k times.
+    return Entry(name, task, sched, tuple(args), kwargs if kwargs is empty else dict(kwargs),
+                 options, catch_up, float(grace) if grace is not None else None,
+                 bool(spec.get("enabled", True)), runtime)
 
 
 def interval_seconds(what: str, value: Any) -> float:
@@ -220,12 +335,19 @@ def interval_seconds(what: str, value: Any) -> float:
     return seconds
 
 
-def _options(entry: str, options: Any) -> dict[str, Any]:
+_VALID_OPTION_KEYS = OPTION_KEYS | {"catch_up", "misfire_grace"}
+
+
+def _options(entry: str, options: Any, empty: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A checked copy of an entry's options (``empty``, shared, when there are none)."""
     if not isinstance(options, dict):
         raise EntryError(f"{entry}: options must be a dict, got {options!r}")
+    if not options and empty is not None:
+        return empty
     checked: dict[str, Any] = dict(options)
     options = checked
-    _reject_unknown(entry, "option", options, OPTION_KEYS | {"catch_up", "misfire_grace"})
+    if not options.keys() <= _VALID_OPTION_KEYS:
+        _reject_unknown(entry, "option", options, _VALID_OPTION_KEYS)
     if "headers" in options and not isinstance(options["headers"], dict):
         raise EntryError(f"{entry}: options['headers'] must be a dict")
     priority = options.get("priority")
@@ -253,12 +375,50 @@ def _reject_unknown(entry: str, kind: str, given: dict[Any, Any],
                      f"{', '.join(described)}; valid: {', '.join(sorted(valid))}")
 
 
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection while loading a schedule: the collector would
+    run again and again over the objects being made (100,000 entries load in half
+    the time without it), and they hold no cycles to collect.  Afterwards, the
+    memory the load used for a while (growing dicts, replies) goes back to the
+    system (:func:`release_freed_memory`)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+        release_freed_memory()
+
+
+def _find_malloc_trim() -> Any:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim
+    except (OSError, AttributeError, TypeError):  # not glibc: nothing to do
+        return None
+
+
+_MALLOC_TRIM = _find_malloc_trim()
+
+
+def release_freed_memory() -> None:
+    """Give the C heap's free memory back to the system (glibc's ``malloc_trim``;
+    a no-op elsewhere).  Loading 100,000 entries frees ~15 MB of large blocks
+    (dict tables outgrown, Redis replies) that glibc would otherwise keep."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
 def entries_from_config(app: Any) -> dict[str, Entry]:
     """Every ``beat_schedule`` entry, or EntryError for the first bad one."""
     schedule_conf = app_setting(app, "beat_schedule", None) or {}
     if not isinstance(schedule_conf, dict):
         raise EntryError(f"beat_schedule must be a dict, got {type(schedule_conf).__name__}")
-    return {name: entry_from_config(name, spec, app) for name, spec in schedule_conf.items()}
+    interned = Interned()
+    with gc_paused():
+        return {name: entry_from_config(name, spec, app, interned=interned)
+                for name, spec in schedule_conf.items()}
 
 
 # ---------------------------------------------------------------- runtime JSON
@@ -284,9 +444,25 @@ def schedule_to_json(sched: Any) -> dict[str, Any]:
     raise EntryError(f"runtime entries support cron, crontab and intervals, got {sched!r}")
 
 
-def schedule_from_json(name: str, data: Any) -> Any:
+def schedule_from_json(name: str, data: Any, interned: Interned | None = None) -> Any:
+    """A runtime entry's schedule from its JSON; with ``interned``, the object
+    made for an equal JSON schedule earlier in the same load."""
     if not isinstance(data, dict):
         raise EntryError(f"entry {name!r}: schedule must be a JSON object, got {data!r}")
+    if interned is None:
+        return _schedule_from_json(name, data)
+    try:
+        key: Hashable = tuple(sorted(data.items()))
+        hash(key)
+    except TypeError:  # a list or object in it: invalid, or at least not shared
+        return _schedule_from_json(name, data)
+    found = interned.from_json.get(key)
+    if found is None:
+        found = interned.from_json[key] = _schedule_from_json(name, data)
+    return found
+
+
+def _schedule_from_json(name: str, data: dict[str, Any]) -> Any:
     kind = data.get("type")
     try:
         if kind == "cron":
@@ -312,12 +488,14 @@ def entry_to_json(entry: Entry) -> str:
                            args=list(entry.args)), sort_keys=True)
 
 
-def entry_from_json(name: str, raw: bytes | str, app: Any) -> Entry:
+def entry_from_json(name: str, raw: bytes | str, app: Any,
+                    interned: Interned | None = None) -> Entry:
     try:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise EntryError(f"runtime entry {name!r} is not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise EntryError(f"runtime entry {name!r} must be a JSON object")
-    spec = dict(data, schedule=schedule_from_json(name, data.get("schedule")))
-    return replace(entry_from_config(name, spec, app, what="runtime entry"), runtime=True)
+    spec = dict(data, schedule=schedule_from_json(name, data.get("schedule"), interned))
+    return entry_from_config(name, spec, app, what="runtime entry", interned=interned,
+                             runtime=True)

@@ -33,7 +33,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -232,6 +232,15 @@ class HerdDispatcher:
             entry = entries.pop()
             if entry.enabled:
                 self._template(entry)
+
+    def forget_template(self, name: str) -> None:
+        """Drop entry ``name``'s template (built again when needed)."""
+        self._templates.pop(name, None)
+
+    def keep_templates_of(self, names: Container[str]) -> None:
+        """Drop every entry's template but those of ``names``."""
+        for name in [name for name in self._templates if name not in names]:
+            del self._templates[name]
 
     def _template(self, entry: Entry) -> MessageTemplate | None:
         thread = threading.get_ident()

@@ -36,14 +36,13 @@ under ``{<name>-beat}``; the first owner of the schedule merges those keys in
 
 from __future__ import annotations
 
-import heapq
 import json
 import threading
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import redis
@@ -53,7 +52,8 @@ from ..election.elections import BEAT_SUFFIX
 from ..election.metrics import Family
 from ..election.redact import secret_safe_logger
 from ..election.redislock import FENCED, RedisLock, as_text, key_of
-from .entries import Entry, entries_from_config
+from .duequeue import DueQueue
+from .entries import Entry, entries_from_config, gc_paused
 from .herd import (
     HERD_DISPATCH_LUA,
     Claim,
@@ -225,11 +225,17 @@ def beat_election_name(options: ScheduleOptions, standalone: bool) -> str:
 # Idle time is spent building templates in slices of at most WARM_SLICE s,
 # stopping WARM_MARGIN s before the next tick is due.
 WARM_SLICE, WARM_MARGIN = 0.1, 0.05
+TEMPLATES_AHEAD = 60.0
+"""Message templates (herd.py) are built ahead only for the entries due within
+this many seconds, and kept after a tick only while the entry is due again
+within it: a herd at the top of the hour finds its templates ready (10,000
+fill in well under a second), and 100,000 idle entries hold none (~1.2 KB each).
+The window is looked at again when less than half of it is left."""
 
 _Tally = tuple[int, int, int]  # due ticks skipped by policy, by grace; caught up
 
 
-@dataclass
+@dataclass(slots=True)
 class _Slot:
     entry: Entry
     last: datetime | None  # last fire time claimed (dispatched or skipped)
@@ -290,8 +296,10 @@ class ScheduleRunner:
         self._unsent = False
         # Sent, but the pending copy is not deleted yet: never sent again by this runner.
         self._sent_pending: set[str] = set()
-        self._warned_unknown: set[tuple[str, str]] = set()
-        self._cold: list[Entry] = []  # entries whose templates are not built yet
+        self._warned_unknown: set[str] = set()  # task names
+        self._cold: list[Entry] = []  # entries due soon whose templates are not built yet
+        # Entries due by this instant (ms) are in _cold or have templates; None: none yet.
+        self._warm_horizon: datetime | None = None
         self._dispatched = 0
         self.stats = ScheduleStats(per_entry=per_entry_metrics)
         # Ticks due now are claimed and published in fenced batches (herd.py).
@@ -498,8 +506,9 @@ class ScheduleRunner:
             return
         version = self.store.version()
         source_version = self.source.version() if self.source is not None else None
-        slots = self._load_slots(started_at)
-        heap = self._heap(slots)
+        with gc_paused():
+            slots = self._load_slots(started_at)
+            heap = self._heap(slots)
         next_check = time.monotonic() + self.settings.retry_period
         while not stop.is_set():
             if time.monotonic() >= next_check:
@@ -518,12 +527,13 @@ class ScheduleRunner:
                 slots = self._load_slots(datetime.fromtimestamp(self._now(), UTC), slots)
                 heap = self._heap(slots)
             now = datetime.fromtimestamp(self._now(), UTC)
-            if heap and heap[0][0] <= to_ms(now) \
+            if heap and to_ms(heap.first()) <= to_ms(now) \
                     and not self._fire_all_due(heap, slots, term, now, started_at):
                 return  # fenced: this term is over
             timeout = next_check - time.monotonic()
             if heap:
-                timeout = min(timeout, heap[0][0] / 1000 - self._now())
+                timeout = min(timeout, heap.first().timestamp() - self._now())
+                self._look_ahead(heap, slots, now)
             if self._cold and timeout > WARM_MARGIN:
                 self._warm_templates(time.monotonic() + min(timeout - WARM_MARGIN, WARM_SLICE))
                 continue
@@ -531,13 +541,33 @@ class ScheduleRunner:
             if timeout > 0:
                 self._wake.wait(timeout)
 
-    def _heap(self, slots: dict[str, _Slot]) -> list[tuple[int, int, str]]:
-        heap = [(to_ms(s.next), id(s), name) for name, s in slots.items() if s.entry.enabled]
-        heapq.heapify(heap)
-        # Templates to build while idle, the soonest due last (popped first).
-        self._cold = [slot.entry for slot in sorted(
-            (s for s in slots.values() if s.entry.enabled), key=lambda s: s.next, reverse=True)]
+    def _heap(self, slots: dict[str, _Slot]) -> DueQueue:
+        """The enabled entries by next fire time (duequeue.py; due when its whole
+        ms is, as in :meth:`_due_claims`).  Templates are looked at afresh: only
+        the entries due within TEMPLATES_AHEAD keep theirs or get one built
+        (:meth:`_look_ahead`)."""
+        heap = DueQueue((s.next, name) for name, s in slots.items() if s.entry.enabled)
+        self._cold = []
+        self._warm_horizon = None
+        self._look_ahead(heap, slots, datetime.fromtimestamp(self._now(), UTC))
         return heap
+
+    def _look_ahead(self, heap: DueQueue, slots: dict[str, _Slot], now: datetime) -> None:
+        """Queue the templates of the entries that came within TEMPLATES_AHEAD
+        of ``now`` to be built while idle, the soonest due last (popped first).
+        Runs when less than half the window is left, and visits only the fire
+        times within the window (DueQueue.within)."""
+        horizon = now + timedelta(seconds=TEMPLATES_AHEAD)
+        previous = self._warm_horizon
+        if previous is not None and previous - now >= timedelta(seconds=TEMPLATES_AHEAD / 2):
+            return
+        self._warm_horizon = horizon
+        found = heap.within(previous, horizon)
+        if previous is None:
+            # A fresh heap: keep only the templates of the entries due soon.
+            self.herd.keep_templates_of({name for _, name in found})
+        found.sort(reverse=True)
+        self._cold[:0] = [slots[name].entry for _, name in found]
 
     def _warm_templates(self, deadline: float) -> None:
         """Build message templates ahead of the ticks (herd.py), so a herd at the
@@ -572,14 +602,17 @@ class ScheduleRunner:
                  if name not in states and name not in slots]
         first_seen = self.store.first_seen(fresh, to_ms(started_at))
         moved: list[Entry] = []
+        started_ms = to_ms(started_at)
+        # Entries alike (one schedule, one anchor) share their next fire time's object.
+        fire_times: dict[datetime, datetime] = {}
         for name, entry in entries.items():
             if name in slots:
                 continue
             state = states.get(name)
             last = from_ms(state["last"]) if state else None
-            seen = first_seen.get(name, to_ms(started_at))
+            seen = first_seen.get(name, started_ms)
             # Stored in whole ms; when it is this leader's own start, keep the exact instant.
-            seen_at = started_at if seen == to_ms(started_at) else from_ms(seen)
+            seen_at = started_at if seen == started_ms else from_ms(seen)
             fire = next_fire_time(entry, last, seen_at, started_at)
             old = previous.get(name) if previous is not None else None
             if previous is not None and last is None:
@@ -590,11 +623,13 @@ class ScheduleRunner:
             elif previous is not None and (old is None or not old.entry.enabled):
                 # Re-enabled while leading: no catch-up for the time it was disabled.
                 fire = entry.next_fire_after(max(last or seen_at, started_at))
-            slots[name] = _Slot(entry, last, fire)
+            slots[name] = _Slot(entry, last, fire_times.setdefault(fire, fire))
         self.store.first_seen(moved, to_ms(started_at), move=True)
         return slots
 
     def _warn_unknown_tasks(self, entries: dict[str, Entry]) -> None:
+        """One warning per task name this app does not register (not one per
+        entry: 100,000 entries of one task log one line)."""
         # Still sent: the task may be registered only on other workers.
         try:
             known = set(self.app.tasks)
@@ -602,20 +637,20 @@ class ScheduleRunner:
             return
         unknown: dict[str, list[str]] = {}
         for name, entry in entries.items():
-            key = (name, entry.task)
-            if entry.task not in known and key not in self._warned_unknown:
-                self._warned_unknown.add(key)
+            if entry.task not in known and entry.task not in self._warned_unknown:
                 unknown.setdefault(entry.task, []).append(name)
-        for task, names in unknown.items():  # one line per task: a herd shares one
-            log.warning("celery-leader: %s %s task %r, which this app does not register; "
-                        "it is sent anyway (check the name)",
-                        f"entry {names[0]!r}" if len(names) == 1 else
-                        f"{len(names)} entries ({', '.join(map(repr, names[:3]))}, ...)",
-                        "sends" if len(names) == 1 else "send", task)
+        for task, names in unknown.items():
+            self._warned_unknown.add(task)
+            shown = ", ".join(repr(name) for name in names[:3])
+            log.warning("celery-leader: %s %s%s send%s task %r, which this app does not "
+                        "register; it is sent anyway (check the name)",
+                        "entry" if len(names) == 1 else f"{len(names)} entries", shown,
+                        ", ..." if len(names) > 3 else "", "s" if len(names) == 1 else "",
+                        task)
 
     # -- one entry ------------------------------------------------------------
 
-    def _fire_all_due(self, heap: list[tuple[int, int, str]], slots: dict[str, _Slot],
+    def _fire_all_due(self, heap: DueQueue, slots: dict[str, _Slot],
                       term: int, now: datetime, started_at: datetime) -> bool:
         """Pop every entry due by ``now`` (a herd: thousands at the top of the
         hour), claim and publish their ticks in fenced batches (herd.py), then
@@ -624,13 +659,13 @@ class ScheduleRunner:
         claims: list[Claim] = []
         # (name, slot, new last, new next, claims up to here, tally of skipped/caught up)
         due: list[tuple[str, _Slot, datetime | None, datetime, int, _Tally]] = []
-        while heap and heap[0][0] <= now_ms:
-            _, _, name = heapq.heappop(heap)
-            slot = slots.get(name)
-            if slot is None or not slot.entry.enabled:
-                continue
-            last, fire_next, tally = self._due_claims(slot, now, now_ms, started_at, claims)
-            due.append((name, slot, last, fire_next, len(claims), tally))
+        while heap and to_ms(heap.first()) <= now_ms:
+            for name in heap.pop_first():
+                slot = slots.get(name)
+                if slot is None or not slot.entry.enabled:
+                    continue
+                last, fire_next, tally = self._due_claims(slot, now, now_ms, started_at, claims)
+                due.append((name, slot, last, fire_next, len(claims), tally))
         done = self.herd.dispatch(claims, term)
         for _, slot, _, _, claims_end, tally in due:
             # Counted as one by one would: for the entries whose claims all went through.
@@ -638,9 +673,13 @@ class ScheduleRunner:
                 self._count(slot.entry, tally)
         if not done:
             return False
+        horizon = self._warm_horizon
         for name, slot, last, fire_next, _, _ in due:
             slot.last, slot.next = last, fire_next
-            heapq.heappush(heap, (to_ms(fire_next), id(slot), name))
+            heap.push(fire_next, name)
+            if horizon is not None and fire_next > horizon:
+                # Not due again within the window: built again when it comes near.
+                self.herd.forget_template(name)
         return True
 
     def _count(self, entry: Entry, tally: _Tally) -> None:

@@ -23,6 +23,7 @@ from .entries import (
     Entry,
     EntryError,
     EntryExistsError,
+    Interned,
     entries_from_config,
     entry_from_config,
     entry_from_json,
@@ -43,29 +44,40 @@ def from_ms(ms: int) -> datetime:
     return datetime.fromtimestamp(ms / 1000, UTC)
 
 
-# Not fenced (any replica's answer is as good): for each entry ARGV[3..]
-# (prefixed 'r' for a runtime entry, 's' for a beat_schedule one) records
+# Not fenced (any replica's answer is as good): for each entry of the JSON
+# array ARGV[3] (prefixed 'r' for a runtime entry, 's' for a beat_schedule one) records
 # ARGV[1] as its first-seen time if it has none (ARGV[2] = 'keep') or in any
-# case (ARGV[2] = 'move'), and returns each entry's.  The first leader to see an
-# entry sets it; later leaders anchor the entry there.  A runtime entry that no
-# longer exists gets none (false), so a removed entry leaves nothing behind.
+# case (ARGV[2] = 'move'), and returns each entry's, in order, as one
+# comma-separated string ('' for none, 'x' for a malformed one): one reply to
+# parse for thousands of entries.  The first leader to see an entry sets it;
+# later leaders anchor the entry there.  A runtime entry that no longer exists
+# gets none, so a removed entry leaves nothing behind.
 FIRST_SEEN_LUA = """
-local seen = {}
-for i = 3, #ARGV do
-  local kind, name = string.sub(ARGV[i], 1, 1), string.sub(ARGV[i], 2)
-  if kind == 'r' and redis.call('HEXISTS', KEYS[2], name) == 0 then
-    seen[#seen + 1] = false
-  else
-    local at = redis.call('HGET', KEYS[1], name)
-    if not at or ARGV[2] == 'move' then
-      at = ARGV[1]
-      redis.call('HSET', KEYS[1], name, at)
+local names = cjson.decode(ARGV[3])
+local seen, writes = {}, {}
+for i = 1, #names do
+  local name = string.sub(names[i], 2)
+  local at = redis.call('HGET', KEYS[1], name)
+  if string.sub(names[i], 1, 1) == 'r' and redis.call('HEXISTS', KEYS[2], name) == 0 then
+    at = ''
+  elseif not at or ARGV[2] == 'move' then
+    at = ARGV[1]
+    writes[#writes + 1] = name
+    writes[#writes + 1] = at
+    if #writes >= 1000 then
+      redis.call('HSET', KEYS[1], unpack(writes))
+      writes = {}
     end
-    seen[#seen + 1] = at
+  elseif not string.match(at, '^%-?%d+$') then
+    at = 'x'
   end
+  seen[i] = at
 end
-return seen
+if #writes > 0 then redis.call('HSET', KEYS[1], unpack(writes)) end
+return table.concat(seen, ',')
 """
+FIRST_SEEN_CHUNK = 5000
+"""Entries per FIRST_SEEN_LUA call: a few milliseconds of Redis time each."""
 
 # (Only commands the documented ACL rule allows: scripts are checked too.)
 # Not fenced (an API call): removes runtime entry ARGV[1] and, with ARGV[2] =
@@ -168,9 +180,14 @@ class ScheduleStore:
         return overrides
 
     def apply_overrides(self, static: dict[str, Entry]) -> dict[str, Entry]:
-        overrides = self.overrides()
-        return {name: replace(entry, enabled=overrides.get(name, entry.enabled))
-                for name, entry in static.items()}
+        """A copy of ``static`` with the overrides applied (only the entries an
+        override changes are new objects: 100k entries are not copied each time)."""
+        entries = dict(static)
+        for name, enabled in self.overrides().items():
+            entry = entries.get(name)
+            if entry is not None and entry.enabled != enabled:
+                entries[name] = replace(entry, enabled=enabled)
+        return entries
 
     def entries(self, static: dict[str, Entry]) -> dict[str, Entry]:
         """``static`` (beat_schedule, overrides applied) and the runtime entries.  A
@@ -296,10 +313,11 @@ class ScheduleStore:
         """Valid runtime entries; a bad one is logged and skipped, never fatal."""
         entries: dict[str, Entry] = {}
         invalid = 0
+        interned = Interned()  # entries alike share their schedule objects
         for raw_name, raw in (self.client.hgetall(self.entries_key) or {}).items():
             name = as_text(raw_name)
             try:
-                entries[name] = entry_from_json(name, raw, self.app)
+                entries[name] = entry_from_json(name, raw, self.app, interned)
             except EntryError as exc:
                 invalid += 1
                 log.error("celery-leader: skipping runtime entry: %s", exc)
@@ -321,22 +339,22 @@ class ScheduleStore:
         ``move``): where an interval entry that has not fired yet is anchored,
         whoever leads.  A runtime entry removed meanwhile is left out."""
         entries = list(entries)
-        if not entries:
-            return {}
         seen: dict[str, int] = {}
-        replies = self._first_seen(
-            keys=[self.first_seen_key, self.entries_key],
-            args=[now_ms, "move" if move else "keep",
-                  *(("r" if e.runtime else "s") + e.name for e in entries)])
-        for entry, raw in zip(entries, replies, strict=True):
-            if raw is None:
-                continue  # a runtime entry that was removed
-            try:
-                seen[entry.name] = int(raw)
-            except (TypeError, ValueError):
-                log.error("celery-leader: ignoring malformed first-seen time for %r: %r",
-                          entry.name, raw)
-                seen[entry.name] = now_ms
+        for start in range(0, len(entries), FIRST_SEEN_CHUNK):
+            chunk = entries[start:start + FIRST_SEEN_CHUNK]
+            reply = as_text(self._first_seen(
+                keys=[self.first_seen_key, self.entries_key],
+                args=[now_ms, "move" if move else "keep",
+                      json.dumps([("r" if e.runtime else "s") + e.name for e in chunk])]))
+            for entry, raw in zip(chunk, reply.split(","), strict=True):
+                if not raw:
+                    continue  # a runtime entry that was removed
+                if raw == "x":
+                    log.error("celery-leader: ignoring malformed first-seen time for %r",
+                              entry.name)
+                    seen[entry.name] = now_ms
+                else:
+                    seen[entry.name] = int(raw)
         return seen
 
     def first_seen_times(self) -> dict[str, int]:
