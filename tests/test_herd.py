@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import uuid
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
@@ -31,12 +32,15 @@ from celery_leader.schedule.herd import (
     HERD_BATCH,
     HERD_BATCH_ARGS,
     Claim,
+    delivery_tags,
     pending_message,
+    uuid5_text,
 )
 from celery_leader.schedule.publish import capture_redis_publish
 from celery_leader.schedule.runner import ScheduleRunner
 from celery_leader.schedule.store import to_ms
 from celery_leader.schedule.template import TickValues
+from celery_leader.schedule.tickstart import read_sent_record
 from celery_leader.settings import LeaderSettings
 from tests.test_scheduler_unit import lead
 from tests.waiting import wait_until
@@ -203,6 +207,18 @@ def test_entries_a_template_cannot_reproduce_are_sent_by_send_task(rig: Rig) -> 
     assert rig.client.hlen(lock.key("schedule:pending")) == 0
 
 
+def test_fast_task_ids_and_delivery_tags_are_uuid5_and_uuid4_strings() -> None:
+    namespace = uuid.UUID("6ba7b811-9dad-11d1-80b4-00c04fd430c8")
+    for name in ["s:e1@1", "sched:Zoë ✓ \"x\"@1700000000000", "", "x" * 300]:
+        assert uuid5_text(namespace.bytes, name) == str(uuid.uuid5(namespace, name))
+    tags = delivery_tags(2000)
+    assert len(set(tags)) == 2000
+    for tag in tags:
+        parsed = uuid.UUID(tag)
+        assert str(parsed) == tag and parsed.version == 4
+        assert parsed.variant == uuid.RFC_4122
+
+
 # ------------------------------------------------------------- batches
 
 def herd_entries(app: Celery, n: int, **spec: Any) -> list[Entry]:
@@ -247,8 +263,13 @@ def test_a_herd_is_dispatched_once_in_bounded_batches(rig: Rig) -> None:
     # Tracked for tick-start (tickstart.py), nothing left pending.
     assert rig.client.hlen(lock.key("schedule:sent")) == n
     assert rig.client.zcard(lock.key("schedule:sent-at")) == n
-    record = json.loads(rig.client.hget(lock.key("schedule:sent"), ticks[0][0]) or b"{}")
-    assert record["pushes"][0][0] == "celery" and record["copies"] == 0
+    raw = rig.client.hget(lock.key("schedule:sent"), ticks[0][0]) or b""
+    record = read_sent_record(raw)
+    [(key, payload)] = record["pushes"]
+    assert key == "celery" and record["copies"] == 0
+    assert payload.encode() in rig.client.lrange("celery", 0, -1)
+    # The message is stored verbatim after the head, not JSON-encoded again.
+    assert raw.endswith(b"\n" + payload.encode()) and raw.count(payload.encode()) == 1
     assert rig.client.hlen(lock.key("schedule:pending")) == 0
     # The same claims again: already claimed, nothing sent twice.
     assert runner.herd.dispatch(claims, term)
