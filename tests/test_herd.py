@@ -295,6 +295,73 @@ def test_a_deposed_leaders_batch_is_refused_whole_and_the_successor_sends_it(
     assert sorted(term for _, _, term in ticks) == [term] * 100 + [term2] * 200
 
 
+def state_entries(rig: Rig, lock: RedisLock) -> set[str]:
+    return {name.decode() for name in rig.client.hkeys(lock.key("schedule:state"))}
+
+
+def test_pipelined_batches_dispatch_a_herd_once(rig: Rig) -> None:
+    lock, term = rig.lead("a")
+    runner = rig.runner(lock)
+    n = 3 * HERD_BATCH + 37
+    claims = [Claim(e, to_ms(FIRE), True) for e in herd_entries(runner.app, n)]
+    assert runner.herd.dispatch(claims, term)
+    assert runner.herd.pipelined_batches == 4  # each batch sent before the last reply
+    ticks = broker_ticks(rig.client)
+    assert len(ticks) == n == len({t for t, _, _ in ticks}) == runner.dispatched
+    assert rig.client.hlen(lock.key("schedule:sent")) == n
+    assert runner.herd.dispatch(claims, term)  # again: all claimed already
+    assert rig.client.llen("celery") == n
+
+
+def test_a_batch_refused_in_a_pipeline_applies_no_later_batch(rig: Rig) -> None:
+    """Batch 2 of 3 fails in Redis (its queue's key is not a list); batch 3, sent
+    before that reply was read and fine on its own, must not apply (the chain)."""
+    lock, term = rig.lead("a")
+    runner = rig.runner(lock)
+    first = herd_entries(runner.app, HERD_BATCH)
+    broken = [entry(runner.app, name=f"b{i:05d}", options={"queue": "broken"})
+              for i in range(HERD_BATCH)]
+    last = [entry(runner.app, name=f"z{i:05d}") for i in range(37)]
+    assert all(runner.herd.template(e) is not None for e in first + broken + last)
+    rig.client.set("broken", "not a list")  # after kombu declared the queue
+    claims = [Claim(e, to_ms(FIRE), True) for e in first + broken + last]
+    with pytest.raises(redis.exceptions.ResponseError, match="WRONGTYPE"):
+        runner.herd.dispatch(claims, term)  # the ordinary call of batch 2 says why
+    assert state_entries(rig, lock) == {e.name for e in first}
+    assert rig.client.llen("celery") == HERD_BATCH
+    assert runner.herd.claims_done == HERD_BATCH
+
+
+def test_a_leader_deposed_while_batches_are_in_flight_applies_a_prefix_only(
+        rig: Rig) -> None:
+    """Deposed while batch 2 is in flight (when batch 1's reply is read): batch 2
+    may have run before the new term began, nothing later does; the successor
+    sends exactly the rest."""
+    lock, term = rig.lead("a")
+    runner = rig.runner(lock)
+    n = 4 * HERD_BATCH
+    entries = herd_entries(runner.app, n)
+    deposed: list[tuple[RedisLock, int]] = []
+
+    def depose_once(claim: Claim) -> None:
+        if not deposed:
+            deposed.append(rig.lead("b"))
+
+    runner.herd.claimed = depose_once
+    claims = [Claim(e, to_ms(FIRE), True) for e in entries]
+    assert runner.herd.dispatch(claims, term) is False
+    done = state_entries(rig, lock)
+    assert done in ({e.name for e in entries[:HERD_BATCH]},
+                    {e.name for e in entries[:2 * HERD_BATCH]})
+    [(lock2, term2)] = deposed
+    assert rig.client.llen("celery") == len(done)
+    successor = rig.runner(lock2)
+    assert successor.herd.dispatch(claims, term2)
+    ticks = broker_ticks(rig.client)
+    assert len(ticks) == n == len({t for t, _, _ in ticks})
+    assert sorted(t for _, _, t in ticks) == [term] * len(done) + [term2] * (n - len(done))
+
+
 def test_another_broker_gets_claims_in_batches_and_pipelined_pushes(
         rig: Rig, other_redis_url: str) -> None:
     lock, term = rig.lead("a")

@@ -16,6 +16,12 @@ per-entry templates (template.py), byte for byte what ``send_task`` sends;
 while anything listens to ``before_task_publish``/``after_task_publish`` or
 ``task_send_sent_event`` is on, every tick goes through ``send_task`` instead.
 
+Pipelining.  With the broker on the lease's Redis, batch k+1 is packed and
+sent before batch k's reply is read (``_dispatch_pipelined``, on one
+connection held for the herd), so Python prepares the next batch while Redis
+runs the last one.  Each batch's sent record stores the message verbatim after
+a small JSON head (tickstart.py), two arguments per tick.
+
 Safety argument.  The script is atomic and decides every tick before it
 writes anything, so a batch is applied whole or not at all: a deposed leader's
 batch is refused whole (FENCED), and the successor, reading the claims the
@@ -24,6 +30,26 @@ claims still travel in batches (pending copies, as for one tick); the claimed
 messages are then pushed in one pipeline per batch and their pending copies
 cleared in one call, and whatever a leader claimed but did not push is sent
 by the next leader (``_recover_pending``), as before.
+
+Why pipelined batches are safe: applied batches always form a prefix.
+Fencing alone would give most of it (terms only grow, so once batch k is
+FENCED every later batch is too), but not all: batch k can also fail in
+Redis (NOPERM, a list of the wrong type, a script error) or be refused
+because another election's live leader owns the schedule, which may change
+by batch k+1.  So the batches are chained: batch k+1 runs only if the chain
+key holds the token that batch k writes as its very last step (a random
+token per herd, kept 60 s); a batch that is refused or fails for any reason
+does not write it (Redis runs one script at a time and the commands of one
+connection in order; a script that errors stops before its last line), so
+every batch after it answers 'C' and writes nothing.  At the first reply that
+is not a plain success, the dispatcher reads the reply in flight and runs
+that batch and the rest the ordinary way, one call at a time, unchained:
+that call says what happened (FENCED: stop; not the owner: ScheduleTakenOver;
+NOPERM: pending copies), exactly as without pipelining.  A lost connection
+leaves unknown whether the batch in flight ran; the ordinary way runs it
+again and finds its claims made (claims only move forward): nothing is sent
+twice.  Tests: tests/test_herd.py (a failing middle batch applies no later
+batch; a leader deposed with a batch in flight applies a prefix only).
 """
 
 from __future__ import annotations
@@ -32,6 +58,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import threading
 import time
 import uuid
@@ -221,7 +248,7 @@ class HerdDispatcher:
                  sent_pending: set[str],
                  claimed: Callable[[Claim], None] = lambda claim: None,
                  sent: Callable[[str, int, float], None] = lambda tick, term, now: None,
-                 batch_size: int = HERD_BATCH) -> None:
+                 batch_size: int = HERD_BATCH, pipeline: bool = True) -> None:
         self.app = app
         self.lease_client = lease_client
         self.script = script
@@ -241,6 +268,8 @@ class HerdDispatcher:
         self.claimed = claimed
         self.sent = sent
         self.batch_size = batch_size
+        self.pipeline = pipeline  # batches sent ahead of their replies (module docstring)
+        self.pipelined_batches = 0
         self.dispatched = 0
         self.claims_done = 0  # claims of the last dispatch() in batches that were applied
         self.longest_call_s = 0.0  # the longest batch script call seen (client side)
@@ -339,12 +368,81 @@ class HerdDispatcher:
         pending copy, if any, is published) and ``sent(tick, term, now)`` for every
         tick that reached the broker here, as the runner does one by one."""
         self.claims_done = 0
-        for start in range(0, len(claims), self.batch_size):
-            batch = claims[start:start + self.batch_size]
+        batches = [claims[start:start + self.batch_size]
+                   for start in range(0, len(claims), self.batch_size)]
+        first = self._dispatch_pipelined(batches, term) if self._pipelining() else 0
+        # From the first batch not known to be applied on: one call at a time.
+        for batch in batches[first:]:
             if not self._dispatch_batch(batch, term):
                 return False
             self.claims_done += len(batch)
         return True
+
+    def _pipelining(self) -> bool:
+        client = self.lease_client
+        return (self.pipeline and isinstance(self.script, FencedScript)
+                and type(client) is redis.Redis and self.atomic_allowed())
+
+    def _dispatch_pipelined(self, batches: list[Sequence[Claim]], term: int) -> int:
+        """Send batch k+1 before reading batch k's reply, chained (module
+        docstring); returns how many leading batches are known applied.  At the
+        first reply that is not a plain success (or any error) it stops: that
+        batch and the rest go the ordinary way, which says why."""
+        if len(batches) < 2:
+            return 0
+        recorder = _Recorder()
+        self.owned(recorder, term, [], [])  # the schedule's own keys and arguments
+        chain = uuid.uuid4().hex
+        self.script.load()
+        pool = self.lease_client.connection_pool
+        connection = pool.get_connection()
+        sent: list[tuple[int, _Prepared, float]] = []  # in flight: (index, batch, send time)
+        applied = 0
+        try:
+            for index in range(len(batches) + 1):
+                if index < len(batches):
+                    prepared = self._prepare(
+                        batches[index], term, atomic=True,
+                        chain=(f"{chain}:{index - 1}" if index else "", f"{chain}:{index}"))
+                    command = self.script.command(
+                        term, recorder.keys + prepared.keys, recorder.args + prepared.args)
+                    connection.send_packed_command([_pack(command)], check_health=False)
+                    sent.append((index, prepared, time.perf_counter()))
+                if index == 0:
+                    continue
+                done, prepared, started = sent.pop(0)
+                codes = self._pipelined_reply(_read_reply(connection))
+                self.longest_call_s = max(self.longest_call_s, time.perf_counter() - started)
+                if codes is None:
+                    break
+                self._applied(batches[done], prepared, codes, term)
+                self.claims_done += len(batches[done])
+                self.pipelined_batches += 1
+                applied = done + 1
+        except BaseException:
+            connection.disconnect()  # replies may be left unread: never reuse it
+            pool.release(connection)
+            # Unknown whether the batch in flight was applied: the ordinary way
+            # finds its claims made (claims only move forward) and sends nothing twice.
+            if isinstance(sys.exc_info()[1], (redis.exceptions.ConnectionError,
+                                              redis.exceptions.TimeoutError)):
+                return applied
+            raise
+        for _ in sent:  # a refused batch's successor: refused too (the chain)
+            _read_reply(connection)
+        pool.release(connection)
+        return applied
+
+    def _pipelined_reply(self, raw: Any) -> str | None:
+        """A pipelined batch's codes; None when it was not applied (whatever the
+        reason: the ordinary way runs it again and translates the refusal)."""
+        if isinstance(raw, redis.exceptions.ResponseError):
+            return None
+        result = self.script.reply(raw)
+        if result is FENCED or not isinstance(result, (bytes, str)):
+            return None  # fenced, or not the schedule's owner (OWNED_LUA's -2)
+        codes = as_text(result)
+        return None if codes == HERD_CHAIN_BROKEN else codes
 
     def _dispatch_batch(self, batch: Sequence[Claim], term: int) -> bool:
         prepared = self._prepare(batch, term, self.atomic_allowed())
@@ -551,3 +649,32 @@ def delivery_tags(count: int) -> list[str]:
     return [f"{raw[at:at + 8]}-{raw[at + 8:at + 12]}-4{raw[at + 13:at + 16]}-"
             f"{_VARIANT[raw[at + 16]]}{raw[at + 17:at + 20]}-{raw[at + 20:at + 32]}"
             for at in range(0, 32 * count, 32)]
+
+
+class _Recorder:
+    """Stands in for the script: records the keys and arguments ``owned`` adds."""
+
+    keys: list[Any]
+    args: list[Any]
+
+    def __call__(self, term: int, keys: Sequence[str] = (),
+                 args: Sequence[Any] = ()) -> object:
+        self.keys, self.args = list(keys), list(args)
+        return self
+
+
+def _read_reply(connection: Any) -> Any:
+    """The next reply on ``connection``; an error reply returned, not raised."""
+    try:
+        return connection.read_response()
+    except redis.exceptions.ResponseError as error:
+        return error
+
+
+def _pack(command: list[Any]) -> bytes:
+    """A command in RESP, in one buffer: one send for the whole batch."""
+    out = [b"*%d\r\n" % len(command)]
+    for arg in command:
+        data = arg if isinstance(arg, bytes) else str(arg).encode("utf-8")
+        out.append(b"$%d\r\n%b\r\n" % (len(data), data))
+    return b"".join(out)
