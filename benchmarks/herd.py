@@ -245,6 +245,8 @@ def contender_run(url: str, contender: str, kind: str, n: int, timeout: float,
         index = json.loads(base64.b64decode(message["body"]))[0][0]
         per_entry[index] = per_entry.get(index, 0) + 1
     result.update(
+        missing=sorted(set(range(n)) - set(per_entry))[:5],
+        copies=sorted(i for i, count in per_entry.items() if count > 1)[:5],
         first_s=None if first is None else first - fire_at,
         last_s=None if last is None else last - fire_at, messages=len(raws),
         exactly_once=(len(raws) == len(ids) == n and len(per_entry) == n
