@@ -219,12 +219,12 @@ def contender_run(url: str, contender: str, kind: str, n: int, timeout: float,
                 return result
             time.sleep(0.05)
         first = last = None
+        seen = 0
         while time.time() < fire_at + timeout:
             count = client.llen("celery")
-            if count and first is None:
-                first = time.time()
+            if count > seen:  # the last message so far arrived by now
+                first, last, seen = first or time.time(), time.time(), count
             if count >= n:
-                last = time.time()
                 break
             time.sleep(0.002)
         time.sleep(1.0)  # copies after the last would show up here
@@ -280,10 +280,16 @@ def side_by_side(args: argparse.Namespace) -> None:
                     lasts = [r.get("last_s") for r in runs]
                     done = [x for x in lasts if x is not None]
                     cell = (f"{statistics.median(done):.3f}" if len(done) == len(runs)
-                            else f"> {args.timeout:.0f} in {len(runs) - len(done)} of "
-                                 f"{len(runs)}")
+                            else f"none in {len(runs) - len(done)} of {len(runs)}")
                     cell += " (runs " + ", ".join(
                         "-" if x is None else f"{x:.3f}" for x in lasts) + ")"
+                    short = [r["messages"] for r in runs if r.get("messages", n) < n]
+                    if short:  # the time of the last message it sent, not of the N-th
+                        cell += (f"; only {', '.join(f'{m:,}' for m in short)} of {n:,} "
+                                 f"within {args.timeout:.0f} s")
+                    errors = sorted({r["error"] for r in runs if "error" in r})
+                    if errors:
+                        cell += "; " + "; ".join(errors)
                     firsts = [r["first_s"] for r in runs if r.get("first_s") is not None]
                     name = {"leader": "celery-leader", "redbeat": "celery-redbeat 2.4.2",
                             "beat": "stock beat (PersistentScheduler)"}[contender]
