@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import uuid
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
@@ -31,12 +32,15 @@ from celery_leader.schedule.herd import (
     HERD_BATCH,
     HERD_BATCH_ARGS,
     Claim,
+    delivery_tags,
     pending_message,
+    uuid5_text,
 )
 from celery_leader.schedule.publish import capture_redis_publish
 from celery_leader.schedule.runner import ScheduleRunner
 from celery_leader.schedule.store import to_ms
 from celery_leader.schedule.template import TickValues
+from celery_leader.schedule.tickstart import read_sent_record
 from celery_leader.settings import LeaderSettings
 from tests.test_scheduler_unit import lead
 from tests.waiting import wait_until
@@ -203,6 +207,18 @@ def test_entries_a_template_cannot_reproduce_are_sent_by_send_task(rig: Rig) -> 
     assert rig.client.hlen(lock.key("schedule:pending")) == 0
 
 
+def test_fast_task_ids_and_delivery_tags_are_uuid5_and_uuid4_strings() -> None:
+    namespace = uuid.UUID("6ba7b811-9dad-11d1-80b4-00c04fd430c8")
+    for name in ["s:e1@1", "sched:Zoë ✓ \"x\"@1700000000000", "", "x" * 300]:
+        assert uuid5_text(namespace.bytes, name) == str(uuid.uuid5(namespace, name))
+    tags = delivery_tags(2000)
+    assert len(set(tags)) == 2000
+    for tag in tags:
+        parsed = uuid.UUID(tag)
+        assert str(parsed) == tag and parsed.version == 4
+        assert parsed.variant == uuid.RFC_4122
+
+
 # ------------------------------------------------------------- batches
 
 def herd_entries(app: Celery, n: int, **spec: Any) -> list[Entry]:
@@ -247,8 +263,13 @@ def test_a_herd_is_dispatched_once_in_bounded_batches(rig: Rig) -> None:
     # Tracked for tick-start (tickstart.py), nothing left pending.
     assert rig.client.hlen(lock.key("schedule:sent")) == n
     assert rig.client.zcard(lock.key("schedule:sent-at")) == n
-    record = json.loads(rig.client.hget(lock.key("schedule:sent"), ticks[0][0]) or b"{}")
-    assert record["pushes"][0][0] == "celery" and record["copies"] == 0
+    raw = rig.client.hget(lock.key("schedule:sent"), ticks[0][0]) or b""
+    record = read_sent_record(raw)
+    [(key, payload)] = record["pushes"]
+    assert key == "celery" and record["copies"] == 0
+    assert payload.encode() in rig.client.lrange("celery", 0, -1)
+    # The message is stored verbatim after the head, not JSON-encoded again.
+    assert raw.endswith(b"\n" + payload.encode()) and raw.count(payload.encode()) == 1
     assert rig.client.hlen(lock.key("schedule:pending")) == 0
     # The same claims again: already claimed, nothing sent twice.
     assert runner.herd.dispatch(claims, term)
@@ -272,6 +293,73 @@ def test_a_deposed_leaders_batch_is_refused_whole_and_the_successor_sends_it(
     ticks = broker_ticks(rig.client)
     assert len(ticks) == 300 and len({t for t, _, _ in ticks}) == 300
     assert sorted(term for _, _, term in ticks) == [term] * 100 + [term2] * 200
+
+
+def state_entries(rig: Rig, lock: RedisLock) -> set[str]:
+    return {name.decode() for name in rig.client.hkeys(lock.key("schedule:state"))}
+
+
+def test_pipelined_batches_dispatch_a_herd_once(rig: Rig) -> None:
+    lock, term = rig.lead("a")
+    runner = rig.runner(lock)
+    n = 3 * HERD_BATCH + 37
+    claims = [Claim(e, to_ms(FIRE), True) for e in herd_entries(runner.app, n)]
+    assert runner.herd.dispatch(claims, term)
+    assert runner.herd.pipelined_batches == 4  # each batch sent before the last reply
+    ticks = broker_ticks(rig.client)
+    assert len(ticks) == n == len({t for t, _, _ in ticks}) == runner.dispatched
+    assert rig.client.hlen(lock.key("schedule:sent")) == n
+    assert runner.herd.dispatch(claims, term)  # again: all claimed already
+    assert rig.client.llen("celery") == n
+
+
+def test_a_batch_refused_in_a_pipeline_applies_no_later_batch(rig: Rig) -> None:
+    """Batch 2 of 3 fails in Redis (its queue's key is not a list); batch 3, sent
+    before that reply was read and fine on its own, must not apply (the chain)."""
+    lock, term = rig.lead("a")
+    runner = rig.runner(lock)
+    first = herd_entries(runner.app, HERD_BATCH)
+    broken = [entry(runner.app, name=f"b{i:05d}", options={"queue": "broken"})
+              for i in range(HERD_BATCH)]
+    last = [entry(runner.app, name=f"z{i:05d}") for i in range(37)]
+    assert all(runner.herd.template(e) is not None for e in first + broken + last)
+    rig.client.set("broken", "not a list")  # after kombu declared the queue
+    claims = [Claim(e, to_ms(FIRE), True) for e in first + broken + last]
+    with pytest.raises(redis.exceptions.ResponseError, match="WRONGTYPE"):
+        runner.herd.dispatch(claims, term)  # the ordinary call of batch 2 says why
+    assert state_entries(rig, lock) == {e.name for e in first}
+    assert rig.client.llen("celery") == HERD_BATCH
+    assert runner.herd.claims_done == HERD_BATCH
+
+
+def test_a_leader_deposed_while_batches_are_in_flight_applies_a_prefix_only(
+        rig: Rig) -> None:
+    """Deposed while batch 2 is in flight (when batch 1's reply is read): batch 2
+    may have run before the new term began, nothing later does; the successor
+    sends exactly the rest."""
+    lock, term = rig.lead("a")
+    runner = rig.runner(lock)
+    n = 4 * HERD_BATCH
+    entries = herd_entries(runner.app, n)
+    deposed: list[tuple[RedisLock, int]] = []
+
+    def depose_once(claim: Claim) -> None:
+        if not deposed:
+            deposed.append(rig.lead("b"))
+
+    runner.herd.claimed = depose_once
+    claims = [Claim(e, to_ms(FIRE), True) for e in entries]
+    assert runner.herd.dispatch(claims, term) is False
+    done = state_entries(rig, lock)
+    assert done in ({e.name for e in entries[:HERD_BATCH]},
+                    {e.name for e in entries[:2 * HERD_BATCH]})
+    [(lock2, term2)] = deposed
+    assert rig.client.llen("celery") == len(done)
+    successor = rig.runner(lock2)
+    assert successor.herd.dispatch(claims, term2)
+    ticks = broker_ticks(rig.client)
+    assert len(ticks) == n == len({t for t, _, _ in ticks})
+    assert sorted(t for _, _, t in ticks) == [term] * len(done) + [term2] * (n - len(done))
 
 
 def test_another_broker_gets_claims_in_batches_and_pipelined_pushes(

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from celery_leader.schedule.herd import HERD_BATCH
 from tests.sched_procs import Replicas
 from tests.waiting import wait_until
 
@@ -106,15 +107,20 @@ def test_a_leader_lost_mid_herd_each_fire_time_is_sent_at_most_once(
     assert not duplicates, duplicates
     whole = sorted(fire for fire, entries in sent.items() if len(entries) == N)
     killed_terms = terms_of(replicas, killed_fire)
+    # The lost leader's part: what was in the broker at the fault, plus at most the
+    # one batch it had already sent (pipelined, herd.py), which Redis still ran
+    # inside the term.  Whole batches only.
+    lost_part = killed_terms[term]
+    assert killed_count <= lost_part <= killed_count + HERD_BATCH, (killed_count, killed_terms)
+    assert lost_part % HERD_BATCH == 0 or lost_part == N, (killed_count, killed_terms)
     if policy == "none":
         # Missed by the time the successor began: not sent; the dead leader's part stays.
-        assert len(sent[killed_fire]) == killed_count, (killed_count, killed_terms)
+        assert len(sent[killed_fire]) == lost_part, (killed_count, killed_terms)
         assert set(killed_terms) == {term}
     else:
-        # "all" and "latest": the successor sends exactly the part the batch did not.
+        # "all" and "latest": the successor sends exactly the part the batches did not.
         assert len(sent[killed_fire]) == N, (killed_count, killed_terms)
-        assert set(killed_terms) == {term, term2}, killed_terms
-        assert killed_terms[term] == killed_count
+        assert set(killed_terms) == ({term, term2} if lost_part < N else {term}), killed_terms
     # Every other fire time is whole (the herd after the last one counted may be in flight).
     last_whole = whole[-1]
     assert all(len(entries) == N for fire, entries in sent.items()

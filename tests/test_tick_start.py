@@ -20,6 +20,7 @@ from celery import Celery
 
 from celery_leader.redislock import FENCED
 from celery_leader.schedule.entries import entry_from_config
+from celery_leader.schedule.tickstart import read_sent_record
 from celery_leader.tickstart import (
     LIST_SCAN,
     START_TICK_LUA,
@@ -41,7 +42,7 @@ def rig(redis_url: str, election_name: str) -> Iterator[Rig]:
 
 def sent(rig: Rig, lock: Any) -> dict[str, Any]:
     runner_keys = lock.key("schedule:sent")
-    return {tick.decode(): json.loads(raw)
+    return {tick.decode(): read_sent_record(raw)
             for tick, raw in rig.client.hgetall(runner_keys).items()}
 
 
@@ -72,6 +73,50 @@ def test_the_push_records_the_tick_as_sent_in_the_same_step(rig: Rig) -> None:
                                            lock.key("schedule:sent-at")]
     due = rig.client.zscore(lock.key("schedule:sent-at"), tick)
     assert due is not None and due > time.time() * 1000 + 0.9 * runner.tick_look_after * 1000
+
+
+def test_the_sent_record_keeps_the_message_verbatim_after_a_small_head(rig: Rig) -> None:
+    """Not JSON-encoded a second time: the record is a head, a newline, the message."""
+    lock, _, _, tick = fire(rig)
+    raw = rig.client.hget(lock.key("schedule:sent"), tick) or b""
+    [payload] = rig.client.lrange(QUEUE, 0, -1)
+    head, _, rest = raw.partition(b"\n")
+    assert rest == payload
+    assert json.loads(head)["pushes"] == [[QUEUE, len(payload)]]
+
+
+@pytest.mark.parametrize("form", ["head-and-messages", "older-all-json"])
+def test_the_sweep_pushes_a_swallowed_tick_again_from_either_record_form(
+        rig: Rig, form: str) -> None:
+    lock, term, runner, tick = fire(rig)
+    [payload] = rig.client.lrange(QUEUE, 0, -1)
+    sent_key = lock.key("schedule:sent")
+    record = read_sent_record(rig.client.hget(sent_key, tick) or b"")
+    if form == "older-all-json":  # written by a leader of the previous version
+        rig.client.hset(sent_key, tick, json.dumps(record))
+    rig.client.rpop(QUEUE)  # popped by a consumer that died before kombu recorded it
+    look_now(rig, lock)
+    assert LostTicks(lock, runner.ticks, look_after=60).repush(term)
+    assert rig.client.lrange(QUEUE, 0, -1) == [payload]
+    again = read_sent_record(rig.client.hget(sent_key, tick) or b"")
+    assert again == {**record, "copies": 1}
+    look_now(rig, lock)
+    assert LostTicks(lock, runner.ticks, look_after=60).repush(term)  # waiting: not again
+    assert rig.client.llen(QUEUE) == 1
+
+
+def test_an_unreadable_or_truncated_sent_record_is_dropped_by_the_sweep(rig: Rig) -> None:
+    lock, term, runner, tick = fire(rig)
+    sent_key = lock.key("schedule:sent")
+    raw = rig.client.hget(sent_key, tick) or b""
+    rig.client.hset(sent_key, tick, raw[:-5])  # shorter than its head says
+    rig.client.rpop(QUEUE)
+    look_now(rig, lock)
+    assert LostTicks(lock, runner.ticks, look_after=60).repush(term)
+    assert rig.client.llen(QUEUE) == 0 and sent(rig, lock) == {}
+    assert rig.client.zcard(lock.key("schedule:sent-at")) == 0
+    with pytest.raises(ValueError):
+        read_sent_record(raw[:-5])
 
 
 def test_only_the_first_copy_starts_and_a_lost_reply_asked_again_still_runs(rig: Rig) -> None:

@@ -201,6 +201,26 @@ class FencedScript:
             lock.wait_for_replicas("a fenced write")
         return result
 
+    # For a caller that sends several calls before reading their replies
+    # (schedule/herd.py): the command of a call, and its reply translated.
+    def command(self, term: int, keys: Sequence[str] = (),
+                args: Sequence[Any] = ()) -> list[Any]:
+        """The EVALSHA command of a call (the script must be loaded: :meth:`load`)."""
+        lock = self._lock
+        return ["EVALSHA", self._script.sha, 1 + len(keys), lock.lease_key, *keys,
+                lock.holder(), term, *args]
+
+    def reply(self, raw: Any) -> Any:
+        """A raw reply of :meth:`command`, as a call returns it."""
+        result = unfenced(raw)
+        if result is not FENCED:
+            self._lock.wait_for_replicas("a fenced write")
+        return result
+
+    def load(self) -> None:
+        """Make sure the server has the script (a sent command cannot reload it)."""
+        self._lock.client.script_load(self._script.script)
+
 
 class RedisLock(ResourceLock):
     def __init__(

@@ -16,6 +16,12 @@ per-entry templates (template.py), byte for byte what ``send_task`` sends;
 while anything listens to ``before_task_publish``/``after_task_publish`` or
 ``task_send_sent_event`` is on, every tick goes through ``send_task`` instead.
 
+Pipelining.  With the broker on the lease's Redis, batch k+1 is packed and
+sent before batch k's reply is read (``_dispatch_pipelined``, on one
+connection held for the herd), so Python prepares the next batch while Redis
+runs the last one.  Each batch's sent record stores the message verbatim after
+a small JSON head (tickstart.py), two arguments per tick.
+
 Safety argument.  The script is atomic and decides every tick before it
 writes anything, so a batch is applied whole or not at all: a deposed leader's
 batch is refused whole (FENCED), and the successor, reading the claims the
@@ -24,12 +30,35 @@ claims still travel in batches (pending copies, as for one tick); the claimed
 messages are then pushed in one pipeline per batch and their pending copies
 cleared in one call, and whatever a leader claimed but did not push is sent
 by the next leader (``_recover_pending``), as before.
+
+Why pipelined batches are safe: applied batches always form a prefix.
+Fencing alone would give most of it (terms only grow, so once batch k is
+FENCED every later batch is too), but not all: batch k can also fail in
+Redis (NOPERM, a list of the wrong type, a script error) or be refused
+because another election's live leader owns the schedule, which may change
+by batch k+1.  So the batches are chained: batch k+1 runs only if the chain
+key holds the token that batch k writes as its very last step (a random
+token per herd, kept 60 s); a batch that is refused or fails for any reason
+does not write it (Redis runs one script at a time and the commands of one
+connection in order; a script that errors stops before its last line), so
+every batch after it answers 'C' and writes nothing.  At the first reply that
+is not a plain success, the dispatcher reads the reply in flight and runs
+that batch and the rest the ordinary way, one call at a time, unchained:
+that call says what happened (FENCED: stop; not the owner: ScheduleTakenOver;
+NOPERM: pending copies), exactly as without pipelining.  A lost connection
+leaves unknown whether the batch in flight ran; the ordinary way runs it
+again and finds its claims made (claims only move forward): nothing is sent
+twice.  Tests: tests/test_herd.py (a failing middle batch applies no later
+batch; a leader deposed with a batch in flight applies a prefix only).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
+import sys
 import threading
 import time
 import uuid
@@ -41,10 +70,10 @@ from typing import Any
 import redis
 from celery.signals import after_task_publish, before_task_publish
 
-from ..election.redislock import FENCED, FencedScript
+from ..election.redislock import FENCED, FencedScript, as_text
 from .entries import Entry
 from .store import from_ms
-from .template import MessageTemplate, NoTemplate, Rendered, TickValues, build_template
+from .template import MessageTemplate, NoTemplate, Rendered, build_template
 
 log = logging.getLogger("celery_leader.scheduler")
 
@@ -53,71 +82,107 @@ HERD_BATCH = 500
 time (see docs/benchmarks.md, "Herds", for the longest measured)."""
 
 # Runs after OWNED_LUA (fenced + owned).  KEYS[4] state, [5] pending, [6]
-# runtime entries, [7] sent, [8] sent-at, [9..] broker lists; ARGV[5] look-again
-# delay ms, [6] kombu's unacked key, [7] start-marker prefix ('' = ticks not
-# tracked), [8] term, [9] election (JSON), then HERD_ARGS_PER_TICK per tick:
-# entry, fire ms, task id, flags (runtime '1'/'0', mode 'q' push / 'p' pending
-# copy / 'c' claim only, then the list's KEYS index), message, delivery tag.
+# runtime entries, [7] sent, [8] sent-at, [9] the batch chain, [10..] broker
+# lists; ARGV[5] look-again delay ms, [6] kombu's unacked key, [7] start-marker
+# prefix ('' = ticks not tracked), [8] term, [9] election (JSON), [10] the
+# chain token this batch requires in KEYS[9] ('' = none), [11] the token it
+# leaves there once applied ('' = none), then HERD_ARGS_PER_TICK per tick: its
+# head "<flags> <fire ms> <task id> <delivery tag or ''> <entry>" (flags:
+# runtime '1'/'0', mode 'q' push / 'p' pending copy / 'c' claim only, then
+# the list's KEYS index) and its message (the push, or the pending copy).
 # Claims every tick whose fire time is later than its entry's recorded one (a
 # removed runtime entry: none), decided for the whole batch before anything is
-# written, so the batch applies whole or not at all.  Returns one code per
-# tick: 1 claimed, 0 already claimed, 2 entry removed.
-HERD_DISPATCH_LUA = """
-local codes = {}
+# written, so the batch applies whole or not at all; a batch whose required
+# token is missing (the batch before it was not applied) writes nothing.
+# Returns one code per tick, as one string: '1' claimed, '0' already claimed,
+# '2' entry removed; or 'C' for a broken chain.
+HERD_DISPATCH_LUA = r"""
+if ARGV[10] ~= '' and redis.call('GET', KEYS[9]) ~= ARGV[10] then return 'C' end
+local function call_many(command, key, values)
+  -- One command per 1000 values: unpack stays far below Lua's C stack limit.
+  for from = 1, #values, 1000 do
+    redis.call(command, key, unpack(values, from, math.min(from + 999, #values)))
+  end
+end
+local flags, fires, ids, tags, entries, codes = {}, {}, {}, {}, {}, {}
 local n = 0
-for i = 10, #ARGV, 6 do
+for i = 12, #ARGV, 2 do
   n = n + 1
-  local code = 1
-  if string.byte(ARGV[i + 3], 1) == 49 and redis.call('HEXISTS', KEYS[6], ARGV[i]) == 0 then
-    code = 2
+  local flag, fire, id, tag, entry = string.match(ARGV[i], '^(%S+) (%d+) (%S+) (%S*) (.*)$')
+  flags[n], fires[n], ids[n], tags[n], entries[n] = flag, fire, id, tag, entry
+  local code = '1'
+  if string.byte(flag, 1) == 49 and redis.call('HEXISTS', KEYS[6], entry) == 0 then
+    code = '2'
   else
-    local current = redis.call('HGET', KEYS[4], ARGV[i])
+    local current = redis.call('HGET', KEYS[4], entry)
     if current then
       local ok, state = pcall(cjson.decode, current)
       if ok and type(state) == 'table' and tonumber(state.last)
-         and tonumber(state.last) >= tonumber(ARGV[i + 1]) then
-        code = 0
+         and tonumber(state.last) >= tonumber(fire) then
+        code = '0'
       end
     end
   end
   codes[n] = code
 end
--- Pushes first: a user that may not push fails here, before anything is written.
-n = 0
-for i = 10, #ARGV, 6 do
-  n = n + 1
-  if codes[n] == 1 and string.sub(ARGV[i + 3], 2, 2) == 'q' then
-    redis.call('LPUSH', KEYS[tonumber(string.sub(ARGV[i + 3], 3))], ARGV[i + 4])
+-- Pushes first, one LPUSH per list (in order): a user that may not push
+-- fails here, before anything is written.
+local pushes, lists = {}, {}
+for j = 1, n do
+  if codes[j] == '1' and string.sub(flags[j], 2, 2) == 'q' then
+    local k = tonumber(string.sub(flags[j], 3))
+    if not pushes[k] then pushes[k] = {}; lists[#lists + 1] = k end
+    local list = pushes[k]
+    list[#list + 1] = ARGV[11 + 2 * j]
   end
 end
+for _, k in ipairs(lists) do call_many('LPUSH', KEYS[k], pushes[k]) end
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
-local look_after, unacked, started = tonumber(ARGV[5]), ARGV[6], ARGV[7]
+local look_at = now + tonumber(ARGV[5])
+local unacked, started = cjson.encode(ARGV[6]), ARGV[7]
 local term_election = ', "term": ' .. ARGV[8] .. ', "election": ' .. ARGV[9] .. ', "task_id": "'
-n = 0
-for i = 10, #ARGV, 6 do
-  n = n + 1
-  if codes[n] == 1 then
-    local entry, fire, flags = ARGV[i], ARGV[i + 1], ARGV[i + 3]
-    local mode = string.sub(flags, 2, 2)
-    redis.call('HSET', KEYS[4], entry, '{"last": ' .. fire .. term_election .. ARGV[i + 2]
-      .. '", "skipped": ' .. (mode == 'c' and 'true' or 'false') .. '}')
+local states, pending, sent, sent_at, list_json = {}, {}, {}, {}, {}
+for j = 1, n do
+  if codes[j] == '1' then
+    local entry, fire, mode = entries[j], fires[j], string.sub(flags[j], 2, 2)
+    states[#states + 1] = entry
+    states[#states + 1] = '{"last": ' .. fire .. term_election .. ids[j]
+      .. '", "skipped": ' .. (mode == 'c' and 'true' or 'false') .. '}'
     local tick = entry .. '@' .. fire
     if mode == 'p' then
-      redis.call('HSET', KEYS[5], tick, ARGV[i + 4])
+      pending[#pending + 1] = tick
+      pending[#pending + 1] = ARGV[11 + 2 * j]
     elseif mode == 'q' and started ~= '' then
-      local key = KEYS[tonumber(string.sub(flags, 3))]
-      redis.call('HSET', KEYS[7], tick, cjson.encode({pushes = {{key, ARGV[i + 4]}},
-        tags = {ARGV[i + 5]}, unacked = unacked, started = started .. tick, copies = 0}))
-      redis.call('ZADD', KEYS[8], now + look_after, tick)
+      -- The sent record (tickstart.py, READ_SENT_LUA): a JSON head, a newline,
+      -- the message verbatim (not JSON-encoded a second time).
+      local k = tonumber(string.sub(flags[j], 3))
+      if not list_json[k] then list_json[k] = cjson.encode(KEYS[k]) end
+      local message = ARGV[11 + 2 * j]
+      sent[#sent + 1] = tick
+      sent[#sent + 1] = '{"pushes": [[' .. list_json[k] .. ', ' .. #message
+        .. ']], "tags": ["' .. tags[j] .. '"], "unacked": ' .. unacked
+        .. ', "started": ' .. cjson.encode(started .. tick) .. ', "copies": 0}\n' .. message
+      sent_at[#sent_at + 1] = look_at
+      sent_at[#sent_at + 1] = tick
     end
   end
 end
-return codes
+if #states > 0 then call_many('HSET', KEYS[4], states) end
+if #pending > 0 then call_many('HSET', KEYS[5], pending) end
+if #sent > 0 then
+  call_many('HSET', KEYS[7], sent)
+  call_many('ZADD', KEYS[8], sent_at)
+end
+if ARGV[11] ~= '' then redis.call('SET', KEYS[9], ARGV[11], 'PX', 60000) end
+return table.concat(codes)
 """
-HERD_ARGS_PER_TICK = 6
-HERD_BATCH_ARGS = 5  # after the election and owner record (OWNED_LUA's)
-HERD_CLAIMED, HERD_ALREADY_CLAIMED, HERD_ENTRY_REMOVED = 1, 0, 2
+HERD_ARGS_PER_TICK = 2
+HERD_BATCH_ARGS = 7  # after the election and owner record (OWNED_LUA's)
+HERD_CLAIMED, HERD_ALREADY_CLAIMED, HERD_ENTRY_REMOVED = "1", "0", "2"
+HERD_CHAIN_BROKEN = "C"
+MAX_HERD_BATCH = 1000
+"""call_many's slices hold pairs: keep a batch's commands within a few of them."""
 
 _PUSH, _PENDING, _CLAIM_ONLY = "q", "p", "c"
 _NO_TEMPLATE = object()
@@ -140,6 +205,11 @@ class HerdKeys:
     sent: str
     sent_at: str
     started_prefix: str  # '' when ticks are not tracked
+    chain: str = ""  # the pipelined batches' chain token; '' = beside ``state``
+
+    def __post_init__(self) -> None:
+        if not self.chain:
+            self.chain = self.state.rpartition(":")[0] + ":herd-chain"
 
 
 @dataclass
@@ -151,8 +221,8 @@ class _Prepared:
     ticks: list[str]
     modes: list[str]
     messages: list[str]  # the pending copy ('p') or the pushed payload ('q')
-    rendered: list[Rendered | None]  # the message from the entry's template, if any
-    templates: list[MessageTemplate | None]
+    # Pending copies only: the message from the entry's template, and its template.
+    rendered: dict[int, tuple[Rendered, MessageTemplate]]
     atomic: bool  # prepared for pushes from the script (the broker on the lease's Redis)
 
 
@@ -178,7 +248,7 @@ class HerdDispatcher:
                  sent_pending: set[str],
                  claimed: Callable[[Claim], None] = lambda claim: None,
                  sent: Callable[[str, int, float], None] = lambda tick, term, now: None,
-                 batch_size: int = HERD_BATCH) -> None:
+                 batch_size: int = HERD_BATCH, pipeline: bool = True) -> None:
         self.app = app
         self.lease_client = lease_client
         self.script = script
@@ -198,6 +268,8 @@ class HerdDispatcher:
         self.claimed = claimed
         self.sent = sent
         self.batch_size = batch_size
+        self.pipeline = pipeline  # batches sent ahead of their replies (module docstring)
+        self.pipelined_batches = 0
         self.dispatched = 0
         self.claims_done = 0  # claims of the last dispatch() in batches that were applied
         self.longest_call_s = 0.0  # the longest batch script call seen (client side)
@@ -206,6 +278,12 @@ class HerdDispatcher:
         self._shared: dict[tuple[str, str], Any] = {}
         self._template_thread: int | None = None
         self._fire_iso: dict[int, str] = {}
+        self._fire_escaped: dict[int, str] = {}
+        self._names_escaped: dict[str, str] = {}
+        self._task_id_prefix = f"{schedule_name}:"
+        self._namespace_bytes = task_id_namespace.bytes
+        if not 1 <= batch_size <= MAX_HERD_BATCH:
+            raise ValueError(f"batch_size must be 1..{MAX_HERD_BATCH}, got {batch_size}")
 
     # -- templates -------------------------------------------------------------
 
@@ -299,12 +377,81 @@ class HerdDispatcher:
         pending copy, if any, is published) and ``sent(tick, term, now)`` for every
         tick that reached the broker here, as the runner does one by one."""
         self.claims_done = 0
-        for start in range(0, len(claims), self.batch_size):
-            batch = claims[start:start + self.batch_size]
+        batches = [claims[start:start + self.batch_size]
+                   for start in range(0, len(claims), self.batch_size)]
+        first = self._dispatch_pipelined(batches, term) if self._pipelining() else 0
+        # From the first batch not known to be applied on: one call at a time.
+        for batch in batches[first:]:
             if not self._dispatch_batch(batch, term):
                 return False
             self.claims_done += len(batch)
         return True
+
+    def _pipelining(self) -> bool:
+        client = self.lease_client
+        return (self.pipeline and isinstance(self.script, FencedScript)
+                and type(client) is redis.Redis and self.atomic_allowed())
+
+    def _dispatch_pipelined(self, batches: list[Sequence[Claim]], term: int) -> int:
+        """Send batch k+1 before reading batch k's reply, chained (module
+        docstring); returns how many leading batches are known applied.  At the
+        first reply that is not a plain success (or any error) it stops: that
+        batch and the rest go the ordinary way, which says why."""
+        if len(batches) < 2:
+            return 0
+        recorder = _Recorder()
+        self.owned(recorder, term, [], [])  # the schedule's own keys and arguments
+        chain = uuid.uuid4().hex
+        self.script.load()
+        pool = self.lease_client.connection_pool
+        connection = pool.get_connection()
+        sent: list[tuple[int, _Prepared, float]] = []  # in flight: (index, batch, send time)
+        applied = 0
+        try:
+            for index in range(len(batches) + 1):
+                if index < len(batches):
+                    prepared = self._prepare(
+                        batches[index], term, atomic=True,
+                        chain=(f"{chain}:{index - 1}" if index else "", f"{chain}:{index}"))
+                    command = self.script.command(
+                        term, recorder.keys + prepared.keys, recorder.args + prepared.args)
+                    connection.send_packed_command([_pack(command)], check_health=False)
+                    sent.append((index, prepared, time.perf_counter()))
+                if index == 0:
+                    continue
+                done, prepared, started = sent.pop(0)
+                codes = self._pipelined_reply(_read_reply(connection))
+                self.longest_call_s = max(self.longest_call_s, time.perf_counter() - started)
+                if codes is None:
+                    break
+                self._applied(batches[done], prepared, codes, term)
+                self.claims_done += len(batches[done])
+                self.pipelined_batches += 1
+                applied = done + 1
+        except BaseException:
+            connection.disconnect()  # replies may be left unread: never reuse it
+            pool.release(connection)
+            # Unknown whether the batch in flight was applied: the ordinary way
+            # finds its claims made (claims only move forward) and sends nothing twice.
+            if isinstance(sys.exc_info()[1], (redis.exceptions.ConnectionError,
+                                              redis.exceptions.TimeoutError)):
+                return applied
+            raise
+        for _ in sent:  # a refused batch's successor: refused too (the chain)
+            _read_reply(connection)
+        pool.release(connection)
+        return applied
+
+    def _pipelined_reply(self, raw: Any) -> str | None:
+        """A pipelined batch's codes; None when it was not applied (whatever the
+        reason: the ordinary way runs it again and translates the refusal)."""
+        if isinstance(raw, redis.exceptions.ResponseError):
+            return None
+        result = self.script.reply(raw)
+        if result is FENCED or not isinstance(result, (bytes, str)):
+            return None  # fenced, or not the schedule's owner (OWNED_LUA's -2)
+        codes = as_text(result)
+        return None if codes == HERD_CHAIN_BROKEN else codes
 
     def _dispatch_batch(self, batch: Sequence[Claim], term: int) -> bool:
         prepared = self._prepare(batch, term, self.atomic_allowed())
@@ -322,84 +469,114 @@ class HerdDispatcher:
                      "(%s ...): the next leader sends them", term, len(batch),
                      prepared.ticks[0])
             return False
-        pushes: list[tuple[str, int]] = []  # (tick, index) claimed with a pending copy
-        now = time.time()  # when the pushed ticks reached the broker
-        for index, code in enumerate(codes):
-            tick = prepared.ticks[index]
-            if code == HERD_ENTRY_REMOVED:
-                log.info("celery-leader: runtime entry %r was removed; not dispatching %s",
-                         batch[index].entry.name, tick)
-            elif code == HERD_CLAIMED:
-                self.claimed(batch[index])
-                mode = prepared.modes[index]
-                if mode == _PUSH:
-                    self.dispatched += 1
-                    self.sent(tick, term, now)
-                elif mode == _PENDING:
-                    pushes.append((tick, index))
-            elif code != HERD_ALREADY_CLAIMED:
-                raise RuntimeError(f"HERD_DISPATCH_LUA returned {code!r} for {tick}")
-        if pushes:
-            self._publish_pending(prepared, pushes, term)
+        self._applied(batch, prepared, codes, term)
         return True
 
-    def _prepare(self, batch: Sequence[Claim], term: int, atomic: bool) -> _Prepared:
+    def _applied(self, batch: Sequence[Claim], prepared: _Prepared, codes: str,
+                 term: int) -> None:
+        """Account for an applied batch: callbacks, metrics, and the pending
+        copies to publish (another broker)."""
+        if len(codes) != len(batch):
+            raise RuntimeError(f"HERD_DISPATCH_LUA returned {codes!r} for {len(batch)} ticks")
+        pushes: list[tuple[str, int]] = []  # (tick, index) claimed with a pending copy
+        now = time.time()  # when the pushed ticks reached the broker
+        claimed, sent, modes, ticks = self.claimed, self.sent, prepared.modes, prepared.ticks
+        for index, code in enumerate(codes):
+            if code == HERD_CLAIMED:
+                claimed(batch[index])
+                mode = modes[index]
+                if mode == _PUSH:
+                    self.dispatched += 1
+                    sent(ticks[index], term, now)
+                elif mode == _PENDING:
+                    pushes.append((ticks[index], index))
+            elif code == HERD_ENTRY_REMOVED:
+                log.info("celery-leader: runtime entry %r was removed; not dispatching %s",
+                         batch[index].entry.name, ticks[index])
+            elif code != HERD_ALREADY_CLAIMED:
+                raise RuntimeError(f"HERD_DISPATCH_LUA returned {code!r} for {ticks[index]}")
+        if pushes:
+            self._publish_pending(prepared, pushes, term)
+
+    def _prepare(self, batch: Sequence[Claim], term: int, atomic: bool,
+                 chain: tuple[str, str] = ("", "")) -> _Prepared:
+        """The batch's keys and arguments; ``chain`` = (token required, token left)."""
         keys = self.keys
         broker_keys: dict[str, int] = {}
-        script_keys = [keys.state, keys.pending, keys.entries, keys.sent, keys.sent_at]
+        script_keys = [keys.state, keys.pending, keys.entries, keys.sent, keys.sent_at,
+                       keys.chain]
         args: list[Any] = [self.look_after_ms, "", keys.started_prefix, term,
-                           self._election_json]
+                           self._election_json, chain[0], chain[1]]
         ticks: list[str] = []
         modes: list[str] = []
         messages: list[str] = []
-        rendered: list[Rendered | None] = []
-        templates: list[MessageTemplate | None] = []
+        rendered: dict[int, tuple[Rendered, MessageTemplate]] = {}
         now: datetime | None = None
         allowed = self.templates_allowed()
-        schedule_name, namespace = self.schedule_name, self.namespace
-        for claim in batch:
+        prefix, namespace = self._task_id_prefix, self._namespace_bytes
+        term_text = str(int(term))
+        tags = iter(delivery_tags(len(batch)))
+        for index, claim in enumerate(batch):
             entry, fire_ms = claim.entry, claim.fire_ms
-            tick = f"{entry.name}@{fire_ms}"
-            task_id = str(uuid.uuid5(namespace, f"{schedule_name}:{tick}"))
+            name = entry.name
+            tick = f"{name}@{fire_ms}"
+            task_id = uuid5_text(namespace, prefix + tick)
             mode, message, key_index, tag = _CLAIM_ONLY, "", 0, ""
-            ready: Rendered | None = None
-            template: MessageTemplate | None = None
-            if claim.publish and allowed:
-                template = self._template(entry)
+            if claim.publish:
+                template = self._template(entry) if allowed else None
                 if template is not None:
                     if template.needs_now and now is None:
                         now = self.app.now()
-                    ready = template.render(
-                        TickValues(task_id, self.fire_time(fire_ms), term, tick), now)
-            if claim.publish:
-                if ready is not None and template is not None and atomic \
-                        and template.same_server:
-                    mode, message, tag = _PUSH, ready.payload, ready.delivery_tag
-                    key_index = broker_keys.get(ready.key, 0)
-                    if not key_index:
-                        script_keys.append(ready.key)
-                        # KEYS index: 3 come first (lease, dispatcher, other lease).
-                        key_index = broker_keys[ready.key] = len(script_keys) + 3
-                    args[1] = template.unacked_key
-                else:
-                    mode, message = _PENDING, pending_message(entry, fire_ms, term,
-                                                              self.election, task_id)
+                    tag = next(tags)
+                    payload = template.fill(
+                        task_id, self._escaped_fire_time(template, fire_ms), term_text,
+                        self._escaped_name(template, name) + "@" + str(fire_ms), tag, now)
+                    if atomic and template.same_server:
+                        mode, message = _PUSH, payload
+                        key_index = broker_keys.get(template.key, 0)
+                        if not key_index:
+                            script_keys.append(template.key)
+                            # KEYS index: 3 come first (lease, dispatcher, other lease).
+                            key_index = broker_keys[template.key] = len(script_keys) + 3
+                        args[1] = template.unacked_key
+                    else:
+                        rendered[index] = (Rendered(template.key, payload, tag), template)
+                if mode != _PUSH:
+                    mode, tag = _PENDING, ""
+                    message = pending_message(entry, fire_ms, term, self.election, task_id)
             ticks.append(tick)
             modes.append(mode)
             messages.append(message)
-            rendered.append(ready)
-            templates.append(template)
-            args += [entry.name, fire_ms, task_id,
-                     f"{'1' if entry.runtime else '0'}{mode}{key_index}", message, tag]
-        return _Prepared(script_keys, args, ticks, modes, messages, rendered, templates, atomic)
+            args.append(f"{'1' if entry.runtime else '0'}{mode}{key_index} {fire_ms} "
+                        f"{task_id} {tag} {name}")
+            args.append(message)
+        return _Prepared(script_keys, args, ticks, modes, messages, rendered, atomic)
 
-    def _run_script(self, prepared: _Prepared, term: int) -> list[int] | None:
+    def _escaped_fire_time(self, template: MessageTemplate, fire_ms: int) -> str:
+        text = self._fire_escaped.get(fire_ms)
+        if text is None:
+            if len(self._fire_escaped) > 4096:
+                self._fire_escaped.clear()
+            text = self._fire_escaped[fire_ms] = template.escape(self.fire_time(fire_ms))
+        return text
+
+    def _escaped_name(self, template: MessageTemplate, name: str) -> str:
+        # JSON escapes character by character: the tick's name is the entry's, '@', digits.
+        text = self._names_escaped.get(name)
+        if text is None:
+            text = self._names_escaped[name] = template.escape(name)
+        return text
+
+    def _run_script(self, prepared: _Prepared, term: int) -> str | None:
         started = time.perf_counter()
         result = self.owned(self.script, term, prepared.keys, prepared.args)
         self.longest_call_s = max(self.longest_call_s, time.perf_counter() - started)
         if result is FENCED:
             return None
-        return [int(code) for code in result]
+        codes = as_text(result)
+        if codes == HERD_CHAIN_BROKEN:  # asked for no chain token: cannot happen
+            raise RuntimeError("HERD_DISPATCH_LUA refused an unchained batch")
+        return codes
 
     def _publish_pending(self, prepared: _Prepared,
                          pushes: list[tuple[str, int]], term: int) -> None:
@@ -413,10 +590,10 @@ class HerdDispatcher:
             return
         by_client: dict[int, tuple[Any, list[tuple[str, Rendered]]]] = {}
         for tick, index in pushes:
-            ready, template = prepared.rendered[index], prepared.templates[index]
-            if ready is None or template is None:
+            if index not in prepared.rendered:
                 self.publish_one(tick, prepared.messages[index], term)
                 continue
+            ready, template = prepared.rendered[index]
             client = template.broker_client
             by_client.setdefault(id(client), (client, []))[1].append((tick, ready))
         for client, ticks in by_client.values():
@@ -461,3 +638,52 @@ def jsonable_options(options: dict[str, Any]) -> dict[str, Any]:
     return {k: (v.isoformat() if isinstance(v, datetime) else
                 v.total_seconds() if isinstance(v, timedelta) else v)
             for k, v in options.items()}
+
+
+_VARIANT = {digit: "89ab"[int(digit, 16) & 3] for digit in "0123456789abcdef"}
+
+
+def uuid5_text(namespace: bytes, name: str) -> str:
+    """``str(uuid.uuid5(UUID(bytes=namespace), name))`` without the UUID objects
+    (a herd makes thousands; tests compare the two)."""
+    digest = hashlib.sha1(namespace + name.encode("utf-8"), usedforsecurity=False).hexdigest()
+    return (f"{digest[:8]}-{digest[8:12]}-5{digest[13:16]}-"
+            f"{_VARIANT[digest[16]]}{digest[17:20]}-{digest[20:32]}")
+
+
+def delivery_tags(count: int) -> list[str]:
+    """``count`` random version-4 UUID strings, as kombu's delivery tags
+    (``str(uuid4())``), from one read of the system's random source."""
+    raw = os.urandom(16 * count).hex()
+    return [f"{raw[at:at + 8]}-{raw[at + 8:at + 12]}-4{raw[at + 13:at + 16]}-"
+            f"{_VARIANT[raw[at + 16]]}{raw[at + 17:at + 20]}-{raw[at + 20:at + 32]}"
+            for at in range(0, 32 * count, 32)]
+
+
+class _Recorder:
+    """Stands in for the script: records the keys and arguments ``owned`` adds."""
+
+    keys: list[Any]
+    args: list[Any]
+
+    def __call__(self, term: int, keys: Sequence[str] = (),
+                 args: Sequence[Any] = ()) -> object:
+        self.keys, self.args = list(keys), list(args)
+        return self
+
+
+def _read_reply(connection: Any) -> Any:
+    """The next reply on ``connection``; an error reply returned, not raised."""
+    try:
+        return connection.read_response()
+    except redis.exceptions.ResponseError as error:
+        return error
+
+
+def _pack(command: list[Any]) -> bytes:
+    """A command in RESP, in one buffer: one send for the whole batch."""
+    out = [b"*%d\r\n" % len(command)]
+    for arg in command:
+        data = arg if isinstance(arg, bytes) else str(arg).encode("utf-8")
+        out.append(b"$%d\r\n%b\r\n" % (len(data), data))
+    return b"".join(out)

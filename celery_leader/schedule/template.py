@@ -109,10 +109,17 @@ class MessageTemplate:
 
     def __init__(self, key: str, pieces: list[str], slots: list[str],
                  offsets: dict[str, float], escape: Callable[[str], str],
-                 broker_client: Any, same_server: bool, unacked_key: str) -> None:
+                 broker_client: Any, same_server: bool, unacked_key: str,
+                 keep_pieces: bool = True) -> None:
         self.key = key  # the broker list (priority suffix and global_keyprefix included)
-        self._pieces = pieces
-        self._slots = slots
+        # Kept for for_entry (a shared template); an entry's own needs only the format.
+        self._pieces = pieces if keep_pieces else []
+        self._slots = slots if keep_pieces else []
+        # The pieces as one %-format with a named field per slot (a slot may
+        # occur twice: the task id is also the correlation id): filled in one call.
+        self._format = "".join(
+            piece.replace("%", "%%") + (f"%({slots[index]})s" if index < len(slots) else "")
+            for index, piece in enumerate(pieces))
         self._offsets = offsets  # slot -> seconds after the send time (expires, eta)
         self._escape = escape
         self.broker_client = broker_client
@@ -124,19 +131,25 @@ class MessageTemplate:
         """The tick's message; ``now`` is the send time (Celery's ``app.now()``),
         needed only by templates with ``expires``/``countdown`` in seconds."""
         tag = delivery_tag or str(uuid.uuid4())
-        filled = {"id": values.task_id, "fire": self._escape(values.fire_time),
-                  "term": str(int(values.term)), "tick": self._escape(values.tick),
-                  "tag": tag}
+        return Rendered(self.key, self.fill(
+            values.task_id, self._escape(values.fire_time), str(int(values.term)),
+            self._escape(values.tick), tag, now), tag)
+
+    def fill(self, task_id: str, fire_time: str, term: str, tick: str, tag: str,
+             now: datetime | None = None) -> str:
+        """The payload of :meth:`render` from values ready to insert: the fire time
+        and the tick's name JSON-escaped (:meth:`escape`), the term as text (a
+        herd renders thousands of ticks sharing a few fire times)."""
+        filled = {"id": task_id, "fire": fire_time, "term": term, "tick": tick, "tag": tag}
         for slot, seconds in self._offsets.items():
             if now is None:
                 raise ValueError("this template needs the send time (now)")
             filled[slot] = _seconds_after(now, seconds)
-        pieces = self._pieces
-        out = [pieces[0]]
-        for index, slot in enumerate(self._slots):
-            out.append(filled[slot])
-            out.append(pieces[index + 1])
-        return Rendered(self.key, "".join(out), tag)
+        return self._format % filled
+
+    def escape(self, text: str) -> str:
+        """``text`` as it appears inside a JSON string of the message."""
+        return self._escape(text)
 
     @property
     def needs_now(self) -> bool:
@@ -156,7 +169,8 @@ class MessageTemplate:
                 slots.append(slot)
                 pieces.append(self._pieces[index + 1])
         return MessageTemplate(self.key, pieces, slots, self._offsets, self._escape,
-                               self.broker_client, self.same_server, self.unacked_key)
+                               self.broker_client, self.same_server, self.unacked_key,
+                               keep_pieces=False)
 
 
 def _seconds_after(now: datetime, seconds: float) -> str:

@@ -9,6 +9,10 @@ Mechanism.
 - The scheduler's publish script records the tick in ``schedule:sent`` (its
   pushes, their delivery tags, kombu's ``unacked`` key) and in
   ``schedule:sent-at`` (when to look at it next), in the same step as the push.
+  The record is a small JSON head, a newline, then the pushed messages verbatim
+  (the head gives each one's list and byte length): a herd's script stores a
+  ~1 KB message by concatenation instead of JSON-encoding it again.  Records of
+  the older form (one JSON document with the messages inside) are still read.
 - A worker with ``install(app)`` claims the tick when its task is about to
   run (START_TICK_LUA: a start marker set once per tick, the sent record
   ended in the same step); any other copy of the tick finds the marker and is
@@ -71,24 +75,45 @@ redis.call('ZREM', KEYS[3], ARGV[1])
 return 1
 """
 
+# Reads a sent record: its head (a table) and its pushes {{list, message}, ...};
+# nil for a record that is unreadable.  The record is the head's JSON, a
+# newline and the messages back to back (head.pushes = {{list, byte length}});
+# one without a newline is the older form, all JSON (pushes = {{list, message}}).
+READ_SENT_LUA = """
+local function read_sent(raw)
+  local cut = string.find(raw, '\\n', 1, true)
+  local ok, head = pcall(cjson.decode, cut and string.sub(raw, 1, cut - 1) or raw)
+  if not ok or type(head) ~= 'table' or type(head.pushes) ~= 'table' then return nil end
+  if not cut then return head, head.pushes, nil end
+  local pushes, at = {}, cut + 1
+  for i, push in ipairs(head.pushes) do
+    local length = type(push) == 'table' and tonumber(push[2])
+    if not length or at + length - 1 > #raw then return nil end
+    pushes[i] = {push[1], string.sub(raw, at, at + length - 1)}
+    at = at + length
+  end
+  return head, pushes, string.sub(raw, cut)
+end
+"""
+
 # Fenced: for up to ARGV[4] ticks of the sent-at set KEYS[3] due by now, drops
 # the started ones and pushes again those neither held in kombu's unacked hash
 # nor waiting in their list; a list longer than ARGV[5] is not searched and its
 # ticks are not pushed (undecided).  Each tick is looked at again after ARGV[3]
 # ms doubled per push.  Returns the ticks pushed again.
-REPUSH_LOST_TICKS_LUA = """
+REPUSH_LOST_TICKS_LUA = READ_SENT_LUA + """
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local due = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, tonumber(ARGV[4]))
 local pushed = {}
 for _, tick in ipairs(due) do
-  local ok, record = pcall(cjson.decode, redis.call('HGET', KEYS[2], tick) or '')
-  if not ok or type(record) ~= 'table' or redis.call('EXISTS', record.started) == 1 then
+  local record, pushes, messages = read_sent(redis.call('HGET', KEYS[2], tick) or '')
+  if not record or redis.call('EXISTS', record.started) == 1 then
     redis.call('HDEL', KEYS[2], tick)
     redis.call('ZREM', KEYS[3], tick)
   else
     local held = false
-    for i, push in ipairs(record.pushes) do
+    for i, push in ipairs(pushes) do
       if record.unacked ~= '' and record.tags[i] ~= ''
           and redis.call('HEXISTS', record.unacked, record.tags[i]) == 1 then
         held = true
@@ -100,10 +125,11 @@ for _, tick in ipairs(due) do
     end
     local copies = tonumber(record.copies) or 0
     if not held then
-      for _, push in ipairs(record.pushes) do redis.call('LPUSH', push[1], push[2]) end
+      for _, push in ipairs(pushes) do redis.call('LPUSH', push[1], push[2]) end
       copies = copies + 1
       record.copies = copies
-      redis.call('HSET', KEYS[2], tick, cjson.encode(record))
+      -- The messages stay as they were: only the head is written anew.
+      redis.call('HSET', KEYS[2], tick, cjson.encode(record) .. (messages or ''))
       pushed[#pushed + 1] = tick
     end
     redis.call('ZADD', KEYS[3], now + tonumber(ARGV[3]) * 2 ^ copies, tick)
@@ -129,15 +155,42 @@ class TickKeys:
                                                       self.sent_at]}
 
     def sent_record(self, tick: str, pushes: list[tuple[str, str]], unacked: str) -> str:
-        """The record PUBLISH_TICK_LUA stores beside the push."""
+        """The record PUBLISH_TICK_LUA stores beside the push (format: READ_SENT_LUA)."""
         tags = []
         for _, payload in pushes:
             try:
                 tags.append(str(json.loads(payload)["properties"]["delivery_tag"]))
             except (ValueError, KeyError, TypeError):
                 tags.append("")
-        return json.dumps({"pushes": [list(push) for push in pushes], "tags": tags,
-                           "unacked": unacked, "started": self.started(tick), "copies": 0})
+        return sent_record(pushes, tags, unacked, self.started(tick))
+
+
+def sent_record(pushes: list[tuple[str, str]], tags: list[str], unacked: str,
+                started: str, copies: int = 0) -> str:
+    """A tick's sent record: the JSON head (ASCII only, so no raw newline), a
+    newline, then the messages verbatim; the head gives each one's byte length."""
+    head = json.dumps({"pushes": [[key, len(payload.encode("utf-8"))] for key, payload in pushes],
+                       "tags": tags, "unacked": unacked, "started": started, "copies": copies})
+    return head + "\n" + "".join(payload for _, payload in pushes)
+
+
+def read_sent_record(raw: bytes | str) -> dict[str, Any]:
+    """A sent record as one dict, its pushes as ``[[list, message], ...]`` (both
+    forms READ_SENT_LUA reads); ValueError for one it cannot read."""
+    data = raw.encode("utf-8") if isinstance(raw, str) else raw
+    cut = data.find(b"\n")
+    head = json.loads(data if cut < 0 else data[:cut])
+    if not isinstance(head, dict) or not isinstance(head.get("pushes"), list):
+        raise ValueError(f"not a sent record: {data[:80]!r}")
+    if cut < 0:
+        return head
+    at, pushes = cut + 1, []
+    for key, length in head["pushes"]:
+        if at + int(length) > len(data):
+            raise ValueError(f"a sent record shorter than its head says: {data[:80]!r}")
+        pushes.append([key, data[at:at + int(length)].decode("utf-8")])
+        at += int(length)
+    return {**head, "pushes": pushes}
 
 
 class LostTicks:
