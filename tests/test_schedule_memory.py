@@ -21,7 +21,7 @@ from celery.schedules import crontab
 
 from celery_leader.schedule import store as store_module
 from celery_leader.schedule.cronexpr import cron
-from celery_leader.schedule.entries import entries_from_config, entry_from_config
+from celery_leader.schedule.entries import entries_from_config, entry_from_config, interval_of
 from celery_leader.schedule.runner import TEMPLATES_AHEAD
 from celery_leader.schedule.store import ScheduleStore, to_ms
 from tests.test_herd import FIRE, Rig, broker_ticks, rig  # noqa: F401  (rig: a fixture)
@@ -46,10 +46,11 @@ def test_entries_alike_share_one_schedule_object_and_empty_mappings() -> None:
         return {id(e.schedule) for name, e in entries.items() if name.startswith(prefix)}
 
     assert len(schedules("tab-")) == len(schedules("cron-")) == 1
-    # 30.0 and timedelta(seconds=30) are the same interval: one object.
-    assert len(schedules("every-") | schedules("delta-")) == 1
-    assert entries["other"].schedule is not entries["every-0"].schedule
-    assert entries["other"].schedule.run_every == timedelta(seconds=31)
+    # Intervals are held as given: no object of their own (beat_schedule has them).
+    for name in ("every-7", "delta-7", "other"):
+        assert entries[name].schedule is conf[name]["schedule"]
+    assert interval_of(entries["other"].schedule) == timedelta(seconds=31)
+    assert entries["delta-3"].describe_schedule() == "every 30s"
     assert len({id(e.kwargs) for name, e in entries.items() if name != "other"}) == 1
     assert len({id(e.options) for e in entries.values()}) == 1
     assert entries["other"].kwargs == {"a": 1}
@@ -68,9 +69,11 @@ def test_runtime_entries_alike_share_one_schedule_object(rig: Rig) -> None:  # n
         store.add(f"every-{i}", "proj.job", 45.0)
     entries = store.runtime_entries()
     assert len(entries) == 90
-    for prefix in ("hourly-", "tab-", "every-"):
+    for prefix in ("hourly-", "tab-"):
         assert len({id(e.schedule) for name, e in entries.items()
                     if name.startswith(prefix)}) == 1, prefix
+    assert {interval_of(e.schedule) for name, e in entries.items()
+            if name.startswith("every-")} == {timedelta(seconds=45)}
     assert entries["hourly-7"].args == (7,) and entries["hourly-7"].runtime
 
 
