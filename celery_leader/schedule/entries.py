@@ -121,11 +121,7 @@ def _compute_memo_key(sched: Any) -> Hashable | None:
                sched._orig_day_of_month, sched._orig_month_of_year, sched.tz)
     else:
         return None
-    try:
-        hash(key)
-    except TypeError:  # e.g. crontab(minute={0, 30}): fields given as sets
-        return None
-    return key
+    return _hashable(key)
 
 
 def interval_of(sched: Any) -> timedelta | None:
@@ -139,6 +135,15 @@ def interval_of(sched: Any) -> timedelta | None:
     if kind is schedule:
         return sched.run_every  # type: ignore[no-any-return]
     return None
+
+
+def _hashable(key: Hashable) -> Hashable | None:
+    """``key``, or None when a part of it cannot be hashed."""
+    try:
+        hash(key)
+    except TypeError:  # e.g. crontab(minute={0, 30}): fields given as sets
+        return None
+    return key
 
 
 def next_fire_after(sched: Any, after: datetime) -> datetime:
@@ -260,11 +265,7 @@ def _intern_key(raw: Any, relative: bool) -> Hashable | None:
         key = ("cron", *raw._key())
     else:
         return None
-    try:
-        hash(key)
-    except TypeError:  # e.g. crontab(minute={0, 30}): fields given as sets
-        return None
-    return key
+    return _hashable(key)
 
 
 def _check_computes(sched: Any) -> None:

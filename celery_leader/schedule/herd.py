@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import sys
 import threading
@@ -70,12 +69,13 @@ from typing import Any
 import redis
 from celery.signals import after_task_publish, before_task_publish
 
+from ..election.redact import secret_safe_logger
 from ..election.redislock import FENCED, FencedScript, as_text
 from .entries import Entry
 from .store import from_ms
 from .template import MessageTemplate, NoTemplate, Rendered, build_template
 
-log = logging.getLogger("celery_leader.scheduler")
+log = secret_safe_logger("celery_leader.scheduler")
 
 HERD_BATCH = 500
 """Ticks per HERD_DISPATCH_LUA call: one call stays a few milliseconds of Redis
