@@ -45,12 +45,13 @@ class Rig:
     def lead(self, identity: str) -> tuple[RedisLock, int]:
         return lead(self.client, self.name, identity)
 
-    def runner(self, lock: RedisLock, broker: str | None = None,
+    def runner(self, lock: RedisLock, broker: str | None = None, tick_run_once: bool = True,
                **conf: Any) -> ScheduleRunner:
         app = Celery("atomic", broker=broker or self.lease_url, set_as_current=False)
         app.conf.update(leader_name=self.name, beat_schedule={}, **conf)
         self.apps.append(app)
-        settings = LeaderSettings(redis_url=self.lease_url, name=self.name, retry_period=0.1)
+        settings = LeaderSettings(redis_url=self.lease_url, name=self.name, retry_period=0.1,
+                                  tick_run_once=tick_run_once)
         return ScheduleRunner(app, lock, settings)
 
     def fire(self, runner: ScheduleRunner, term: int, **spec: Any) -> str:

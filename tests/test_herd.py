@@ -41,37 +41,11 @@ from celery_leader.schedule.runner import ScheduleRunner
 from celery_leader.schedule.store import to_ms
 from celery_leader.schedule.template import TickValues
 from celery_leader.schedule.tickstart import read_sent_record
-from celery_leader.settings import LeaderSettings
-from tests.test_scheduler_unit import lead
+from tests.test_atomic_publish import Rig
 from tests.waiting import wait_until
 
 UTC = timezone.utc
 FIRE = datetime(2031, 3, 4, 5, 0, tzinfo=UTC)
-
-
-class Rig:
-    def __init__(self, lease_url: str, name: str) -> None:
-        self.lease_url = lease_url
-        self.name = name
-        self.client = redis.Redis.from_url(lease_url)
-        self.apps: list[Celery] = []
-
-    def lead(self, identity: str) -> tuple[RedisLock, int]:
-        return lead(self.client, self.name, identity)
-
-    def runner(self, lock: RedisLock, broker: str | None = None, tick_run_once: bool = True,
-               **conf: Any) -> ScheduleRunner:
-        app = Celery("herd", broker=broker or self.lease_url, set_as_current=False)
-        app.conf.update(leader_name=self.name, beat_schedule={}, **conf)
-        self.apps.append(app)
-        settings = LeaderSettings(redis_url=self.lease_url, name=self.name, retry_period=0.1,
-                                  tick_run_once=tick_run_once)
-        return ScheduleRunner(app, lock, settings)
-
-    def close(self) -> None:
-        for app in self.apps:
-            app.close()
-        self.client.close()
 
 
 @pytest.fixture
