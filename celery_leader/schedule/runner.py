@@ -59,7 +59,6 @@ from .herd import (
     Claim,
     HerdDispatcher,
     HerdKeys,
-    jsonable_options,
     pending_message,
 )
 from .metrics import SKIPPED_GRACE, SKIPPED_POLICY, ScheduleStats
@@ -754,13 +753,8 @@ class ScheduleRunner:
         task_id = str(uuid.uuid5(TASK_ID_NAMESPACE, f"{self.settings.name}:{tick}"))
         state = json.dumps({"last": fire_ms, "term": term, "election": self.lock.name,
                             "task_id": task_id, "skipped": not publish})
-        message = ""
-        if publish:
-            message = json.dumps({
-                "entry": entry.name, "task": entry.task, "args": list(entry.args),
-                "kwargs": entry.kwargs, "options": _jsonable_options(entry.options),
-                "fire_ms": fire_ms, "term": term, "election": self.lock.name,
-                "task_id": task_id}, default=str)
+        message = (pending_message(entry, fire_ms, term, self.lock.name, task_id)
+                   if publish else "")
         result = self._owned(self._claim, term, keys=[
             self.store.state_key, self.store.pending_key, self.store.entries_key],
             args=[entry.name, fire_ms, state, tick, message, "1" if entry.runtime else ""])
@@ -928,8 +922,3 @@ class ScheduleRunner:
                             "sent", tick, data.get("election", "an earlier leader"), old_term)
                 self._publish(tick, adopted, term)
         return True
-
-
-_jsonable_options = jsonable_options  # moved to herd.py (the pending copy's format)
-
-
