@@ -323,10 +323,6 @@ class ScheduleRunner:
         """Ticks this runner sent (one by one or in batches)."""
         return self._dispatched + self.herd.dispatched
 
-    @dispatched.setter
-    def dispatched(self, value: int) -> None:
-        self._dispatched = value - self.herd.dispatched
-
     def wake(self) -> None:
         self._wake.set()
 
@@ -800,7 +796,7 @@ class ScheduleRunner:
             log.exception("celery-leader: could not send %s; will retry", tick)
             self._unsent = True
             return
-        self.dispatched += 1
+        self._dispatched += 1
         self.stats.sent(tick, term)
         self._sent_pending.add(tick)
         self.store.client.hdel(self.store.pending_key, tick)  # a Redis error: run() retries
@@ -882,7 +878,7 @@ class ScheduleRunner:
             log.warning("celery-leader: term %d ended before %s was sent; left pending for "
                         "the next leader", term, tick)
         elif result == 1:
-            self.dispatched += 1
+            self._dispatched += 1
             self.stats.sent(tick, term)
         else:
             log.info("celery-leader: %s was already sent", tick)
