@@ -267,14 +267,14 @@ def run_leader(app: Celery, cfg: dict[str, Any], recorder: Recorder) -> dict[str
             ScheduleRunner, now=ms_clock)
 
     ready = threading.Event()
-    original_heap = ScheduleRunner._heap
+    original_load = ScheduleRunner._load
 
-    def heap(self: ScheduleRunner, slots: Any) -> Any:
-        result = original_heap(self, slots)
-        ready.set()  # first heap built: loaded and about to dispatch
+    def load(self: ScheduleRunner, started_at: Any, previous: Any = None) -> Any:
+        result = original_load(self, started_at, previous)
+        ready.set()  # first load done: about to dispatch
         return result
 
-    ScheduleRunner._heap = heap  # type: ignore[method-assign]
+    ScheduleRunner._load = load  # type: ignore[method-assign]
     profile = cfg.get("profile")
     if profile:
         original_run = ScheduleRunner.run

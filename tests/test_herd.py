@@ -396,14 +396,14 @@ def test_the_runner_dispatches_a_herd_due_at_one_instant(rig: Rig) -> None:
                for i in range(1200)]
     runner.config_entries = {e.name: e for e in entries}
     started = FIRE - timedelta(minutes=3, seconds=30)
-    slots = runner._load_slots(started)
-    heap = runner._heap(slots)
+    loaded = runner._load(started)
     now = FIRE + timedelta(seconds=1)
-    assert runner._fire_all_due(heap, slots, term, now, started + timedelta(minutes=10))
+    assert runner._fire_all_due(loaded, term, now, started + timedelta(minutes=10))
     ticks = broker_ticks(rig.client)
     assert len(ticks) == 1200
     assert {t.rsplit("@", 1)[1] for t, _, _ in ticks} == {str(to_ms(FIRE))}
-    assert all(slot.next == FIRE + timedelta(minutes=1) for slot in slots.values())
+    assert loaded.queue.fire_times() == dict.fromkeys(runner.config_entries,
+                                                      FIRE + timedelta(minutes=1))
 
 
 # ------------------------------------------------ metrics and entry sources
@@ -448,8 +448,7 @@ def test_a_herd_counts_and_reports_every_tick_as_one_by_one_does(
         "task": "proj.job", "schedule": crontab(minute="*"), **spec}, runner.app),
         source="recording") for kind, spec in kinds.items() for i in range(3)]
     runner.source = source = RecordingSource(entries)
-    slots = runner._load_slots(FIRE - timedelta(minutes=3, seconds=30))
-    heap = runner._heap(slots)
+    loaded = runner._load(FIRE - timedelta(minutes=3, seconds=30))
     # Due: FIRE-3, -2, -1 min and FIRE; the first two were missed (before started_at).
     started_at, now = FIRE - timedelta(seconds=90), FIRE + timedelta(seconds=1)
     before = time.time()
@@ -460,7 +459,7 @@ def test_a_herd_counts_and_reports_every_tick_as_one_by_one_does(
     if path == "send_task":
         before_task_publish.connect(noticed, weak=False)
     try:
-        assert runner._fire_all_due(heap, slots, term, now, started_at)
+        assert runner._fire_all_due(loaded, term, now, started_at)
     finally:
         before_task_publish.disconnect(noticed)
 
@@ -489,8 +488,7 @@ def test_a_refused_batch_counts_only_the_entries_that_went_through(rig: Rig) -> 
                                                "schedule": crontab(minute="*")}, runner.app)
                for i in range(25)]
     runner.config_entries = {e.name: e for e in entries}
-    slots = runner._load_slots(FIRE - timedelta(minutes=2, seconds=30))
-    heap = runner._heap(slots)
+    loaded = runner._load(FIRE - timedelta(minutes=2, seconds=30))
     real = runner.herd.script
     calls = [0]
 
@@ -503,7 +501,7 @@ def test_a_refused_batch_counts_only_the_entries_that_went_through(rig: Rig) -> 
     runner.herd.script = deposed_after_two  # type: ignore[assignment]
     # Three ticks due per entry (FIRE-2, -1 min, FIRE), all missed: the latest is
     # sent, two skipped.  One claim per entry: two batches of 10 went through.
-    assert not runner._fire_all_due(heap, slots, term, FIRE + timedelta(seconds=1),
+    assert not runner._fire_all_due(loaded, term, FIRE + timedelta(seconds=1),
                                     FIRE + timedelta(minutes=5))
     assert runner.dispatched == runner.stats.dispatched[""] == 20
     assert runner.stats.skipped == {("", "catch_up_policy"): 40}

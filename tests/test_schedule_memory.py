@@ -12,7 +12,9 @@
 
 from __future__ import annotations
 
+import gc
 import time
+import tracemalloc
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -21,9 +23,15 @@ from celery.schedules import crontab
 
 from celery_leader.schedule import store as store_module
 from celery_leader.schedule.cronexpr import cron
-from celery_leader.schedule.entries import entries_from_config, entry_from_config, interval_of
-from celery_leader.schedule.runner import TEMPLATES_AHEAD
+from celery_leader.schedule.entries import (
+    Entry,
+    entries_from_config,
+    entry_from_config,
+    interval_of,
+)
+from celery_leader.schedule.runner import TEMPLATES_AHEAD, ScheduleRunner
 from celery_leader.schedule.store import ScheduleStore, to_ms
+from celery_leader.settings import LeaderSettings
 from tests.test_herd import FIRE, Rig, broker_ticks, rig  # noqa: F401  (rig: a fixture)
 
 UTC = timezone.utc
@@ -97,8 +105,7 @@ def test_templates_are_built_only_for_entries_due_within_the_window(rig: Rig) ->
     hourly, noon, every = make("hourly", crontab(minute=0)), make(
         "noon", crontab(minute=0, hour=12)), make("every", 10.0)
     runner.config_entries = {**hourly, **noon, **every}
-    slots = runner._load_slots(started)
-    heap = runner._heap(slots)
+    loaded = runner._load(started)
     assert {e.name for e in runner._cold} == set(hourly) | set(every)
     runner._warm_templates(time.monotonic() + 60)
     assert not runner._cold
@@ -106,7 +113,7 @@ def test_templates_are_built_only_for_entries_due_within_the_window(rig: Rig) ->
 
     now = FIRE + timedelta(seconds=1)
     clock[0] = now.timestamp()
-    assert runner._fire_all_due(heap, slots, term, now, started)
+    assert runner._fire_all_due(loaded, term, now, started)
     fired = broker_ticks(rig.client)
     assert {t for t, _, _ in fired} >= {f"{name}@{to_ms(FIRE)}" for name in hourly}
     assert not any(t.startswith("noon-") for t, _, _ in fired)
@@ -118,11 +125,79 @@ def test_first_seen_times_are_recorded_and_read_in_chunks(rig: Rig, monkeypatch:
     app = Celery("memory", set_as_current=False)
     store = ScheduleStore(app, lock)
     monkeypatch.setattr(store_module, "FIRST_SEEN_CHUNK", 7)
-    entries = [entry_from_config(f"e{i}", {"task": "proj.job", "schedule": 60.0}, app)
-               for i in range(30)]
+    names = [f"e{i}" for i in range(30)]
     store.client.hset(store.first_seen_key, "e3", 1234)
     store.client.hset(store.first_seen_key, "e11", "not a time, with a comma")
-    seen = store.first_seen(entries, 5000)
+    seen = store.first_seen(names, 5000)
     assert seen == {**{f"e{i}": 5000 for i in range(30)}, "e3": 1234}
     assert int(store.client.hget(store.first_seen_key, "e29")) == 5000
-    assert store.first_seen(entries, 9000, move=True) == {f"e{i}": 9000 for i in range(30)}
+    assert store.first_seen(names, 9000, move=True) == {f"e{i}": 9000 for i in range(30)}
+
+
+def _live_entries() -> int:
+    gc.collect()
+    return sum(1 for thing in gc.get_objects() if type(thing) is Entry)
+
+
+def test_idle_beat_schedule_entries_are_held_as_a_fire_time_only(rig: Rig) -> None:  # noqa: F811
+    """An Entry per beat_schedule item repeated what beat_schedule holds (~120 B
+    each, with a slot object and two dicts ~350 B per entry: 36 MB for 100,000).
+    Only the entries due within TEMPLATES_AHEAD are built; an idle one costs its
+    place in the due queue.  The herd still finds the near ones built, fires
+    them, and lets them go when they are not due again within the window."""
+    lock, term = rig.lead("a")
+    schedule: dict[str, Any] = {f"idle-{i}": {"task": "proj.job", "schedule": 86400.0 + i,
+                                              "args": [i]} for i in range(3000)}
+    schedule.update({f"hourly-{i}": {"task": "proj.job", "schedule": crontab(minute=0),
+                                     "args": [i]} for i in range(20)})
+    app = Celery("memory", broker=rig.lease_url, set_as_current=False)
+    app.conf.update(leader_name=rig.name, beat_schedule=schedule)
+    started = FIRE - timedelta(seconds=30)
+    clock = [started.timestamp()]
+    before = _live_entries()
+    runner = ScheduleRunner(app, lock, LeaderSettings(redis_url=rig.lease_url, name=rig.name,
+                                                      retry_period=0.1), now=lambda: clock[0])
+    runner._load(started)  # once before measuring: the app's first task list imports modules
+    tracemalloc.start()
+    try:
+        traced_before = tracemalloc.get_traced_memory()[0]
+        loaded = runner._load(started)
+        gc.collect()
+        per_entry = (tracemalloc.get_traced_memory()[0] - traced_before) / len(schedule)
+    finally:
+        tracemalloc.stop()
+    # The due queue: a heap slot, a dict slot and a fire time (~110 B); ~260 B before.
+    assert per_entry < 160, f"{per_entry:.0f} bytes per idle entry"
+    assert len(loaded.queue.fire_times()) == len(schedule)
+    assert _live_entries() - before == 20  # the hourly ones, due within the window
+    assert {e.name for e in runner._cold} == {f"hourly-{i}" for i in range(20)}
+
+    now = FIRE + timedelta(seconds=1)
+    clock[0] = now.timestamp()
+    assert runner._fire_all_due(loaded, term, now, started)
+    assert {t for t, _, _ in broker_ticks(rig.client)} == {
+        f"hourly-{i}@{to_ms(FIRE)}" for i in range(20)}
+    runner._cold.clear()
+    assert _live_entries() - before == 0  # due again in an hour: built again then
+
+
+def test_beat_schedule_entries_built_again_keep_their_overrides(rig: Rig) -> None:  # noqa: F811
+    """An entry built again from beat_schedule is the one its override says:
+    enabled at runtime though beat_schedule disables it (it fires), and the
+    other way round (it does not)."""
+    lock, term = rig.lead("a")
+    app = Celery("memory", broker=rig.lease_url, set_as_current=False)
+    app.conf.update(leader_name=rig.name, beat_schedule={
+        "paused": {"task": "proj.job", "schedule": crontab(minute="*"), "enabled": False},
+        "on": {"task": "proj.job", "schedule": crontab(minute="*")}})
+    store = ScheduleStore(app, lock)
+    store.enable("paused")
+    store.disable("on")
+    started = FIRE - timedelta(seconds=30)
+    runner = ScheduleRunner(app, lock, LeaderSettings(redis_url=rig.lease_url, name=rig.name,
+                                                      retry_period=0.1),
+                            now=lambda: started.timestamp())
+    loaded = runner._load(started)
+    assert [e.name for e in runner._cold] == ["paused"] and runner._cold[0].enabled
+    assert runner._fire_all_due(loaded, term, FIRE + timedelta(seconds=1), started)
+    assert [t for t, _, _ in broker_ticks(rig.client)] == [f"paused@{to_ms(FIRE)}"]

@@ -272,9 +272,10 @@ def test_a_runtime_entry_clashing_with_beat_schedule_is_ignored_with_one_error(
     lock, _ = h.lead("w")
     runner = h.runner(app, lock, clock)
     with caplog.at_level(logging.ERROR, logger="celery_leader.scheduler"):
-        runner._load_slots(at(0.5))
-        slots = runner._load_slots(at(0.6), runner._load_slots(at(0.5)))
-    assert slots["every"].entry.task == "app.tick" and not slots["every"].entry.runtime
+        runner._load(at(0.5))
+        loaded = runner._load(at(0.6), runner._load(at(0.5)))
+    assert "every" in loaded.queue.fire_times() and "every" not in loaded.held
+    assert runner._entry(loaded, "every").task == "app.tick"
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert len(errors) == 1 and "'app.other'" in errors[0] and "'app.tick'" in errors[0]
 
@@ -299,7 +300,7 @@ def test_a_removed_runtime_entry_leaves_no_progress_behind(h: Harness) -> None:
     # record its first-seen time again.
     calls = len(sent(app).calls)
     assert runner._claim_and_publish(entry, at(5), term, publish=True)
-    assert store.first_seen([entry], ms(5)) == {}
+    assert store.first_seen(["rt"], ms(5), runtime={"rt"}) == {}
     assert not h.client.hexists(store.state_key, "rt")
     assert not h.client.hexists(store.first_seen_key, "rt")
     assert len(sent(app).calls) == calls and h.pending() == {}

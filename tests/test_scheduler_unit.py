@@ -201,14 +201,14 @@ def expected_ids(name: str, entry: str, offsets: list[float]) -> list[str]:
 def spy_loads(runner: ScheduleRunner) -> list[datetime]:
     """Records the ``started_at`` of every (re)load of the entries."""
     loads: list[datetime] = []
-    original = runner._load_slots
+    original = runner._load
 
     def load(started_at: datetime, previous: Any = None) -> Any:
         result = original(started_at, previous)
         loads.append(started_at)
         return result
 
-    runner._load_slots = load  # type: ignore[method-assign]
+    runner._load = load  # type: ignore[method-assign]
     return loads
 
 
@@ -321,36 +321,31 @@ def test_misfire_grace_applies_to_late_current_ticks_and_per_entry(h: Harness) -
 
 
 def test_a_tick_due_within_the_same_millisecond_is_fired_not_spun_on(h: Harness) -> None:
-    """The loop pops a slot when its fire time, in whole ms, is not after now (in
-    whole ms).  An interval entry anchored at a sub-ms instant can be due by that
-    test while its exact fire time is still a fraction of a ms away: _fire_due
-    must still fire it and move the slot on, or the loop re-pops it forever
-    (a busy loop that stops all dispatching and ignores the stop event)."""
+    """The loop pops an entry when its fire time, in whole ms, is not after now
+    (in whole ms).  An interval entry anchored at a sub-ms instant can be due by
+    that test while its exact fire time is still a fraction of a ms away: it must
+    still be fired and queued again later, or the loop re-pops it forever (a
+    busy loop that stops all dispatching and ignores the stop event)."""
     app = h.app({"every-1s": {"task": "app.tick", "schedule": 1.0, "args": ("i",)}})
     lock, term = h.lead("a")
     runner = h.runner(app, lock, Clock())
     started = at(0.0003)
-    slot = runner._load_slots(started)["every-1s"]
-    assert slot.next == at(1.0003)
+    loaded = runner._load(started)
+    assert loaded.queue.first() == at(1.0003)
     now = at(1.0001)
-    assert round(slot.next.timestamp() * 1000) == round(now.timestamp() * 1000)
-    assert runner._fire_due(slot, term, now, started) is True
-    assert round(slot.next.timestamp() * 1000) > round(now.timestamp() * 1000)
+    assert round(loaded.queue.first().timestamp() * 1000) == round(now.timestamp() * 1000)
+    assert runner._fire_all_due(loaded, term, now, started) is True
+    assert round(loaded.queue.first().timestamp() * 1000) > round(now.timestamp() * 1000)
     # Not silently passed over (fire times travel in whole ms: 1.0003 is 1.000).
     assert sent(app).fire_times("i") == [iso(1)]
     # Fired once; asked again at the same instant, nothing more is due.
-    assert runner._fire_due(slot, term, now, started) is True
+    assert runner._fire_all_due(loaded, term, now, started) is True
     assert len(sent(app).calls) == 1
-    # Once the slot has a last fire time, a miss here would leave ``next`` where it
-    # was (next after last): that is the endless pop/push.
-    assert slot.last == at(1.0003) and slot.next == at(2.0003)
+    assert loaded.queue.first() == at(2.0003)
     now = at(2.0001)
-    assert runner._fire_due(slot, term, now, started) is True
-    assert round(slot.next.timestamp() * 1000) > round(now.timestamp() * 1000)
+    assert runner._fire_all_due(loaded, term, now, started) is True
+    assert round(loaded.queue.first().timestamp() * 1000) > round(now.timestamp() * 1000)
     assert sent(app).fire_times("i") == [iso(1), iso(2)]
-
-
-# ---------------------------------------------------------------- hand-over
 
 
 def test_next_term_continues_exactly_where_the_previous_one_stopped(h: Harness) -> None:
@@ -819,7 +814,7 @@ def test_unknown_task_name_is_warned_once_and_still_sent(
                                                       name=election_name))
     started = datetime.now(timezone.utc)
     with caplog.at_level(logging.WARNING, logger="celery_leader.scheduler"):
-        slots = runner._load_slots(started)
-        runner._load_slots(started, slots)
+        loaded = runner._load(started)
+        runner._load(started, loaded)
     assert caplog.text.count("proj.tasks.no_such_task") == 1
-    assert "typo" in slots
+    assert "typo" in loaded.queue.fire_times()

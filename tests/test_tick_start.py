@@ -28,7 +28,7 @@ from celery_leader.tickstart import (
     TickStartClaim,
     guard_tick_starts,
 )
-from tests.test_atomic_publish import Rig
+from tests.test_atomic_publish import FIRE, Rig
 
 QUEUE = "celery"
 
@@ -255,6 +255,7 @@ def test_entries_sending_an_unregistered_task_are_named_in_one_line(
     entries = {f"h{i}": entry_from_config(f"h{i}", {"task": "not.registered", "schedule": 60},
                                           runner.app) for i in range(50)}
     with caplog.at_level("WARNING", logger="celery_leader.scheduler"):
-        runner._warn_unknown_tasks(entries)
+        runner.config_entries = entries
+        runner._load(FIRE)
     lines = [r.getMessage() for r in caplog.records if "does not register" in r.getMessage()]
     assert len(lines) == 1 and "50 entries 'h0', 'h1', 'h2', ... send task" in lines[0], lines

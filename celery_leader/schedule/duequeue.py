@@ -55,11 +55,21 @@ class DueQueue:
             names.append(name)
         return False
 
-    def pop_first(self) -> list[str]:
-        """The names due at the earliest fire time, removed."""
+    def pop_first(self) -> tuple[datetime, list[str]]:
+        """The earliest fire time and the names due then, removed."""
         at = heapq.heappop(self._times)
         names = self._names.pop(at)
-        return [names] if isinstance(names, str) else names
+        return at, [names] if isinstance(names, str) else names
+
+    def fire_times(self) -> dict[str, datetime]:
+        """Each name's fire time (a new dict: for a reload, not the loop)."""
+        found: dict[str, datetime] = {}
+        for at, names in self._names.items():
+            if isinstance(names, str):
+                found[names] = at
+            else:
+                found.update(dict.fromkeys(names, at))
+        return found
 
     def within(self, after: datetime | None, until: datetime) -> list[tuple[datetime, str]]:
         """Every (time, name) with ``after`` < time <= ``until`` (any time up to

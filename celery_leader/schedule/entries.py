@@ -13,7 +13,7 @@ import ctypes.util
 import gc
 import json
 import math
-from collections.abc import Hashable, Iterator
+from collections.abc import Hashable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -325,13 +325,7 @@ def entry_from_config(name: str, spec: Any, app: Any,
         raise EntryError(f"{what} {name!r}: misfire_grace must be positive seconds")
     relative = bool(spec.get("relative", False))
     try:
-        if not relative and type(raw) in (float, int, timedelta):
-            sched = raw  # checked above; held as given (interval_of)
-        elif interned is not None:
-            sched = interned.schedule(raw, relative, app)
-        else:
-            sched = maybe_schedule(raw, relative=relative, app=app)
-            _check_computes(sched)
+        sched = _schedule_of(raw, relative, app, interned)
     except Exception as exc:
         raise EntryError(f"{what} {name!r}: schedule {raw!r} cannot compute its "
                          f"next fire time: {exc}") from exc
@@ -341,6 +335,17 @@ def entry_from_config(name: str, spec: Any, app: Any,
     return Entry(name, task, sched, tuple(args), kwargs if kwargs is empty else dict(kwargs),
                  options, catch_up, float(grace) if grace is not None else None,
                  bool(spec.get("enabled", True)), runtime)
+
+
+def _schedule_of(raw: Any, relative: bool, app: Any, interned: Interned | None) -> Any:
+    """The schedule an entry holds for its ``raw`` schedule (checked by the caller)."""
+    if not relative and type(raw) in (float, int, timedelta):
+        return raw  # held as given (interval_of)
+    if interned is not None:
+        return interned.schedule(raw, relative, app)
+    sched = maybe_schedule(raw, relative=relative, app=app)
+    _check_computes(sched)
+    return sched
 
 
 def interval_seconds(what: str, value: Any) -> float:
@@ -432,15 +437,86 @@ def release_freed_memory() -> None:
         _MALLOC_TRIM(0)
 
 
-def entries_from_config(app: Any) -> dict[str, Entry]:
-    """Every ``beat_schedule`` entry, or EntryError for the first bad one."""
+def _beat_schedule(app: Any) -> dict[str, Any]:
     schedule_conf = app_setting(app, "beat_schedule", None) or {}
     if not isinstance(schedule_conf, dict):
         raise EntryError(f"beat_schedule must be a dict, got {type(schedule_conf).__name__}")
+    return schedule_conf
+
+
+def entries_from_config(app: Any) -> dict[str, Entry]:
+    """Every ``beat_schedule`` entry, or EntryError for the first bad one."""
+    schedule_conf = _beat_schedule(app)
     interned = Interned()
     with gc_paused():
         return {name: entry_from_config(name, spec, app, interned=interned)
                 for name, spec in schedule_conf.items()}
+
+
+Definition = tuple[str, Any, bool, str]
+"""What loading an entry needs of it: (name, schedule, enabled, task)."""
+
+
+class BeatSchedule(Mapping[str, Entry]):
+    """The app's ``beat_schedule`` entries, by name: validated whole at start-up
+    (EntryError naming the first bad one), each :class:`Entry` built again from
+    its definition whenever it is asked for.
+
+    Problem.  An Entry per item costs ~120 bytes and repeats what beat_schedule
+    already holds: 12 MB for 100,000 entries, nearly all of them idle for hours.
+    Mechanism.  The runner loads the schedule from the definitions themselves
+    (:meth:`definitions`: name, schedule, enabled, task; no object per entry)
+    and holds Entry objects only for the entries due soon.  A rebuilt entry
+    equals the one validated (same definition, same app), so the two are
+    interchangeable.  Like ``celery beat``, this reads beat_schedule as it is at
+    start-up: change it by restarting, not by editing the dict of a running app.
+    """
+
+    __slots__ = ("_app", "_interned", "_specs")
+
+    def __init__(self, app: Any) -> None:
+        self._app = app
+        self._specs = _beat_schedule(app)
+        interned = Interned()
+        with gc_paused():
+            for name, spec in self._specs.items():
+                # Built and dropped one by one: validated, and nothing held.
+                entry_from_config(name, spec, app, interned=interned)
+        # Entries built again share their schedules (each checked once more, not
+        # at every build: a herd of 10,000 crontab entries is rebuilt ahead of it).
+        self._interned = Interned()
+
+    def __getitem__(self, name: str) -> Entry:
+        if len(self._interned.schedules) > 1024:
+            self._interned = Interned()
+        return entry_from_config(name, self._specs[name], self._app, interned=self._interned)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._specs
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._specs)
+
+    def __len__(self) -> int:
+        return len(self._specs)
+
+    def definitions(self) -> Iterator[Definition]:
+        """Every entry's :data:`Definition`, without an Entry: a load of 100,000
+        entries makes no object per entry (entries alike share their schedule)."""
+        interned = Interned()
+        app = self._app
+        for name, spec in self._specs.items():
+            yield (name, _schedule_of(spec["schedule"], bool(spec.get("relative", False)),
+                                      app, interned),
+                   bool(spec.get("enabled", True)), spec["task"])
+
+
+def definitions_of(entries: Mapping[str, Entry]) -> Iterator[Definition]:
+    """The :data:`Definition` of each of ``entries`` (a :class:`BeatSchedule`
+    makes them from beat_schedule, without an Entry each)."""
+    if isinstance(entries, BeatSchedule):
+        return entries.definitions()
+    return ((name, entry.schedule, entry.enabled, entry.task) for name, entry in entries.items())
 
 
 # ---------------------------------------------------------------- runtime JSON

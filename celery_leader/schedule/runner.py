@@ -36,11 +36,12 @@ under ``{<name>-beat}``; the first owner of the schedule merges those keys in
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -53,7 +54,14 @@ from ..election.metrics import Family
 from ..election.redact import secret_safe_logger
 from ..election.redislock import FENCED, RedisLock, as_text, key_of
 from .duequeue import DueQueue
-from .entries import Entry, entries_from_config, gc_paused
+from .entries import (
+    BeatSchedule,
+    Entry,
+    definitions_of,
+    first_fire_after,
+    gc_paused,
+    next_fire_after,
+)
 from .herd import (
     HERD_DISPATCH_LUA,
     Claim,
@@ -235,10 +243,17 @@ _Tally = tuple[int, int, int]  # due ticks skipped by policy, by grace; caught u
 
 
 @dataclass(slots=True)
-class _Slot:
-    entry: Entry
-    last: datetime | None  # last fire time claimed (dispatched or skipped)
-    next: datetime
+class Loaded:
+    """The schedule as the runner last loaded it.
+
+    An entry costs its place in ``queue`` and no object of its own: a
+    beat_schedule entry's Entry is built again from beat_schedule when it comes
+    within TEMPLATES_AHEAD (entries.BeatSchedule), so 100,000 idle entries hold
+    ~100 bytes each.  Only the entries from elsewhere are ``held``.
+    """
+
+    queue: DueQueue  # the enabled entries by next fire time
+    held: dict[str, Entry]  # the runtime entries and an EntrySource's, enabled or not
 
 
 class ScheduleRunner:
@@ -264,7 +279,9 @@ class ScheduleRunner:
         self.lock = lock
         self.settings = settings
         self.store = ScheduleStore(app, lock, entries_name=settings.name)
-        self.config_entries = entries_from_config(app) if entries is None else entries
+        # beat_schedule, validated now; its entries are built when they come near.
+        self.config_entries: Mapping[str, Entry] = (BeatSchedule(app) if entries is None
+                                                    else entries)
         self.still_leading = still_leading
         self._now = now
         # More entries, from outside Redis (source.py); re-read when its version moves.
@@ -297,6 +314,8 @@ class ScheduleRunner:
         self._sent_pending: set[str] = set()
         self._warned_unknown: set[str] = set()  # task names
         self._cold: list[Entry] = []  # entries due soon whose templates are not built yet
+        # The beat_schedule entries due within TEMPLATES_AHEAD, built (BeatSchedule).
+        self._near: dict[str, Entry] = {}
         # Entries due by this instant (ms) are in _cold or have templates; None: none yet.
         self._warm_horizon: datetime | None = None
         self._dispatched = 0
@@ -501,9 +520,7 @@ class ScheduleRunner:
             return
         version = self.store.version()
         source_version = self.source.version() if self.source is not None else None
-        with gc_paused():
-            slots = self._load_slots(started_at)
-            heap = self._heap(slots)
+        loaded = self._load(started_at)
         next_check = time.monotonic() + self.settings.retry_period
         while not stop.is_set():
             if time.monotonic() >= next_check:
@@ -515,20 +532,19 @@ class ScheduleRunner:
                 current = self.store.version()
                 if current != version:
                     version = current
-                    slots = self._load_slots(datetime.fromtimestamp(self._now(), UTC), slots)
-                    heap = self._heap(slots)
+                    loaded = self._load(datetime.fromtimestamp(self._now(), UTC), loaded)
             if self.source is not None and self.source.version() != source_version:
                 source_version = self.source.version()
-                slots = self._load_slots(datetime.fromtimestamp(self._now(), UTC), slots)
-                heap = self._heap(slots)
+                loaded = self._load(datetime.fromtimestamp(self._now(), UTC), loaded)
             now = datetime.fromtimestamp(self._now(), UTC)
-            if heap and to_ms(heap.first()) <= to_ms(now) \
-                    and not self._fire_all_due(heap, slots, term, now, started_at):
+            queue = loaded.queue
+            if queue and to_ms(queue.first()) <= to_ms(now) \
+                    and not self._fire_all_due(loaded, term, now, started_at):
                 return  # fenced: this term is over
             timeout = next_check - time.monotonic()
-            if heap:
-                timeout = min(timeout, heap.first().timestamp() - self._now())
-                self._look_ahead(heap, slots, now)
+            if queue:
+                timeout = min(timeout, queue.first().timestamp() - self._now())
+                self._look_ahead(loaded, now)
             if self._cold and timeout > WARM_MARGIN:
                 self._warm_templates(time.monotonic() + min(timeout - WARM_MARGIN, WARM_SLICE))
                 continue
@@ -536,33 +552,34 @@ class ScheduleRunner:
             if timeout > 0:
                 self._wake.wait(timeout)
 
-    def _heap(self, slots: dict[str, _Slot]) -> DueQueue:
-        """The enabled entries by next fire time (duequeue.py; due when its whole
-        ms is, as in :meth:`_due_claims`).  Templates are looked at afresh: only
-        the entries due within TEMPLATES_AHEAD keep theirs or get one built
-        (:meth:`_look_ahead`)."""
-        heap = DueQueue((s.next, name) for name, s in slots.items() if s.entry.enabled)
-        self._cold = []
-        self._warm_horizon = None
-        self._look_ahead(heap, slots, datetime.fromtimestamp(self._now(), UTC))
-        return heap
-
-    def _look_ahead(self, heap: DueQueue, slots: dict[str, _Slot], now: datetime) -> None:
+    def _look_ahead(self, loaded: Loaded, now: datetime) -> None:
         """Queue the templates of the entries that came within TEMPLATES_AHEAD
-        of ``now`` to be built while idle, the soonest due last (popped first).
-        Runs when less than half the window is left, and visits only the fire
-        times within the window (DueQueue.within)."""
+        of ``now`` to be built while idle, the soonest due last (popped first),
+        and hold their Entry objects (:meth:`_entry`).  Runs when less than half
+        the window is left, and visits only the fire times within the window
+        (DueQueue.within)."""
         horizon = now + timedelta(seconds=TEMPLATES_AHEAD)
         previous = self._warm_horizon
         if previous is not None and previous - now >= timedelta(seconds=TEMPLATES_AHEAD / 2):
             return
         self._warm_horizon = horizon
-        found = heap.within(previous, horizon)
+        found = loaded.queue.within(previous, horizon)
         if previous is None:
-            # A fresh heap: keep only the templates of the entries due soon.
+            # A fresh load: keep only the templates of the entries due soon.
             self.herd.keep_templates_of({name for _, name in found})
         found.sort(reverse=True)
-        self._cold[:0] = [slots[name].entry for _, name in found]
+        self._cold[:0] = [self._entry(loaded, name) for _, name in found]
+
+    def _entry(self, loaded: Loaded, name: str) -> Entry:
+        """Entry ``name`` of ``loaded`` (enabled: it is in the queue); a
+        beat_schedule entry is built, and held while it is due within the window."""
+        entry = loaded.held.get(name) or self._near.get(name)
+        if entry is None:
+            entry = self.config_entries[name]
+            if not entry.enabled:  # enabled by an override (the queue has enabled ones only)
+                entry = replace(entry, enabled=True)
+            self._near[name] = entry
+        return entry
 
     def _warm_templates(self, deadline: float) -> None:
         """Build message templates ahead of the ticks (herd.py), so a herd at the
@@ -574,66 +591,88 @@ class ScheduleRunner:
             log.warning("celery-leader: could not build message templates ahead (%s); they "
                         "are built at each entry's first tick", error)
 
-    def _load_slots(self, started_at: datetime,
-                    previous: dict[str, _Slot] | None = None) -> dict[str, _Slot]:
-        entries = self.store.entries(self.config_entries)
-        if self.source is not None:
-            entries = self.store.with_external(entries, self.source.entries())
+    def _load(self, started_at: datetime, previous: Loaded | None = None) -> Loaded:
+        """Load the schedule: every entry's next fire time, from its progress in
+        Redis (or where the schedule first saw it); ``previous``: the schedule as
+        loaded before, for a reload while leading.  Templates are looked at
+        afresh: only the entries due within TEMPLATES_AHEAD keep theirs or get one
+        built (:meth:`_look_ahead`)."""
+        with gc_paused():
+            loaded = self._load_entries(started_at, previous)
+        self._cold = []
+        self._near = {}
+        self._warm_horizon = None
+        self._look_ahead(loaded, datetime.fromtimestamp(self._now(), UTC))
+        return loaded
+
+    def _load_entries(self, started_at: datetime, previous: Loaded | None) -> Loaded:
+        config = self.config_entries
+        overrides = self.store.overrides()
+        held = self.store.beside(config, self.source.entries() if self.source else {})
         states = self.store.states()
-        self._warn_unknown_tasks(entries)
-        self.stats.entries_loaded = len(entries)
+        self.stats.entries_loaded = len(config) + len(held)
         self.stats.entries_invalid = self.store.invalid_runtime_entries
-        slots: dict[str, _Slot] = {}
-        for name, entry in entries.items():
-            old = previous.get(name) if previous is not None else None
-            if (old is not None and old.entry.enabled and old.entry == entry
-                    and name not in states):
-                # Unchanged and not fired yet: keep its first fire time (a reload
-                # anchored at "now" would postpone an interval entry every time).
-                slots[name] = replace(old)
+        # An enabled entry not fired since the previous load keeps the fire time
+        # it had there (a reload anchored at "now" would postpone an interval
+        # entry every time), unless it changed (a beat_schedule entry cannot).
+        kept: dict[str, datetime] = {}
+        was_due = previous.queue.fire_times() if previous is not None else {}
+        for name, fire in was_due.items():
+            if name not in states and (name in config or (
+                    previous is not None and previous.held.get(name) == held.get(name))):
+                kept[name] = fire
         # An entry that has not fired is anchored where the schedule first saw
         # it, by whichever leader: a fail-over must not postpone its first tick.
-        fresh = [entry for name, entry in entries.items()
-                 if name not in states and name not in slots]
-        first_seen = self.store.first_seen(fresh, to_ms(started_at))
-        moved: list[Entry] = []
         started_ms = to_ms(started_at)
-        # Entries alike (one schedule, one anchor) share their next fire time's object.
-        fire_times: dict[datetime, datetime] = {}
-        for name, entry in entries.items():
-            if name in slots:
+        first_seen = self.store.first_seen(
+            (name for name in itertools.chain(config, held)
+             if name not in states and name not in kept), started_ms, runtime=held)
+        try:
+            known: set[str] | None = set(self.app.tasks) | self._warned_unknown
+        except Exception:  # pragma: no cover - an app that cannot list its tasks
+            known = None
+        unknown: dict[str, list[str]] = {}  # task -> the entries that send it
+        moved: list[str] = []
+        queue = DueQueue()
+        for name, sched, enabled, task in itertools.chain(
+                definitions_of(config),
+                ((name, e.schedule, e.enabled, e.task) for name, e in held.items())):
+            if known is not None and task not in known:
+                unknown.setdefault(task, []).append(name)
+            if name in overrides and name in config:
+                enabled = overrides[name]
+            was = kept.get(name) if enabled else None
+            if was is not None:
+                queue.push(was, name)
                 continue
             state = states.get(name)
             last = from_ms(state["last"]) if state else None
-            seen = first_seen.get(name, started_ms)
-            # Stored in whole ms; when it is this leader's own start, keep the exact instant.
-            seen_at = started_at if seen == started_ms else from_ms(seen)
-            fire = next_fire_time(entry, last, seen_at, started_at)
-            old = previous.get(name) if previous is not None else None
             if previous is not None and last is None:
                 # Added, changed or re-enabled while leading, never fired: count
                 # from now, and so does every later leader.
-                fire = entry.first_fire_after(started_at)
-                moved.append(entry)
-            elif previous is not None and (old is None or not old.entry.enabled):
+                moved.append(name)
+                if enabled:
+                    queue.push(first_fire_after(sched, started_at), name)
+                continue
+            if not enabled:
+                continue
+            seen = first_seen.get(name, started_ms)
+            # Stored in whole ms; when it is this leader's own start, keep the exact instant.
+            seen_at = started_at if seen == started_ms else from_ms(seen)
+            if previous is not None and name not in was_due:
                 # Re-enabled while leading: no catch-up for the time it was disabled.
-                fire = entry.next_fire_after(max(last or seen_at, started_at))
-            slots[name] = _Slot(entry, last, fire_times.setdefault(fire, fire))
-        self.store.first_seen(moved, to_ms(started_at), move=True)
-        return slots
+                fire = next_fire_after(sched, max(last or seen_at, started_at))
+            else:
+                fire = next_fire_time(sched, last, seen_at, started_at)
+            queue.push(fire, name)
+        self.store.first_seen(moved, started_ms, move=True, runtime=held)
+        self._warn_unknown_tasks(unknown)
+        return Loaded(queue, held)
 
-    def _warn_unknown_tasks(self, entries: dict[str, Entry]) -> None:
+    def _warn_unknown_tasks(self, unknown: dict[str, list[str]]) -> None:
         """One warning per task name this app does not register (not one per
         entry: 100,000 entries of one task log one line)."""
         # Still sent: the task may be registered only on other workers.
-        try:
-            known = set(self.app.tasks)
-        except Exception:  # pragma: no cover - an app that cannot list its tasks
-            return
-        unknown: dict[str, list[str]] = {}
-        for name, entry in entries.items():
-            if entry.task not in known and entry.task not in self._warned_unknown:
-                unknown.setdefault(entry.task, []).append(name)
         for task, names in unknown.items():
             self._warned_unknown.add(task)
             shown = ", ".join(repr(name) for name in names[:3])
@@ -645,36 +684,37 @@ class ScheduleRunner:
 
     # -- one entry ------------------------------------------------------------
 
-    def _fire_all_due(self, heap: DueQueue, slots: dict[str, _Slot],
-                      term: int, now: datetime, started_at: datetime) -> bool:
+    def _fire_all_due(self, loaded: Loaded, term: int, now: datetime,
+                      started_at: datetime) -> bool:
         """Pop every entry due by ``now`` (a herd: thousands at the top of the
         hour), claim and publish their ticks in fenced batches (herd.py), then
-        move each slot on.  False when the term is over."""
+        queue each at its next fire time.  False when the term is over."""
         now_ms = to_ms(now)
+        queue = loaded.queue
         claims: list[Claim] = []
-        # (name, slot, new last, new next, claims up to here, tally of skipped/caught up)
-        due: list[tuple[str, _Slot, datetime | None, datetime, int, _Tally]] = []
-        while heap and to_ms(heap.first()) <= now_ms:
-            for name in heap.pop_first():
-                slot = slots.get(name)
-                if slot is None or not slot.entry.enabled:
-                    continue
-                last, fire_next, tally = self._due_claims(slot, now, now_ms, started_at, claims)
-                due.append((name, slot, last, fire_next, len(claims), tally))
+        # (name, its entry, its new next fire time, claims up to here, its tally)
+        due: list[tuple[str, Entry, datetime, int, _Tally]] = []
+        while queue and to_ms(queue.first()) <= now_ms:
+            fire, names = queue.pop_first()
+            for name in names:
+                entry = self._entry(loaded, name)
+                fire_next, tally = self._due_claims(entry, fire, now, now_ms, started_at,
+                                                    claims)
+                due.append((name, entry, fire_next, len(claims), tally))
         done = self.herd.dispatch(claims, term)
-        for _, slot, _, _, claims_end, tally in due:
+        for _, entry, _, claims_end, tally in due:
             # Counted as one by one would: for the entries whose claims all went through.
             if claims_end <= self.herd.claims_done:
-                self._count(slot.entry, tally)
+                self._count(entry, tally)
         if not done:
             return False
         horizon = self._warm_horizon
-        for name, slot, last, fire_next, _, _ in due:
-            slot.last, slot.next = last, fire_next
-            heap.push(fire_next, name)
+        for name, _, fire_next, _, _ in due:
+            queue.push(fire_next, name)
             if horizon is not None and fire_next > horizon:
                 # Not due again within the window: built again when it comes near.
                 self.herd.forget_template(name)
+                self._near.pop(name, None)
         return True
 
     def _count(self, entry: Entry, tally: _Tally) -> None:
@@ -689,25 +729,24 @@ class ScheduleRunner:
         if claim.entry.source and self.source is not None:
             self._tell_source(self.source, claim.entry, from_ms(claim.fire_ms), claim.publish)
 
-    def _due_claims(self, slot: _Slot, now: datetime, now_ms: int, started_at: datetime,
-                    claims: list[Claim]) -> tuple[datetime | None, datetime, _Tally]:
-        """Append the slot's claims due by ``now`` (catch-up policy, misfire grace)
-        and return its new (last, next) fire times and the ticks (skipped by the
-        policy, skipped by the grace, caught up) for the metrics.  Schedule arithmetic runs once
-        per tick: the first fire time not due is the slot's next."""
-        entry = slot.entry
+    def _due_claims(self, entry: Entry, fire: datetime, now: datetime, now_ms: int,
+                    started_at: datetime, claims: list[Claim]) -> tuple[datetime, _Tally]:
+        """Append the claims of ``entry``'s ticks from ``fire`` (its next fire time)
+        due by ``now`` (catch-up policy, misfire grace), and return its next fire
+        time then and the ticks (skipped by the policy, skipped by the grace,
+        caught up) for the metrics.  Schedule arithmetic runs once per tick: the
+        first fire time not due is the next."""
         policy = entry.catch_up or self.settings.catch_up
         grace = entry.misfire_grace if entry.misfire_grace is not None \
             else self.settings.misfire_grace
         # Compared in whole milliseconds, like the heap keys: a tick the heap calls
         # due must be due here too, or the loop would pop and push it forever.
         due: list[datetime] = []
-        fire = slot.next
         while to_ms(fire) <= now_ms:
             due.append(fire)
             fire = entry.next_fire_after(fire)
         if not due:
-            return slot.last, entry.next_fire_after(slot.last or now), (0, 0, 0)
+            return fire, (0, 0, 0)
         if len(due) == 1 and due[0] >= started_at:
             send = due  # the usual case: one current tick
         else:
@@ -730,18 +769,7 @@ class ScheduleRunner:
             claims.append(Claim(entry, to_ms(due[-1]), False))
         tally = (len(due) - after_policy, after_policy - len(send),
                  sum(1 for tick in send if tick < started_at))
-        return due[-1], fire, tally
-
-    def _fire_due(self, slot: _Slot, term: int, now: datetime, started_at: datetime) -> bool:
-        """Claim and publish one slot's due ticks (the loop batches all due slots
-        through :meth:`_fire_all_due`; this is the same for one)."""
-        claims: list[Claim] = []
-        last, fire_next, tally = self._due_claims(slot, now, to_ms(now), started_at, claims)
-        if not self.herd.dispatch(claims, term):
-            return False
-        self._count(slot.entry, tally)
-        slot.last, slot.next = last, fire_next
-        return True
+        return fire, tally
 
     def _claim_and_publish(self, entry: Entry, fire: datetime, term: int, publish: bool) -> bool:
         fire_ms = to_ms(fire)

@@ -11,7 +11,7 @@ and the Celery app for ``beat_schedule``; it never reads ``leader_*`` settings
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Container, Iterable, Mapping
 from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any
@@ -28,6 +28,8 @@ from .entries import (
     entry_from_config,
     entry_from_json,
     entry_to_json,
+    first_fire_after,
+    next_fire_after,
 )
 
 # Logger names are part of the interface (users configure them): the old module's.
@@ -96,15 +98,15 @@ return removed
 """
 
 
-def next_fire_time(entry: Entry, last: datetime | None, first_seen: datetime | None,
+def next_fire_time(schedule: Any, last: datetime | None, first_seen: datetime | None,
                    now: datetime) -> datetime:
-    """Where the runner puts an entry's next tick when it loads it: after its last
-    claimed fire time; if it never fired, after where the schedule first saw it;
-    if no leader has seen it yet, after ``now``.  ``celery leader schedule``
-    shows the same."""
+    """Where the runner puts an entry's next tick when it loads it (``schedule``:
+    the entry's): after its last claimed fire time; if it never fired, after
+    where the schedule first saw it; if no leader has seen it yet, after
+    ``now``.  ``celery leader schedule`` shows the same."""
     if last is not None:
-        return entry.next_fire_after(last)
-    return entry.first_fire_after(first_seen or now)
+        return next_fire_after(schedule, last)
+    return first_fire_after(schedule, first_seen or now)
 
 
 def _iso_unless_never(moment: datetime) -> str | None:
@@ -179,7 +181,7 @@ class ScheduleStore:
             log.error("celery-leader: ignoring malformed override of entry %r: %r", name, raw)
         return overrides
 
-    def apply_overrides(self, static: dict[str, Entry]) -> dict[str, Entry]:
+    def apply_overrides(self, static: Mapping[str, Entry]) -> dict[str, Entry]:
         """A copy of ``static`` with the overrides applied (only the entries an
         override changes are new objects: 100k entries are not copied each time)."""
         entries = dict(static)
@@ -189,39 +191,41 @@ class ScheduleStore:
                 entries[name] = replace(entry, enabled=enabled)
         return entries
 
-    def entries(self, static: dict[str, Entry]) -> dict[str, Entry]:
-        """``static`` (beat_schedule, overrides applied) and the runtime entries.  A
-        runtime entry named like a beat_schedule entry (stored before that entry
-        was added to beat_schedule) is ignored, with an error logged once."""
+    def entries(self, static: Mapping[str, Entry],
+                external: Mapping[str, Entry] | None = None) -> dict[str, Entry]:
+        """Every entry: ``static`` (beat_schedule) with the overrides applied, and
+        :meth:`beside` it the runtime ones and ``external`` (an EntrySource's)."""
         entries = self.apply_overrides(static)
+        entries.update(self.beside(static, external or {}))
+        return entries
+
+    def beside(self, static: Mapping[str, Entry],
+               external: Mapping[str, Entry]) -> dict[str, Entry]:
+        """The runtime entries and ``external`` (an EntrySource's, source.py) that
+        ``static`` (beat_schedule) leaves: an entry named like one before it
+        (beat_schedule, then runtime) is ignored, with an error logged once."""
+        beside: dict[str, Entry] = {}
         for name, entry in self.runtime_entries().items():
-            if name not in entries:
-                entries[name] = entry
+            if name not in static:
+                beside[name] = entry
             elif name not in self._warned_clashes:
+                # Stored before that entry was added to beat_schedule.
                 self._warned_clashes.add(name)
                 log.error("celery-leader: ignoring runtime entry %r (task %r): beat_schedule "
                           "has an entry %r (task %r), which wins; remove the runtime one with "
                           "`celery leader schedule remove %s`", name, entry.task, name,
-                          entries[name].task, name)
-        return entries
-
-    def with_external(self, entries: dict[str, Entry],
-                      external: Mapping[str, Entry]) -> dict[str, Entry]:
-        """``entries`` (beat_schedule and runtime ones) and an EntrySource's
-        (source.py).  One named like an entry already there is ignored, with an
-        error logged once: beat_schedule and runtime entries win."""
-        merged = dict(entries)
+                          static[name].task, name)
         for name, entry in external.items():
-            if name not in merged:
-                merged[name] = entry
+            if name not in static and name not in beside:
+                beside[name] = entry
             elif (entry.source, name) not in self._warned_external:
                 self._warned_external.add((entry.source, name))
+                winner = beside[name] if name in beside else static[name]
                 log.error("celery-leader: ignoring %s entry %r (task %r): the schedule has a "
                           "%s entry %r (task %r), which wins; rename one of them",
                           entry.source, name, entry.task,
-                          "runtime" if merged[name].runtime else "beat_schedule", name,
-                          merged[name].task)
-        return merged
+                          "runtime" if winner.runtime else "beat_schedule", name, winner.task)
+        return beside
 
     # -- runtime entries (validated before anything is written) --------------
 
@@ -333,28 +337,29 @@ class ScheduleStore:
 
     # -- progress -------------------------------------------------------------
 
-    def first_seen(self, entries: Iterable[Entry], now_ms: int,
-                   move: bool = False) -> dict[str, int]:
-        """When the schedule first saw each entry (``now_ms`` if never, or with
-        ``move``): where an interval entry that has not fired yet is anchored,
-        whoever leads.  A runtime entry removed meanwhile is left out."""
-        entries = list(entries)
+    def first_seen(self, names: Iterable[str], now_ms: int, move: bool = False,
+                   runtime: Container[str] = ()) -> dict[str, int]:
+        """When the schedule first saw each entry of ``names`` (``now_ms`` if
+        never, or with ``move``): where an interval entry that has not fired yet
+        is anchored, whoever leads.  An entry in ``runtime`` (a runtime entry)
+        that was removed meanwhile is left out."""
+        names = list(names)
         seen: dict[str, int] = {}
-        for start in range(0, len(entries), FIRST_SEEN_CHUNK):
-            chunk = entries[start:start + FIRST_SEEN_CHUNK]
+        for start in range(0, len(names), FIRST_SEEN_CHUNK):
+            chunk = names[start:start + FIRST_SEEN_CHUNK]
             reply = as_text(self._first_seen(
                 keys=[self.first_seen_key, self.entries_key],
                 args=[now_ms, "move" if move else "keep",
-                      json.dumps([("r" if e.runtime else "s") + e.name for e in chunk])]))
-            for entry, raw in zip(chunk, reply.split(","), strict=True):
+                      json.dumps([("r" if name in runtime else "s") + name
+                                  for name in chunk])]))
+            for name, raw in zip(chunk, reply.split(","), strict=True):
                 if not raw:
                     continue  # a runtime entry that was removed
                 if raw == "x":
-                    log.error("celery-leader: ignoring malformed first-seen time for %r",
-                              entry.name)
-                    seen[entry.name] = now_ms
+                    log.error("celery-leader: ignoring malformed first-seen time for %r", name)
+                    seen[name] = now_ms
                 else:
-                    seen[entry.name] = int(raw)
+                    seen[name] = int(raw)
         return seen
 
     def first_seen_times(self) -> dict[str, int]:
@@ -397,7 +402,7 @@ class ScheduleStore:
         election that claimed its last fire time.  The next fire time is the one the
         runner computes (:func:`next_fire_time`), from the state and first-seen time.
         ``external``: an EntrySource's entries, shown too (``source`` names it)."""
-        entries = self.with_external(self.entries(self._configured()), external or {})
+        entries = self.entries(self._configured(), external)
         states = self.states()
         # Progress of a standalone beat that has not been merged yet (an older version).
         for name, state in self.states(self.legacy_state_key).items():
@@ -415,7 +420,8 @@ class ScheduleStore:
                 "enabled": entry.enabled, "runtime": entry.runtime,
                 "source": entry.source or ("runtime" if entry.runtime else "beat_schedule"),
                 "last_fire_time": last.isoformat() if last else None,
-                "next_fire_time": _iso_unless_never(next_fire_time(entry, last, seen, now))
+                "next_fire_time": _iso_unless_never(
+                    next_fire_time(entry.schedule, last, seen, now))
                 if entry.enabled else None,
                 "term": state.get("term"),
                 "election": state.get("election", self.name if state else None),
