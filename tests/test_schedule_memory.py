@@ -18,6 +18,7 @@ import tracemalloc
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+import pytest
 from celery import Celery
 from celery.schedules import crontab
 
@@ -27,6 +28,7 @@ from celery_leader.schedule.entries import (
     Entry,
     entries_from_config,
     entry_from_config,
+    entry_to_json,
     interval_of,
 )
 from celery_leader.schedule.runner import TEMPLATES_AHEAD, ScheduleRunner
@@ -139,19 +141,27 @@ def _live_entries() -> int:
     return sum(1 for thing in gc.get_objects() if type(thing) is Entry)
 
 
-def test_idle_beat_schedule_entries_are_held_as_a_fire_time_only(rig: Rig) -> None:  # noqa: F811
-    """An Entry per beat_schedule item repeated what beat_schedule holds (~120 B
-    each, with a slot object and two dicts ~350 B per entry: 36 MB for 100,000).
-    Only the entries due within TEMPLATES_AHEAD are built; an idle one costs its
-    place in the due queue.  The herd still finds the near ones built, fires
-    them, and lets them go when they are not due again within the window."""
+@pytest.mark.parametrize("kind", ["beat_schedule", "runtime"])
+def test_idle_entries_are_held_as_a_fire_time_only(rig: Rig, kind: str) -> None:  # noqa: F811
+    """An Entry per entry repeated what beat_schedule (or Redis) holds: ~120 B
+    each, with a slot object and two dicts ~350 B per entry (36 MB for
+    100,000).  Only the entries due within TEMPLATES_AHEAD are built (a runtime
+    one read again from Redis); an idle one costs its place in the due queue.
+    The herd still finds the near ones built, fires them, and lets them go when
+    they are not due again within the window."""
     lock, term = rig.lead("a")
-    schedule: dict[str, Any] = {f"idle-{i}": {"task": "proj.job", "schedule": 86400.0 + i,
-                                              "args": [i]} for i in range(3000)}
-    schedule.update({f"hourly-{i}": {"task": "proj.job", "schedule": crontab(minute=0),
-                                     "args": [i]} for i in range(20)})
+    specs: dict[str, Any] = {f"idle-{i}": {"task": "proj.job", "schedule": 86400.0 + i,
+                                           "args": [i]} for i in range(3000)}
+    specs.update({f"hourly-{i}": {"task": "proj.job", "schedule": crontab(minute=0),
+                                  "args": [i]} for i in range(20)})
     app = Celery("memory", broker=rig.lease_url, set_as_current=False)
-    app.conf.update(leader_name=rig.name, beat_schedule=schedule)
+    app.conf.update(leader_name=rig.name,
+                    beat_schedule=specs if kind == "beat_schedule" else {})
+    if kind == "runtime":
+        store = ScheduleStore(app, lock)
+        rig.client.hset(store.entries_key, mapping={
+            name: entry_to_json(entry_from_config(name, spec, app))
+            for name, spec in specs.items()})
     started = FIRE - timedelta(seconds=30)
     clock = [started.timestamp()]
     before = _live_entries()
@@ -163,12 +173,14 @@ def test_idle_beat_schedule_entries_are_held_as_a_fire_time_only(rig: Rig) -> No
         traced_before = tracemalloc.get_traced_memory()[0]
         loaded = runner._load(started)
         gc.collect()
-        per_entry = (tracemalloc.get_traced_memory()[0] - traced_before) / len(schedule)
+        per_entry = (tracemalloc.get_traced_memory()[0] - traced_before) / len(specs)
     finally:
         tracemalloc.stop()
-    # The due queue: a heap slot, a dict slot and a fire time (~110 B); ~260 B before.
-    assert per_entry < 160, f"{per_entry:.0f} bytes per idle entry"
-    assert len(loaded.queue.fire_times()) == len(schedule)
+    # The due queue: a heap slot, a dict slot and a fire time (~110 B; ~260 B
+    # before), and a runtime entry's name (~60 B: beat_schedule holds the others).
+    assert per_entry < (160 if kind == "beat_schedule" else 230), \
+        f"{per_entry:.0f} bytes per idle entry"
+    assert len(loaded.queue.fire_times()) == len(specs)
     assert _live_entries() - before == 20  # the hourly ones, due within the window
     assert {e.name for e in runner._cold} == {f"hourly-{i}" for i in range(20)}
 

@@ -776,6 +776,38 @@ def test_runtime_change_does_not_postpone_an_entry_that_has_not_fired_yet(h: Har
     assert sent(app).fire_times("ten") == [iso(10.5)]
 
 
+def test_runtime_entries_not_fired_keep_their_first_fire_time_unless_changed(
+        h: Harness) -> None:
+    """Runtime entries are read again from Redis, not held to compare (Loaded):
+    across a reload, one unchanged (or written again unchanged) keeps its first
+    fire time; one changed before its first tick counts from the change, as a
+    beat_schedule entry enabled while leading does."""
+    app = h.app({})
+    store = ScheduleStore.for_app(app)
+    store.add("same", "app.tick", 10.0, args=["same"])
+    store.add("rewritten", "app.tick", 10.0, args=["rewritten"])
+    store.add("changed", "app.tick", 10.0, args=["changed"])
+    clock = Clock(0.5)
+    lock, term = h.lead("a")
+    runner = h.runner(app, lock, clock)
+    loads = spy_loads(runner)
+    h.start(runner, term)
+    wait_until(lambda: loads, 5, what="the runner loaded its entries")
+    advance(clock, runner, 5.0)
+    store.enable("rewritten")  # already enabled: the same definition written again
+    store.update("changed", schedule=8.0)
+    wait_until(lambda: len(loads) >= 2, 5, what="the runner re-read the entries")
+    assert loads[-1] == at(5.0)
+    advance(clock, runner, 10.6)
+    wait_until(lambda: h.last("same") and h.last("rewritten"), 5, what="10.5 fired")
+    assert h.last("changed") is None  # 0.5 + 8 passed: counted from 5.0 instead
+    advance(clock, runner, 13.1)
+    wait_until(lambda: h.last("changed"), 5, what="the changed entry fires at 13.0")
+    h.stop(runner)
+    assert sent(app).fire_times("same") == sent(app).fire_times("rewritten") == [iso(10.5)]
+    assert sent(app).fire_times("changed") == [iso(13.0)]
+
+
 def test_an_entry_that_has_not_fired_keeps_its_first_fire_time_across_leaders(
         h: Harness) -> None:
     """An interval entry that has not fired yet is anchored where the first leader

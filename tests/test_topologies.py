@@ -52,7 +52,7 @@ UTC = timezone.utc
 ACL_RULE = (
     "on >secret resetkeys ~celery-leader:* resetchannels &celery-leader:* -@all "
     "+evalsha +script|load +type +get +set +del +pttl +time +hincrby +hget +hset +hdel "
-    "+hgetall +hexists +incrby +multi +exec +publish +subscribe +ping +select"
+    "+hgetall +hexists +incrby +publish +subscribe +ping +select"
 )
 ACL_USER = "leader"
 ACL_PASSWORD = "secret"
@@ -273,6 +273,18 @@ def exercise_schedule(client: Any, name: str) -> None:
     assert store.get("every-minute").enabled is False
     assert store.enable("every-minute").enabled is True
     assert store.version() == 3
+    # A beat_schedule entry's override; a runner's load, and the runtime entry
+    # read again as it comes near.
+    app.conf.beat_schedule = {"nightly": {"task": "tasks.ping", "schedule": 86400.0}}
+    assert store.disable("nightly").enabled is False
+    assert store.enable("nightly").enabled is True
+    loading = ScheduleRunner(app, lock, LeaderSettings(redis_url="redis://unused", name=name))
+    loaded = loading._load(datetime.now(UTC))
+    assert set(loaded.queue.fire_times()) == {"nightly", "every-minute"}
+    loading._near.clear()
+    assert loading._entry(loaded, "every-minute") == store.get("every-minute")
+    app.conf.beat_schedule = {}
+    assert store.version() == 5
 
     first = lock.create(_record("scheduler")).record
     assert first is not None
@@ -308,7 +320,7 @@ def exercise_schedule(client: Any, name: str) -> None:
 
     assert store.remove("every-minute")
     assert store.runtime_entries() == {}
-    assert store.version() == 4
+    assert store.version() == 6
 
 
 def hand_over_by_pubsub(electors: Electors, client_factory: Callable[[], Any], name: str,

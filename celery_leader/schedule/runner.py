@@ -246,14 +246,15 @@ _Tally = tuple[int, int, int]  # due ticks skipped by policy, by grace; caught u
 class Loaded:
     """The schedule as the runner last loaded it.
 
-    An entry costs its place in ``queue`` and no object of its own: a
-    beat_schedule entry's Entry is built again from beat_schedule when it comes
-    within TEMPLATES_AHEAD (entries.BeatSchedule), so 100,000 idle entries hold
-    ~100 bytes each.  Only the entries from elsewhere are ``held``.
+    An entry costs its place in ``queue`` and no object of its own: its Entry
+    is built again when it comes within TEMPLATES_AHEAD, from beat_schedule
+    (entries.BeatSchedule) or from Redis (a runtime entry), so 100,000 idle
+    entries hold ~100 bytes each.  Only an EntrySource's entries are ``held``
+    (the source holds them anyway).
     """
 
     queue: DueQueue  # the enabled entries by next fire time
-    held: dict[str, Entry]  # the runtime entries and an EntrySource's, enabled or not
+    held: dict[str, Entry]  # an EntrySource's entries, enabled or not
 
 
 class ScheduleRunner:
@@ -314,7 +315,7 @@ class ScheduleRunner:
         self._sent_pending: set[str] = set()
         self._warned_unknown: set[str] = set()  # task names
         self._cold: list[Entry] = []  # entries due soon whose templates are not built yet
-        # The beat_schedule entries due within TEMPLATES_AHEAD, built (BeatSchedule).
+        # The entries due within TEMPLATES_AHEAD, built again (Loaded says why).
         self._near: dict[str, Entry] = {}
         # Entries due by this instant (ms) are in _cold or have templates; None: none yet.
         self._warm_horizon: datetime | None = None
@@ -568,17 +569,30 @@ class ScheduleRunner:
             # A fresh load: keep only the templates of the entries due soon.
             self.herd.keep_templates_of({name for _, name in found})
         found.sort(reverse=True)
-        self._cold[:0] = [self._entry(loaded, name) for _, name in found]
+        # The runtime entries among them, read from Redis in one round trip.
+        self._near.update(self.store.runtime_entries_named(
+            name for _, name in found if name not in loaded.held
+            and name not in self._near and name not in self.config_entries))
+        near = (self._entry(loaded, name) for _, name in found)
+        self._cold[:0] = [entry for entry in near if entry is not None]
 
-    def _entry(self, loaded: Loaded, name: str) -> Entry:
-        """Entry ``name`` of ``loaded`` (enabled: it is in the queue); a
-        beat_schedule entry is built, and held while it is due within the window."""
+    def _entry(self, loaded: Loaded, name: str) -> Entry | None:
+        """Entry ``name`` of ``loaded`` (in its queue): held, or built again, from
+        beat_schedule or from Redis, and then held while it is due within the
+        window.  None if it is a runtime entry removed since the load (a reload
+        follows: the removal bumped the version)."""
         entry = loaded.held.get(name) or self._near.get(name)
-        if entry is None:
+        if entry is not None:
+            return entry
+        if name in self.config_entries:
             entry = self.config_entries[name]
             if not entry.enabled:  # enabled by an override (the queue has enabled ones only)
                 entry = replace(entry, enabled=True)
-            self._near[name] = entry
+        else:
+            entry = self.store.runtime_entries_named([name]).get(name)
+            if entry is None:
+                return None
+        self._near[name] = entry
         return entry
 
     def _warm_templates(self, deadline: float) -> None:
@@ -608,25 +622,32 @@ class ScheduleRunner:
     def _load_entries(self, started_at: datetime, previous: Loaded | None) -> Loaded:
         config = self.config_entries
         overrides = self.store.overrides()
-        held = self.store.beside(config, self.source.entries() if self.source else {})
+        runtime = self.store.runtime_specs()  # this load's only: read again when near
+        runtime_names = {name for name in runtime if name not in config}  # beat_schedule wins
+        held = self.store.external_beside(
+            self.source.entries() if self.source is not None else {},
+            lambda name: config[name] if name in config else (
+                self.store.runtime_entries_named([name]).get(name)
+                if name in runtime_names else None))
         states = self.store.states()
-        self.stats.entries_loaded = len(config) + len(held)
-        self.stats.entries_invalid = self.store.invalid_runtime_entries
         # An enabled entry not fired since the previous load keeps the fire time
         # it had there (a reload anchored at "now" would postpone an interval
-        # entry every time), unless it changed (a beat_schedule entry cannot).
+        # entry every time), unless it changed: a beat_schedule entry cannot; a
+        # runtime one is not kept (a change removes its first-seen time instead,
+        # store.WRITE_RUNTIME_ENTRY_LUA, so it is counted from now below).
         kept: dict[str, datetime] = {}
         was_due = previous.queue.fire_times() if previous is not None else {}
         for name, fire in was_due.items():
             if name not in states and (name in config or (
-                    previous is not None and previous.held.get(name) == held.get(name))):
+                    previous is not None and name in held
+                    and previous.held.get(name) == held[name])):
                 kept[name] = fire
         # An entry that has not fired is anchored where the schedule first saw
         # it, by whichever leader: a fail-over must not postpone its first tick.
         started_ms = to_ms(started_at)
         first_seen = self.store.first_seen(
-            (name for name in itertools.chain(config, held)
-             if name not in states and name not in kept), started_ms, runtime=held)
+            (name for name in itertools.chain(config, runtime_names, held)
+             if name not in states and name not in kept), started_ms, runtime=runtime_names)
         try:
             known: set[str] | None = set(self.app.tasks) | self._warned_unknown
         except Exception:  # pragma: no cover - an app that cannot list its tasks
@@ -634,9 +655,12 @@ class ScheduleRunner:
         unknown: dict[str, list[str]] = {}  # task -> the entries that send it
         moved: list[str] = []
         queue = DueQueue()
+        loaded = 0
         for name, sched, enabled, task in itertools.chain(
                 definitions_of(config),
+                self.store.runtime_definitions(runtime, config),
                 ((name, e.schedule, e.enabled, e.task) for name, e in held.items())):
+            loaded += 1
             if known is not None and task not in known:
                 unknown.setdefault(task, []).append(name)
             if name in overrides and name in config:
@@ -647,7 +671,7 @@ class ScheduleRunner:
                 continue
             state = states.get(name)
             last = from_ms(state["last"]) if state else None
-            if previous is not None and last is None:
+            if previous is not None and last is None and name not in runtime_names:
                 # Added, changed or re-enabled while leading, never fired: count
                 # from now, and so does every later leader.
                 moved.append(name)
@@ -665,7 +689,9 @@ class ScheduleRunner:
             else:
                 fire = next_fire_time(sched, last, seen_at, started_at)
             queue.push(fire, name)
-        self.store.first_seen(moved, started_ms, move=True, runtime=held)
+        self.store.first_seen(moved, started_ms, move=True)
+        self.stats.entries_loaded = loaded
+        self.stats.entries_invalid = self.store.invalid_runtime_entries
         self._warn_unknown_tasks(unknown)
         return Loaded(queue, held)
 
@@ -698,6 +724,8 @@ class ScheduleRunner:
             fire, names = queue.pop_first()
             for name in names:
                 entry = self._entry(loaded, name)
+                if entry is None or not entry.enabled:
+                    continue  # removed or disabled since the load (a reload follows)
                 fire_next, tally = self._due_claims(entry, fire, now, now_ms, started_at,
                                                     claims)
                 due.append((name, entry, fire_next, len(claims), tally))

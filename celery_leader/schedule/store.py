@@ -11,7 +11,7 @@ and the Celery app for ``beat_schedule``; it never reads ``leader_*`` settings
 from __future__ import annotations
 
 import json
-from collections.abc import Container, Iterable, Mapping
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping
 from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any
@@ -20,6 +20,7 @@ from ..election.redact import secret_safe_logger
 from ..election.redislock import RedisLock, as_text, key_of
 from .entries import (
     NEVER,
+    Definition,
     Entry,
     EntryError,
     EntryExistsError,
@@ -82,6 +83,31 @@ FIRST_SEEN_CHUNK = 5000
 """Entries per FIRST_SEEN_LUA call: a few milliseconds of Redis time each."""
 
 # (Only commands the documented ACL rule allows: scripts are checked too.)
+# Not fenced (an API call): sets (ARGV[2], JSON) or clears (ARGV[2] = '') the
+# override of beat_schedule entry ARGV[1] and bumps the version, in one step.
+WRITE_OVERRIDE_LUA = """
+if ARGV[2] == '' then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+else
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+end
+redis.call('INCRBY', KEYS[2], 1)
+return 1
+"""
+
+# Not fenced (an API call): stores runtime entry ARGV[1] as ARGV[2] and bumps
+# the version; a changed entry loses its first-seen time in the same step, so
+# every runner counts a changed entry that has not fired from when it next
+# loads it, without keeping the old definition to compare.
+WRITE_RUNTIME_ENTRY_LUA = """
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+  redis.call('HDEL', KEYS[3], ARGV[1])
+end
+redis.call('INCRBY', KEYS[2], 1)
+return 1
+"""
+
 # Not fenced (an API call): removes runtime entry ARGV[1] and, with ARGV[2] =
 # '1', its progress (state and first-seen time) in the same step, so nothing
 # of a removed entry stays behind and a later entry of that name starts afresh.
@@ -152,6 +178,8 @@ class ScheduleStore:
                                                       "schedule:first-seen")
         self._first_seen = self.client.register_script(FIRST_SEEN_LUA)
         self._remove = self.client.register_script(REMOVE_RUNTIME_ENTRY_LUA)
+        self._write_entry = self.client.register_script(WRITE_RUNTIME_ENTRY_LUA)
+        self._write_override = self.client.register_script(WRITE_OVERRIDE_LUA)
         self._warned_clashes: set[str] = set()
         self.invalid_runtime_entries = 0  # runtime entries skipped at the last read
         self._warned_external: set[tuple[str, str]] = set()
@@ -193,34 +221,28 @@ class ScheduleStore:
 
     def entries(self, static: Mapping[str, Entry],
                 external: Mapping[str, Entry] | None = None) -> dict[str, Entry]:
-        """Every entry: ``static`` (beat_schedule) with the overrides applied, and
-        :meth:`beside` it the runtime ones and ``external`` (an EntrySource's)."""
+        """Every entry: ``static`` (beat_schedule) with the overrides applied, the
+        runtime ones and ``external`` (an EntrySource's); of two entries of one
+        name, the first of these wins (:meth:`runtime_entries`, :meth:`external_beside`)."""
         entries = self.apply_overrides(static)
-        entries.update(self.beside(static, external or {}))
+        runtime = self.runtime_entries(static)
+        entries.update(runtime)
+        entries.update(self.external_beside(
+            external or {}, lambda name: runtime.get(name) or static.get(name)))
         return entries
 
-    def beside(self, static: Mapping[str, Entry],
-               external: Mapping[str, Entry]) -> dict[str, Entry]:
-        """The runtime entries and ``external`` (an EntrySource's, source.py) that
-        ``static`` (beat_schedule) leaves: an entry named like one before it
-        (beat_schedule, then runtime) is ignored, with an error logged once."""
+    def external_beside(self, external: Mapping[str, Entry],
+                        taken: Callable[[str], Entry | None]) -> dict[str, Entry]:
+        """The entries of ``external`` (an EntrySource's, source.py) whose names
+        are not ``taken`` by a beat_schedule or runtime entry, which wins: an
+        error is logged once."""
         beside: dict[str, Entry] = {}
-        for name, entry in self.runtime_entries().items():
-            if name not in static:
-                beside[name] = entry
-            elif name not in self._warned_clashes:
-                # Stored before that entry was added to beat_schedule.
-                self._warned_clashes.add(name)
-                log.error("celery-leader: ignoring runtime entry %r (task %r): beat_schedule "
-                          "has an entry %r (task %r), which wins; remove the runtime one with "
-                          "`celery leader schedule remove %s`", name, entry.task, name,
-                          static[name].task, name)
         for name, entry in external.items():
-            if name not in static and name not in beside:
+            winner = taken(name)
+            if winner is None:
                 beside[name] = entry
             elif (entry.source, name) not in self._warned_external:
                 self._warned_external.add((entry.source, name))
-                winner = beside[name] if name in beside else static[name]
                 log.error("celery-leader: ignoring %s entry %r (task %r): the schedule has a "
                           "%s entry %r (task %r), which wins; rename one of them",
                           entry.source, name, entry.task,
@@ -276,13 +298,9 @@ class ScheduleStore:
         if entry is None:
             raise EntryError(f"no entry named {name!r}: neither a runtime entry nor in "
                              "beat_schedule")
-        pipe = self.client.pipeline()
-        if enabled == entry.enabled:
-            pipe.hdel(self.overrides_key, name)  # back to what beat_schedule says
-        else:
-            pipe.hset(self.overrides_key, name, json.dumps({"enabled": enabled}))
-        pipe.incr(self.version_key)
-        pipe.execute()
+        # The same as beat_schedule says: no override.
+        override = "" if enabled == entry.enabled else json.dumps({"enabled": enabled})
+        self._write_override(keys=[self.overrides_key, self.version_key], args=[name, override])
         return replace(entry, enabled=enabled)
 
     def remove(self, name: str) -> bool:
@@ -308,25 +326,70 @@ class ScheduleStore:
         return entry_from_json(name, raw, self.app)
 
     def _write(self, name: str, encoded: str) -> None:
-        pipe = self.client.pipeline()
-        pipe.hset(self.entries_key, name, encoded)
-        pipe.incr(self.version_key)
-        pipe.execute()
+        self._write_entry(keys=[self.entries_key, self.version_key, self.first_seen_key],
+                          args=[name, encoded])
 
-    def runtime_entries(self) -> dict[str, Entry]:
-        """Valid runtime entries; a bad one is logged and skipped, never fatal."""
-        entries: dict[str, Entry] = {}
-        invalid = 0
+    def runtime_entries(self, static: Mapping[str, Entry] | None = None) -> dict[str, Entry]:
+        """Valid runtime entries; a bad one is logged and skipped, never fatal.
+        ``static``: beat_schedule, whose entries win over runtime ones of their name."""
         interned = Interned()  # entries alike share their schedule objects
-        for raw_name, raw in (self.client.hgetall(self.entries_key) or {}).items():
-            name = as_text(raw_name)
-            try:
-                entries[name] = entry_from_json(name, raw, self.app, interned)
-            except EntryError as exc:
-                invalid += 1
-                log.error("celery-leader: skipping runtime entry: %s", exc)
-        self.invalid_runtime_entries = invalid  # for the metrics
-        return entries
+        self.invalid_runtime_entries = 0
+        found = ((name, self._runtime_entry(name, raw, static or {}, interned))
+                 for name, raw in self.runtime_specs().items())
+        return {name: entry for name, entry in found if entry is not None}
+
+    def runtime_specs(self) -> dict[str, Any]:
+        """Every runtime entry's stored JSON, by name (one HGETALL: the documented
+        ACL rule allows no HSCAN)."""
+        return {as_text(name): raw
+                for name, raw in (self.client.hgetall(self.entries_key) or {}).items()}
+
+    def runtime_definitions(self, specs: Mapping[str, Any],
+                            static: Mapping[str, Entry]) -> Iterator[Definition]:
+        """The :data:`Definition` of each valid runtime entry of ``specs``
+        (:meth:`runtime_specs`) that beat_schedule (``static``) leaves, without
+        keeping an Entry each: the runner builds one again when it comes near
+        (:meth:`runtime_entries_named`)."""
+        interned = Interned()
+        self.invalid_runtime_entries = 0
+        for name, raw in specs.items():
+            entry = self._runtime_entry(name, raw, static, interned)
+            if entry is not None:
+                yield name, entry.schedule, entry.enabled, entry.task
+
+    def runtime_entries_named(self, names: Iterable[str]) -> dict[str, Entry]:
+        """The runtime entries of ``names`` that exist and are valid (one round
+        trip: a pipeline of HGETs)."""
+        names = list(names)
+        pipe = self.client.pipeline(transaction=False)
+        for name in names:
+            pipe.hget(self.entries_key, name)
+        interned = Interned()
+        found = ((name, self._runtime_entry(name, raw, {}, interned))
+                 for name, raw in zip(names, pipe.execute(), strict=True) if raw is not None)
+        return {name: entry for name, entry in found if entry is not None}
+
+    def _runtime_entry(self, name: str, raw: Any, static: Mapping[str, Entry],
+                       interned: Interned) -> Entry | None:
+        """Runtime entry ``name`` from its JSON; None, logged, when it is invalid
+        (counted in ``invalid_runtime_entries``) or named like an entry of
+        ``static`` (beat_schedule, which wins; logged once)."""
+        try:
+            entry = entry_from_json(name, raw, self.app, interned)
+        except EntryError as exc:
+            self.invalid_runtime_entries += 1
+            log.error("celery-leader: skipping runtime entry: %s", exc)
+            return None
+        if name not in static:
+            return entry
+        if name not in self._warned_clashes:
+            # Stored before that entry was added to beat_schedule.
+            self._warned_clashes.add(name)
+            log.error("celery-leader: ignoring runtime entry %r (task %r): beat_schedule "
+                      "has an entry %r (task %r), which wins; remove the runtime one with "
+                      "`celery leader schedule remove %s`", name, entry.task, name,
+                      static[name].task, name)
+        return None
 
     def version(self) -> int:
         raw = self.client.get(self.version_key)
