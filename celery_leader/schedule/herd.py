@@ -10,8 +10,10 @@ most :data:`HERD_BATCH`, each one call of HERD_DISPATCH_LUA, which checks the
 term and the schedule's owner once and then, for every tick of the batch,
 claims the fire time (only forward), and either pushes the tick's message to
 its broker list (broker on the lease's Redis) or records its pending copy
-(any other broker, or an entry whose message has no template), and records a
-pushed tick for tick-start tracking (tickstart.py).  Messages come from
+(any other broker, or an entry whose message has no template), records a
+pushed tick for tick-start tracking (tickstart.py), and counts the run of a
+sent tick whose entry source keeps a count (source.RecordsRuns: run records,
+only for those ticks, so a leader dying after the call loses no count).  Messages come from
 per-entry templates (template.py), byte for byte what ``send_task`` sends;
 while anything listens to ``before_task_publish``/``after_task_publish`` or
 ``task_send_sent_event`` is on, every tick goes through ``send_task`` instead.
