@@ -124,8 +124,34 @@ def test_a_bad_row_is_skipped_with_one_line_naming_it(models: Any, app: Celery,
     assert "bad-cron" in skipped[1], skipped
 
 
+def runner_reads(source: Any) -> dict[str, Any]:
+    """``source.entries()`` as the runner reads it, without the source's thread
+    (the tests run its cycles)."""
+    source._start = lambda: None
+    return dict(source.entries())
+
+
+def dispatch(redis_url: str, election_name: str, source: Any,
+             *ticks: tuple[Any, datetime]) -> None:
+    """Claim and send ``ticks`` as a leader's runner reading ``source`` does
+    (the herd's script, which counts each sent tick in its claim)."""
+    from celery_leader.schedule.herd import Claim
+    from celery_leader.schedule.store import to_ms
+    from tests.test_atomic_publish import Rig
+
+    rig = Rig(redis_url, election_name)
+    try:
+        lock, term = rig.lead("leader")
+        runner = rig.runner(lock)
+        runner.source = source
+        assert runner.herd.dispatch([Claim(e, to_ms(fire), True) for e, fire in ticks], term)
+    finally:
+        rig.close()
+
+
 def test_source_rereads_only_when_last_update_moves_and_writes_progress_back(
-        models: Any, app: Celery, caplog: pytest.LogCaptureFixture) -> None:
+        models: Any, app: Celery, caplog: pytest.LogCaptureFixture, redis_url: str,
+        election_name: str) -> None:
     from celery_leader.contrib.django_beat import DjangoBeatSource
     from celery_leader.schedule_api import ScheduleStore
 
@@ -155,19 +181,20 @@ def test_source_rereads_only_when_last_update_moves_and_writes_progress_back(
     assert reads == [1] and source._version == version + 1
     assert source._entries["a"].task == "proj.other"
 
-    # Two sent ticks: counted in Redis, written back to the row.
+    # Two sent ticks: counted in Redis by their claims, written back to the row.
     fired = T0 + timedelta(seconds=3)
-    source.claimed(source._entries["a"], T0, published=True)
-    source.claimed(source._entries["a"], fired, published=True)
+    held = runner_reads(source)["a"]
+    dispatch(redis_url, election_name, source, (held, T0), (held, fired))
     source.cycle()
     fresh = models.PeriodicTask.objects.get(pk=row.pk)
     assert fresh.total_run_count == 7 and fresh.last_run_at == fired
 
 
 def test_a_tick_claimed_from_entries_read_before_its_row_was_disabled_is_counted(
-        models: Any, app: Celery) -> None:
+        models: Any, app: Celery, redis_url: str, election_name: str) -> None:
     """The source re-reads the table in its own thread: the runner may claim a tick
-    of a row the source has just dropped (disabled), and that run must count."""
+    of a row the source has just dropped (disabled), and that run must count.
+    Once the runner has read the entries again, the row is no longer kept."""
     from celery_leader.contrib.django_beat import DjangoBeatSource
     from celery_leader.schedule_api import ScheduleStore
 
@@ -175,15 +202,19 @@ def test_a_tick_claimed_from_entries_read_before_its_row_was_disabled_is_counted
     row = task(models, "a", interval=every, total_run_count=5)
     source = DjangoBeatSource(app, ScheduleStore.for_app(app), poll=3600)
     source.cycle()
-    entry = source._entries["a"]  # what the runner holds
+    entry = runner_reads(source)["a"]  # what the runner holds
     fresh = models.PeriodicTask.objects.get(pk=row.pk)
     fresh.enabled = False
     fresh.save()
     source.cycle()
     assert "a" not in source._entries
-    source.claimed(entry, T0, published=True)
+    dispatch(redis_url, election_name, source, (entry, T0))
     source.cycle()
     assert models.PeriodicTask.objects.get(pk=row.pk).total_run_count == 6
+    # The runner reads the entries again: the disabled row is not among them,
+    # and the source keeps nothing of it (rows are not kept forever).
+    assert "a" not in runner_reads(source)
+    assert source.run_record(entry) is None
 
 
 def test_database_outage_keeps_the_entries_and_logs_once(

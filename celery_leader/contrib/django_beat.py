@@ -16,7 +16,9 @@ only *read* for the definitions:
 - the runner never waits on the database: it dispatches the entries last read
   (a database outage is logged once; changes are picked up when it returns);
 - progress flows back, never blocking dispatch: each sent tick is counted in
-  Redis (``schedule:django-runs``, next to the claim) and the thread writes
+  Redis (``schedule:django-runs``) by the very script call that claims it
+  (:meth:`DjangoBeatSource.run_record`, herd.py), so a leader killed at any
+  moment neither loses a run nor counts one twice, and the thread writes
   ``last_run_at`` (the fire time) and ``total_run_count`` to the rows in
   batches; a one-off or clocked task is disabled once its single tick is
   claimed in Redis, whichever leader claimed it.
@@ -54,29 +56,12 @@ from ..schedule.entries import (
     first_fire_after,
     next_fire_after,
 )
+from ..schedule.source import RunRecord
 from ..schedule.store import ScheduleStore, from_ms, to_ms
 
 log = secret_safe_logger("celery_leader.django_beat")
 UTC = timezone.utc
 SOURCE = "django"
-
-# Records one sent tick of django-celery-beat task ARGV[1] (row id ARGV[2]; its
-# total_run_count was ARGV[3] when first recorded) fired at ARGV[4] ms: count + 1,
-# last = the later fire time.  A record of another row id (the task was deleted
-# and re-created under that name) starts afresh.  Returns the count.
-RECORD_RUN_LUA = """
-local raw = redis.call('HGET', KEYS[1], ARGV[1])
-local record = nil
-if raw then
-  local ok, value = pcall(cjson.decode, raw)
-  if ok and type(value) == 'table' and tostring(value.pk) == ARGV[2] then record = value end
-end
-if not record then record = {pk = ARGV[2], base = ARGV[3], count = 0, last = '0'} end
-record.count = tonumber(record.count) + 1
-if tonumber(ARGV[4]) > tonumber(record.last) then record.last = ARGV[4] end
-redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(record))
-return record.count
-"""
 
 
 # ------------------------------------------------------------------ schedules
@@ -345,12 +330,12 @@ class DjangoBeatSource:
         self.load_timeout = load_timeout
         self.runs_key = key_of(store.lock.key_prefix, store.name, store.name,
                                "schedule:django-runs")
-        self._record_run = store.client.register_script(RECORD_RUN_LUA)
         self._entries: dict[str, Entry] = {}
         self._rows: dict[str, Row] = {}
-        # Every row read, kept after it is disabled or deleted: the runner may still
-        # claim a tick from the entries it read before, and that run must count.
-        self._rows_seen: dict[str, Row] = {}
+        # The rows of the entries last handed to the runner (``entries()``): it
+        # may still claim a tick of one the thread has since dropped (disabled or
+        # deleted), and that run must count.  Only these two reads are kept.
+        self._rows_served: dict[str, Row] = {}
         self._version = 0
         self._wakers: list[Callable[[], None]] = []
         self._lock = threading.Lock()
@@ -378,15 +363,21 @@ class DjangoBeatSource:
         # The first read, so a new leader dispatches the table from its first tick.
         self._loaded.wait(self.load_timeout)
         with self._lock:
+            self._rows_served = self._rows  # replaced whole by _reload, never changed
             return dict(self._entries)
 
+    def run_record(self, entry: Entry) -> RunRecord | None:
+        """Where the claim of a sent tick of ``entry`` counts it (source.RecordsRuns):
+        in Redis, so whichever leader writes the rows back counts what every term
+        sent.  The row as last read, or as read with the entries the runner holds."""
+        row = self._rows.get(entry.name) or self._rows_served.get(entry.name)
+        if row is None:
+            return None
+        return RunRecord(self.runs_key, str(row.pk), row.total_run_count)
+
     def claimed(self, entry: Entry, fire: datetime, published: bool) -> None:
-        row = self._rows_seen.get(entry.name)
-        if published and row is not None:
-            # Next to the claim, in Redis: whichever leader writes the rows back
-            # counts what every term sent.
-            self._record_run(keys=[self.runs_key],
-                             args=[entry.name, row.pk, row.total_run_count, to_ms(fire)])
+        # The run is counted already (run_record, in the claim): write it back soon,
+        # and disable a one-off or clocked row.
         self._kick.set()
 
     # -- the thread -----------------------------------------------------------
@@ -425,7 +416,6 @@ class DjangoBeatSource:
         entries, rows = read_rows(self.app, skipped=self._skip, cache=self._converted)
         with self._lock:
             self._rows = rows
-            self._rows_seen.update(rows)
             if entries == self._entries:
                 return
             self._entries = entries

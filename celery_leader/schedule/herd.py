@@ -10,8 +10,10 @@ most :data:`HERD_BATCH`, each one call of HERD_DISPATCH_LUA, which checks the
 term and the schedule's owner once and then, for every tick of the batch,
 claims the fire time (only forward), and either pushes the tick's message to
 its broker list (broker on the lease's Redis) or records its pending copy
-(any other broker, or an entry whose message has no template), and records a
-pushed tick for tick-start tracking (tickstart.py).  Messages come from
+(any other broker, or an entry whose message has no template), records a
+pushed tick for tick-start tracking (tickstart.py), and counts the run of a
+sent tick whose entry source keeps a count (source.RecordsRuns: run records,
+only for those ticks, so a leader dying after the call loses no count).  Messages come from
 per-entry templates (template.py), byte for byte what ``send_task`` sends;
 while anything listens to ``before_task_publish``/``after_task_publish`` or
 ``task_send_sent_event`` is on, every tick goes through ``send_task`` instead.
@@ -72,6 +74,7 @@ from celery.signals import after_task_publish, before_task_publish
 from ..election.redact import secret_safe_logger
 from ..election.redislock import FENCED, FencedScript, as_text
 from .entries import Entry
+from .source import EntrySource, RecordsRuns
 from .store import from_ms
 from .template import MessageTemplate, NoTemplate, Rendered, build_template
 
@@ -83,19 +86,25 @@ time (see docs/benchmarks.md, "Herds", for the longest measured)."""
 
 # Runs after OWNED_LUA (fenced + owned).  KEYS[4] state, [5] pending, [6]
 # runtime entries, [7] sent, [8] sent-at, [9] the batch chain, [10..] broker
-# lists; ARGV[5] look-again delay ms, [6] kombu's unacked key, [7] start-marker
-# prefix ('' = ticks not tracked), [8] term, [9] election (JSON), [10] the
-# chain token this batch requires in KEYS[9] ('' = none), [11] the token it
-# leaves there once applied ('' = none), then HERD_ARGS_PER_TICK per tick: its
-# head "<flags> <fire ms> <task id> <delivery tag or ''> <entry>" (flags:
-# runtime '1'/'0', mode 'q' push / 'p' pending copy / 'c' claim only, then
-# the list's KEYS index) and its message (the push, or the pending copy).
-# Claims every tick whose fire time is later than its entry's recorded one (a
-# removed runtime entry: none), decided for the whole batch before anything is
-# written, so the batch applies whole or not at all; a batch whose required
-# token is missing (the batch before it was not applied) writes nothing.
-# Returns one code per tick, as one string: '1' claimed, '0' already claimed,
-# '2' entry removed; or 'C' for a broken chain.
+# lists and run records' hashes; ARGV[5] look-again delay ms, [6] kombu's
+# unacked key, [7] start-marker prefix ('' = ticks not tracked), [8] term, [9]
+# election (JSON), [10] the chain token this batch requires in KEYS[9] ('' =
+# none), [11] the token it leaves there once applied ('' = none), [12] R, the
+# number of run records,
+# then HERD_ARGS_PER_RUN per run record (its tick's number in the batch, from 1;
+# the KEYS index of its hash; identity; base: source.py's RunRecord), then
+# HERD_ARGS_PER_TICK per tick: its head "<flags> <fire ms> <task id> <delivery
+# tag or ''> <entry>" (flags: runtime '1'/'0', mode 'q' push / 'p' pending copy
+# / 'c' claim only, then the list's KEYS index) and its message (the push, or
+# the pending copy).  Claims every tick whose fire time is later than its
+# entry's recorded one (a removed runtime entry: none) and counts the run of
+# each claimed tick with a run record, in the same step (an entry source's
+# count: a claim without its count, or a count without its claim, cannot be);
+# decided for the whole batch before anything is written (the run records'
+# hashes read first), so the batch applies whole or not at all; a batch whose
+# required token is missing (the batch before it was not applied) writes
+# nothing.  Returns one code per tick, as one string: '1' claimed, '0' already
+# claimed, '2' entry removed; or 'C' for a broken chain.
 HERD_DISPATCH_LUA = r"""
 if ARGV[10] ~= '' and redis.call('GET', KEYS[9]) ~= ARGV[10] then return 'C' end
 local function call_many(command, key, values)
@@ -104,9 +113,10 @@ local function call_many(command, key, values)
     redis.call(command, key, unpack(values, from, math.min(from + 999, #values)))
   end
 end
+local first = 13 + 4 * tonumber(ARGV[12])  -- the first tick's head
 local flags, fires, ids, tags, entries, codes = {}, {}, {}, {}, {}, {}
 local n = 0
-for i = 12, #ARGV, 2 do
+for i = first, #ARGV, 2 do
   n = n + 1
   local flag, fire, id, tag, entry = string.match(ARGV[i], '^(%S+) (%d+) (%S+) (%S*) (.*)$')
   flags[n], fires[n], ids[n], tags[n], entries[n] = flag, fire, id, tag, entry
@@ -125,6 +135,32 @@ for i = 12, #ARGV, 2 do
   end
   codes[n] = code
 end
+-- Run records: each claimed tick's run counted (RunRecord in source.py), read
+-- now, so a hash of the wrong type fails here, before anything is written.
+local runs, run_keys, run_order = {}, {}, {}
+for r = 13, first - 1, 4 do
+  local j = tonumber(ARGV[r])
+  if codes[j] == '1' then
+    local k, entry = tonumber(ARGV[r + 1]), entries[j]
+    if not runs[k] then runs[k] = {}; run_order[k] = {}; run_keys[#run_keys + 1] = k end
+    local record = runs[k][entry]
+    if not record then
+      local raw = redis.call('HGET', KEYS[k], entry)
+      if raw then
+        local ok, value = pcall(cjson.decode, raw)
+        if ok and type(value) == 'table' and tostring(value.pk) == ARGV[r + 2] then
+          record = value
+        end
+      end
+      -- INVARIANT: a record of another identity (a row made again) starts afresh.
+      if not record then record = {pk = ARGV[r + 2], base = ARGV[r + 3], count = 0, last = '0'} end
+      runs[k][entry] = record
+      run_order[k][#run_order[k] + 1] = entry
+    end
+    record.count = tonumber(record.count) + 1
+    if tonumber(fires[j]) > tonumber(record.last) then record.last = fires[j] end
+  end
+end
 -- Pushes first, one LPUSH per list (in order): a user that may not push
 -- fails here, before anything is written.
 local pushes, lists = {}, {}
@@ -133,7 +169,7 @@ for j = 1, n do
     local k = tonumber(string.sub(flags[j], 3))
     if not pushes[k] then pushes[k] = {}; lists[#lists + 1] = k end
     local list = pushes[k]
-    list[#list + 1] = ARGV[11 + 2 * j]
+    list[#list + 1] = ARGV[first - 1 + 2 * j]
   end
 end
 for _, k in ipairs(lists) do call_many('LPUSH', KEYS[k], pushes[k]) end
@@ -152,13 +188,13 @@ for j = 1, n do
     local tick = entry .. '@' .. fire
     if mode == 'p' then
       pending[#pending + 1] = tick
-      pending[#pending + 1] = ARGV[11 + 2 * j]
+      pending[#pending + 1] = ARGV[first - 1 + 2 * j]
     elseif mode == 'q' and started ~= '' then
       -- The sent record (tickstart.py, READ_SENT_LUA): a JSON head, a newline,
       -- the message verbatim (not JSON-encoded a second time).
       local k = tonumber(string.sub(flags[j], 3))
       if not list_json[k] then list_json[k] = cjson.encode(KEYS[k]) end
-      local message = ARGV[11 + 2 * j]
+      local message = ARGV[first - 1 + 2 * j]
       sent[#sent + 1] = tick
       sent[#sent + 1] = '{"pushes": [[' .. list_json[k] .. ', ' .. #message
         .. ']], "tags": ["' .. tags[j] .. '"], "unacked": ' .. unacked
@@ -174,11 +210,20 @@ if #sent > 0 then
   call_many('HSET', KEYS[7], sent)
   call_many('ZADD', KEYS[8], sent_at)
 end
+for _, k in ipairs(run_keys) do
+  local values = {}
+  for _, entry in ipairs(run_order[k]) do
+    values[#values + 1] = entry
+    values[#values + 1] = cjson.encode(runs[k][entry])
+  end
+  call_many('HSET', KEYS[k], values)
+end
 if ARGV[11] ~= '' then redis.call('SET', KEYS[9], ARGV[11], 'PX', 60000) end
 return table.concat(codes)
 """
 HERD_ARGS_PER_TICK = 2
-HERD_BATCH_ARGS = 7  # after the election and owner record (OWNED_LUA's)
+HERD_ARGS_PER_RUN = 4  # only for the ticks of entries whose source counts runs
+HERD_BATCH_ARGS = 8  # after the election and owner record (OWNED_LUA's)
 HERD_CLAIMED, HERD_ALREADY_CLAIMED, HERD_ENTRY_REMOVED = "1", "0", "2"
 HERD_CHAIN_BROKEN = "C"
 MAX_HERD_BATCH = 1000
@@ -234,6 +279,8 @@ class HerdDispatcher:
     the per-tick publish (``send_task``) for ticks without a template, and
     ``send(producer, entry, task_id, headers)`` sends an entry's message as a
     tick's publish would (used once per entry to build its template).
+    ``source()`` is the runner's entry source (or None): a sent tick of one of
+    its entries is counted in the call that claims it when it records runs.
     """
 
     def __init__(self, app: Any, lease_client: Any, script: FencedScript, keys: HerdKeys,
@@ -248,7 +295,8 @@ class HerdDispatcher:
                  sent_pending: set[str],
                  claimed: Callable[[Claim], None] = lambda claim: None,
                  sent: Callable[[str, int, float], None] = lambda tick, term, now: None,
-                 batch_size: int = HERD_BATCH, pipeline: bool = True) -> None:
+                 batch_size: int = HERD_BATCH, pipeline: bool = True,
+                 source: Callable[[], EntrySource | None] = lambda: None) -> None:
         self.app = app
         self.lease_client = lease_client
         self.script = script
@@ -267,6 +315,9 @@ class HerdDispatcher:
         self.sent_pending = sent_pending
         self.claimed = claimed
         self.sent = sent
+        # The runner's entry source, if any: its sent ticks are counted in the
+        # claiming script when it keeps a count (source.RecordsRuns).
+        self.source = source
         self.batch_size = batch_size
         self.pipeline = pipeline  # batches sent ahead of their replies (module docstring)
         self.pipelined_batches = 0
@@ -506,7 +557,10 @@ class HerdDispatcher:
         script_keys = [keys.state, keys.pending, keys.entries, keys.sent, keys.sent_at,
                        keys.chain]
         args: list[Any] = [self.look_after_ms, "", keys.started_prefix, term,
-                           self._election_json, chain[0], chain[1]]
+                           self._election_json, chain[0], chain[1], 0]
+        source = self.source()
+        run_record = source.run_record if isinstance(source, RecordsRuns) else None
+        runs: list[Any] = []  # HERD_ARGS_PER_RUN per counted tick
         ticks: list[str] = []
         modes: list[str] = []
         messages: list[str] = []
@@ -544,12 +598,24 @@ class HerdDispatcher:
                 if mode != _PUSH:
                     mode, tag = _PENDING, ""
                     message = pending_message(entry, fire_ms, term, self.election, task_id)
+                if run_record is not None and entry.source:
+                    record = run_record(entry)
+                    if record is not None:
+                        # INVARIANT: counted by the call that claims it, never after.
+                        run_key = broker_keys.get(record.key, 0)
+                        if not run_key:
+                            script_keys.append(record.key)
+                            run_key = broker_keys[record.key] = len(script_keys) + 3
+                        runs += (index + 1, run_key, record.identity, record.base)
             ticks.append(tick)
             modes.append(mode)
             messages.append(message)
             args.append(f"{'1' if entry.runtime else '0'}{mode}{key_index} {fire_ms} "
                         f"{task_id} {tag} {name}")
             args.append(message)
+        if runs:
+            args[HERD_BATCH_ARGS - 1] = len(runs) // HERD_ARGS_PER_RUN
+            args[HERD_BATCH_ARGS:HERD_BATCH_ARGS] = runs
         return _Prepared(script_keys, args, ticks, modes, messages, rendered, atomic)
 
     def _escaped_fire_time(self, template: MessageTemplate, fire_ms: int) -> str:

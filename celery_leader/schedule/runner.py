@@ -336,7 +336,8 @@ class ScheduleRunner:
             forbid_atomic=self._forbid_atomic,
             sent_pending=self._sent_pending,
             claimed=self._herd_claimed,
-            sent=self.stats.sent)
+            sent=self.stats.sent,
+            source=lambda: self.source)
 
     @property
     def dispatched(self) -> int:
