@@ -246,6 +246,26 @@ def make_app(cfg: dict[str, Any], schedule: dict[str, Any]) -> Celery:
     return app
 
 
+def store_idle_as_runtime(cfg: dict[str, Any], schedule: dict[str, Any]) -> dict[str, Any]:
+    """Write the idle entries to Redis as runtime entries (what
+    ``ScheduleStore.add`` writes), before anything is measured; the rest of
+    ``schedule`` (the active entries) is returned for beat_schedule."""
+    if not cfg["contender"].startswith("leader"):
+        raise SystemExit("--idle-in runtime: celery-leader contenders only")
+    from celery_leader.schedule.entries import entry_from_config, entry_to_json
+    from celery_leader.schedule_api import ScheduleStore
+
+    app = make_app(cfg, {})
+    store = ScheduleStore.for_app(app)
+    idle = [name for name in schedule if name.startswith("idle-")]
+    for start in range(0, len(idle), 5000):
+        store.client.hset(store.entries_key, mapping={
+            name: entry_to_json(entry_from_config(name, schedule[name], app))
+            for name in idle[start:start + 5000]})
+    app.close()
+    return {name: spec for name, spec in schedule.items() if not name.startswith("idle-")}
+
+
 def ms_clock() -> float:
     """time.time() floored to a whole millisecond (see run_leader)."""
     return math.floor(time.time() * 1000) / 1000
@@ -406,6 +426,8 @@ def main() -> None:
     threading.Thread(target=_exit_with_parent, daemon=True).start()
     schedule, rate = build_schedule(cfg["entries"], cfg["rate"], cfg["period"],
                                     cfg.get("idle", "distinct"))
+    if cfg.get("idle_in", "beat_schedule") == "runtime":
+        schedule = store_idle_as_runtime(cfg, schedule)
     app = make_app(cfg, schedule)
     real = cfg.get("broker", "memory") != "memory"
     recorder = Recorder(real)

@@ -37,7 +37,8 @@ contender above a size.
     .venv/bin/python benchmarks/scheduler.py [--entries 1000,10000,100000]
         [--contenders leader,leader-msclock,beat,redbeat] [--rate 200]
         [--period 2] [--warmup 4] [--seconds 10] [--cap beat=10000]
-        [--broker memory|redis|redis-other] [--idle distinct|alike] [--repeat 1]
+        [--broker memory|redis|redis-other] [--idle distinct|alike]
+        [--idle-in beat_schedule|runtime] [--repeat 1]
         [--json results.json]
 """
 
@@ -139,7 +140,7 @@ def run_one(args: argparse.Namespace, contender: str, entries: int) -> dict[str,
     cfg: dict[str, Any] = {
         "contender": contender, "entries": entries, "rate": args.rate, "period": args.period,
         "warmup": args.warmup, "seconds": args.seconds, "startup_timeout": args.startup_timeout,
-        "redis_url": None, "broker": args.broker, "idle": args.idle,
+        "redis_url": None, "broker": args.broker, "idle": args.idle, "idle_in": args.idle_in,
     }
     if args.profile_dir:
         cfg["profile"] = os.path.join(args.profile_dir, f"{contender}-{entries}.pstats")
@@ -373,6 +374,10 @@ def main(argv: list[str] | None = None) -> None:
                         default="memory", help="where the contenders publish (default "
                         "%(default)s: a recorder; redis: kombu to the lease's Redis db; "
                         "redis-other: to its db 1)")
+    parser.add_argument("--idle-in", choices=("beat_schedule", "runtime"),
+                        default="beat_schedule",
+                        help="where the idle entries are defined: beat_schedule (default) or "
+                             "runtime entries in Redis (celery-leader contenders only)")
     parser.add_argument("--idle", choices=("distinct", "alike"), default="distinct",
                         help="idle entries' schedules: an interval each (default) or one of "
                         "24 crontabs (entries alike)")
@@ -415,7 +420,8 @@ def main(argv: list[str] | None = None) -> None:
     print(header)
     print(f"{args.rate:g} dispatches/s target from entries with intervals in "
           f"[{args.period:g}, {2 * args.period:g}) s; warm-up {args.warmup:g} s, "
-          f"window {args.seconds:g} s; broker {args.broker}; idle entries {args.idle}; "
+          f"window {args.seconds:g} s; broker {args.broker}; idle entries {args.idle} "
+          f"in {args.idle_in}; "
           f"{'medians of ' + str(args.repeat) + ' runs' if args.repeat > 1 else '1 run'}.\n")
     print(table(results))
     print("\nRedis commands per dispatch, by command (commandstats, incl. calls from Lua):\n")
