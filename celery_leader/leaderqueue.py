@@ -53,7 +53,7 @@ import redis
 from kombu.transport.virtual.base import Message
 
 from .election.redact import secret_safe_logger
-from .election.redislock import FENCED, RedisLock, as_text
+from .election.redislock import FENCED, RedisLock, acl_denied, as_text
 
 log = secret_safe_logger(__name__)
 
@@ -323,7 +323,7 @@ class LeaderQueue:
                 self.doorbell_client().execute_command(  # type: ignore[no-untyped-call]
                     "BLMOVE", self.lists[0], self.lists[0], "RIGHT", "RIGHT", DOORBELL_TIMEOUT)
             except redis.RedisError as exc:
-                if _is_acl_denial(exc):
+                if acl_denied(exc):
                     log.warning("celery-leader: the leader_redis_url user may not take from "
                                 "the leader queue's keys; it is consumed through kombu from "
                                 "now on (grant the broker's queue keys as docs/deployment.md "
@@ -416,14 +416,6 @@ class LeaderQueue:
 
 def _nothing() -> None:
     """Queued only to wake the event loop."""
-
-
-def _is_acl_denial(error: Exception) -> bool:
-    """NOPERM, raised by Redis before a script runs or at its first denied command."""
-    return isinstance(error, redis.exceptions.NoPermissionError) or (
-        isinstance(error, redis.exceptions.ResponseError)
-        and ("NOPERM" in str(error) or "can't run this command" in str(error)
-             or "No permissions" in str(error)))
 
 
 def _kombu_message(payload: dict[str, Any], channel: _InflightChannel) -> Any:

@@ -21,6 +21,7 @@ from celery import Celery
 
 from celery_leader import cron
 from celery_leader.entries import EntryError
+from celery_leader.schedule import store as store_module
 from celery_leader.scheduler import ScheduleStore, schedule_report
 from tests.sched_procs import RETRY, Replicas, fire_second, wait_until
 
@@ -365,3 +366,51 @@ def test_runtime_entries_through_api_and_cli_on_three_workers(
     assert seconds == list(range(seconds[0], seconds[0] + len(seconds))), seconds
     ids = [t["task_id"] for t in r.ticks()]
     assert len(ids) == len(set(ids))
+
+
+def test_the_leader_reads_runtime_entries_in_chunks_each_once(
+        redis_url: str, election_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """HSCAN, not one HGETALL of 100,000 entries; a field HSCAN returns twice (it
+    may, while the hash grows) is loaded once."""
+    monkeypatch.setattr(store_module, "RUNTIME_CHUNK", 20)
+    app = api_app(redis_url, election_name)
+    store = ScheduleStore.for_app(app)
+    store.client.hset(store.entries_key, mapping={
+        f"e{i}": json.dumps({"task": TICK, "schedule": {"type": "interval", "seconds": 60}})
+        for i in range(300)})  # past listpack size: HSCAN returns chunks
+    real_hscan = store.client.hscan
+    calls: list[int] = []
+
+    def hscan(key: str, cursor: int = 0, **kwargs: Any) -> Any:
+        calls.append(cursor)
+        next_cursor, fields = real_hscan(key, cursor, **kwargs)
+        if len(calls) == 2:
+            fields = {**fields, b"e0": store.client.hget(key, "e0")}  # a repeat
+        return next_cursor, fields
+
+    monkeypatch.setattr(store.client, "hscan", hscan)
+    loaded: set[str] = set()
+    names = [d[0] for batch in store.runtime_definitions({}, loaded) for d in batch]
+    assert len(calls) > 3
+    assert sorted(names) == sorted(f"e{i}" for i in range(300)) and len(loaded) == 300
+
+
+def test_without_hscan_runtime_entries_are_read_at_once_with_one_warning(
+        redis_url: str, election_name: str, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    app = api_app(redis_url, election_name)
+    store = ScheduleStore.for_app(app)
+    store.add("a", TICK, 60.0)
+    store.add("b", TICK, 60.0)
+
+    def refused(*args: Any, **kwargs: Any) -> Any:
+        raise redis.exceptions.NoPermissionError(
+            "this user has no permissions to run the 'hscan' command")
+
+    monkeypatch.setattr(store.client, "hscan", refused)
+    with caplog.at_level("WARNING", logger="celery_leader"):
+        for _ in range(2):
+            loaded: set[str] = set()
+            assert sorted(d[0] for batch in store.runtime_definitions({}, loaded)
+                          for d in batch) == ["a", "b"]
+    assert caplog.text.count("may not run HSCAN") == 1

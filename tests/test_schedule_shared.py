@@ -300,7 +300,7 @@ def test_a_removed_runtime_entry_leaves_no_progress_behind(h: Harness) -> None:
     # record its first-seen time again.
     calls = len(sent(app).calls)
     assert runner._claim_and_publish(entry, at(5), term, publish=True)
-    assert store.first_seen(["rt"], ms(5), runtime={"rt"}) == {}
+    assert store.first_seen(["rt"], ms(5), runtime=True) == {}
     assert not h.client.hexists(store.state_key, "rt")
     assert not h.client.hexists(store.first_seen_key, "rt")
     assert len(sent(app).calls) == calls and h.pending() == {}

@@ -52,7 +52,7 @@ UTC = timezone.utc
 ACL_RULE = (
     "on >secret resetkeys ~celery-leader:* resetchannels &celery-leader:* -@all "
     "+evalsha +script|load +type +get +set +del +pttl +time +hincrby +hget +hset +hdel "
-    "+hgetall +hexists +incrby +publish +subscribe +ping +select"
+    "+hgetall +hscan +hexists +incrby +publish +subscribe +ping +select"
 )
 ACL_USER = "leader"
 ACL_PASSWORD = "secret"
@@ -281,6 +281,7 @@ def exercise_schedule(client: Any, name: str) -> None:
     loading = ScheduleRunner(app, lock, LeaderSettings(redis_url="redis://unused", name=name))
     loaded = loading._load(datetime.now(UTC))
     assert set(loaded.queue.fire_times()) == {"nightly", "every-minute"}
+    assert not loading.store._warned_no_hscan, "runtime entries read in chunks (HSCAN)"
     loading._near.clear()
     assert loading._entry(loaded, "every-minute") == store.get("every-minute")
     app.conf.beat_schedule = {}

@@ -168,6 +168,15 @@ def as_text(raw: Any) -> str:
     return raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
 
 
+def acl_denied(error: BaseException) -> bool:
+    """Redis refused a command for the ACL user (NOPERM): raised before a script
+    runs (its keys) or at its first denied command, before that command wrote."""
+    return isinstance(error, redis.exceptions.NoPermissionError) or (
+        isinstance(error, redis.exceptions.ResponseError)
+        and ("NOPERM" in str(error) or "can't run this command" in str(error)
+             or "No permissions" in str(error)))
+
+
 def key_of(key_prefix: str, name: str, hash_tag: str, suffix: str) -> str:
     """The key ``suffix`` of election ``name`` whose keys carry ``{hash_tag}``:
     the one key format of every election, schedule and claim key."""

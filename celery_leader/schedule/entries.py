@@ -547,7 +547,9 @@ def schedule_from_json(name: str, data: Any, interned: Interned | None = None) -
     made for an equal JSON schedule earlier in the same load."""
     if not isinstance(data, dict):
         raise EntryError(f"entry {name!r}: schedule must be a JSON object, got {data!r}")
-    if interned is None:
+    if interned is None or data.get("type") == "interval":
+        # An interval is its seconds: nothing to share, and 100,000 distinct
+        # ones would only fill the cache for the time of the load.
         return _schedule_from_json(name, data)
     try:
         key: Hashable = tuple(sorted(data.items()))

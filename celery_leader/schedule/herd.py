@@ -72,7 +72,7 @@ import redis
 from celery.signals import after_task_publish, before_task_publish
 
 from ..election.redact import secret_safe_logger
-from ..election.redislock import FENCED, FencedScript, as_text
+from ..election.redislock import FENCED, FencedScript, acl_denied, as_text
 from .entries import Entry
 from .source import EntrySource, RecordsRuns
 from .store import from_ms
@@ -509,8 +509,7 @@ class HerdDispatcher:
         try:
             codes = self._run_script(prepared, term)
         except redis.exceptions.ResponseError as error:
-            if not (prepared.atomic and ("NOPERM" in str(error) or isinstance(
-                    error, redis.exceptions.NoPermissionError))):
+            if not (prepared.atomic and acl_denied(error)):
                 raise
             self.forbid_atomic(error)  # nothing was written (pushes run first)
             prepared = self._prepare(batch, term, atomic=False)

@@ -46,16 +46,15 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-import redis
-
 from ..election.config import ConfigurationError
 from ..election.elections import BEAT_SUFFIX
 from ..election.metrics import Family
 from ..election.redact import secret_safe_logger
-from ..election.redislock import FENCED, RedisLock, as_text, key_of
+from ..election.redislock import FENCED, RedisLock, acl_denied, as_text, key_of
 from .duequeue import DueQueue
 from .entries import (
     BeatSchedule,
+    Definition,
     Entry,
     definitions_of,
     first_fire_after,
@@ -240,6 +239,10 @@ fill in well under a second), and 100,000 idle entries hold none (~1.2 KB each).
 The window is looked at again when less than half of it is left."""
 
 _Tally = tuple[int, int, int]  # due ticks skipped by policy, by grace; caught up
+# Where a loaded entry comes from (ScheduleRunner._load_entries).
+_CONFIG, _RUNTIME, _HELD = "beat_schedule", "runtime", "source"
+LOAD_BATCH = 5000
+"""beat_schedule entries loaded at a time (one first-seen script call each)."""
 
 
 @dataclass(slots=True)
@@ -623,32 +626,11 @@ class ScheduleRunner:
     def _load_entries(self, started_at: datetime, previous: Loaded | None) -> Loaded:
         config = self.config_entries
         overrides = self.store.overrides()
-        runtime = self.store.runtime_specs()  # this load's only: read again when near
-        runtime_names = {name for name in runtime if name not in config}  # beat_schedule wins
-        held = self.store.external_beside(
-            self.source.entries() if self.source is not None else {},
-            lambda name: config[name] if name in config else (
-                self.store.runtime_entries_named([name]).get(name)
-                if name in runtime_names else None))
         states = self.store.states()
-        # An enabled entry not fired since the previous load keeps the fire time
-        # it had there (a reload anchored at "now" would postpone an interval
-        # entry every time), unless it changed: a beat_schedule entry cannot; a
-        # runtime one is not kept (a change removes its first-seen time instead,
-        # store.WRITE_RUNTIME_ENTRY_LUA, so it is counted from now below).
-        kept: dict[str, datetime] = {}
         was_due = previous.queue.fire_times() if previous is not None else {}
-        for name, fire in was_due.items():
-            if name not in states and (name in config or (
-                    previous is not None and name in held
-                    and previous.held.get(name) == held[name])):
-                kept[name] = fire
-        # An entry that has not fired is anchored where the schedule first saw
-        # it, by whichever leader: a fail-over must not postpone its first tick.
+        runtime: set[str] = set()  # the runtime entries loaded (beat_schedule's names win)
+        held: dict[str, Entry] = {}
         started_ms = to_ms(started_at)
-        first_seen = self.store.first_seen(
-            (name for name in itertools.chain(config, runtime_names, held)
-             if name not in states and name not in kept), started_ms, runtime=runtime_names)
         try:
             known: set[str] | None = set(self.app.tasks) | self._warned_unknown
         except Exception:  # pragma: no cover - an app that cannot list its tasks
@@ -656,42 +638,74 @@ class ScheduleRunner:
         unknown: dict[str, list[str]] = {}  # task -> the entries that send it
         moved: list[str] = []
         queue = DueQueue()
-        loaded = 0
-        for name, sched, enabled, task in itertools.chain(
-                definitions_of(config),
-                self.store.runtime_definitions(runtime, config),
-                ((name, e.schedule, e.enabled, e.task) for name, e in held.items())):
-            loaded += 1
-            if known is not None and task not in known:
-                unknown.setdefault(task, []).append(name)
-            if name in overrides and name in config:
-                enabled = overrides[name]
-            was = kept.get(name) if enabled else None
-            if was is not None:
-                queue.push(was, name)
-                continue
-            state = states.get(name)
-            last = from_ms(state["last"]) if state else None
-            if previous is not None and last is None and name not in runtime_names:
-                # Added, changed or re-enabled while leading, never fired: count
-                # from now, and so does every later leader.
-                moved.append(name)
-                if enabled:
-                    queue.push(first_fire_after(sched, started_at), name)
-                continue
-            if not enabled:
-                continue
-            seen = first_seen.get(name, started_ms)
-            # Stored in whole ms; when it is this leader's own start, keep the exact instant.
-            seen_at = started_at if seen == started_ms else from_ms(seen)
-            if previous is not None and name not in was_due:
-                # Re-enabled while leading: no catch-up for the time it was disabled.
-                fire = next_fire_after(sched, max(last or seen_at, started_at))
-            else:
-                fire = next_fire_time(sched, last, seen_at, started_at)
-            queue.push(fire, name)
+        count = 0
+
+        def keeps(name: str, kind: str) -> datetime | None:
+            """The fire time an enabled entry not fired since the previous load
+            keeps (a reload anchored at "now" would postpone an interval entry
+            every time), unless it changed: a beat_schedule entry cannot; a
+            runtime one is not kept (a change removes its first-seen time
+            instead, store.WRITE_RUNTIME_ENTRY_LUA, so it counts from now)."""
+            fire = was_due.get(name)
+            if fire is None or name in states or kind == _RUNTIME:
+                return None
+            if kind == _HELD and (previous is None or previous.held.get(name) != held[name]):
+                return None
+            return fire
+
+        def load(batch: list[Definition], kind: str) -> None:
+            nonlocal count
+            # An entry that has not fired is anchored where the schedule first saw
+            # it, by whichever leader: a fail-over must not postpone its first tick.
+            first_seen = self.store.first_seen(
+                [name for name, *_ in batch if name not in states and keeps(name, kind) is None],
+                started_ms, runtime=kind == _RUNTIME)
+            count += len(batch)
+            for name, sched, enabled, task in batch:
+                if known is not None and task not in known:
+                    unknown.setdefault(task, []).append(name)
+                if kind == _CONFIG and name in overrides:
+                    enabled = overrides[name]
+                was = keeps(name, kind) if enabled else None
+                if was is not None:
+                    queue.push(was, name)
+                    continue
+                state = states.get(name)
+                last = from_ms(state["last"]) if state else None
+                if previous is not None and last is None and kind != _RUNTIME:
+                    # Added, changed or re-enabled while leading, never fired: count
+                    # from now, and so does every later leader.
+                    moved.append(name)
+                    if enabled:
+                        queue.push(first_fire_after(sched, started_at), name)
+                    continue
+                if not enabled:
+                    continue
+                seen = first_seen.get(name, started_ms)
+                # Stored in whole ms; when it is this leader's own start, keep the exact
+                # instant.
+                seen_at = started_at if seen == started_ms else from_ms(seen)
+                if previous is not None and name not in was_due:
+                    # Re-enabled while leading: no catch-up for the time it was disabled.
+                    fire = next_fire_after(sched, max(last or seen_at, started_at))
+                else:
+                    fire = next_fire_time(sched, last, seen_at, started_at)
+                queue.push(fire, name)
+
+        definitions = definitions_of(config)
+        while batch := list(itertools.islice(definitions, LOAD_BATCH)):
+            load(batch, _CONFIG)
+        # Runtime entries, a chunk at a time (never one reply of 100,000).
+        for batch in self.store.runtime_definitions(config, runtime):
+            load(batch, _RUNTIME)
+        held = self.store.external_beside(
+            self.source.entries() if self.source is not None else {},
+            lambda name: config[name] if name in config else (
+                self.store.runtime_entries_named([name]).get(name)
+                if name in runtime else None))
+        load([(name, e.schedule, e.enabled, e.task) for name, e in held.items()], _HELD)
         self.store.first_seen(moved, started_ms, move=True)
-        self.stats.entries_loaded = loaded
+        self.stats.entries_loaded = count
         self.stats.entries_invalid = self.store.invalid_runtime_entries
         self._warn_unknown_tasks(unknown)
         return Loaded(queue, held)
@@ -923,9 +937,7 @@ class ScheduleRunner:
         except Exception as error:
             # NOPERM: Redis refuses the script's keys before running it (or, inside
             # a script, at the first LPUSH, before it wrote anything).
-            if isinstance(error, redis.exceptions.NoPermissionError) or (
-                    isinstance(error, redis.exceptions.ResponseError)
-                    and "NOPERM" in str(error)):
+            if acl_denied(error):
                 self._forbid_atomic(error)
                 return False
             log.exception("celery-leader: could not send %s; will retry", tick)

@@ -11,13 +11,15 @@ and the Celery app for ``beat_schedule``; it never reads ``leader_*`` settings
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Container, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any
 
+import redis
+
 from ..election.redact import secret_safe_logger
-from ..election.redislock import RedisLock, as_text, key_of
+from ..election.redislock import RedisLock, acl_denied, as_text, key_of
 from .entries import (
     NEVER,
     Definition,
@@ -79,6 +81,8 @@ end
 if #writes > 0 then redis.call('HSET', KEYS[1], unpack(writes)) end
 return table.concat(seen, ',')
 """
+RUNTIME_CHUNK = 1000
+"""Runtime entries read per HSCAN call (a hint to Redis, which may return more)."""
 FIRST_SEEN_CHUNK = 5000
 """Entries per FIRST_SEEN_LUA call: a few milliseconds of Redis time each."""
 
@@ -183,6 +187,7 @@ class ScheduleStore:
         self._warned_clashes: set[str] = set()
         self.invalid_runtime_entries = 0  # runtime entries skipped at the last read
         self._warned_external: set[tuple[str, str]] = set()
+        self._warned_no_hscan = False
 
     # -- beat_schedule entries and their overrides -----------------------------
 
@@ -334,28 +339,59 @@ class ScheduleStore:
         ``static``: beat_schedule, whose entries win over runtime ones of their name."""
         interned = Interned()  # entries alike share their schedule objects
         self.invalid_runtime_entries = 0
-        found = ((name, self._runtime_entry(name, raw, static or {}, interned))
-                 for name, raw in self.runtime_specs().items())
-        return {name: entry for name, entry in found if entry is not None}
+        entries: dict[str, Entry] = {}
+        for chunk in self._runtime_chunks():
+            for name, raw in chunk:
+                entry = self._runtime_entry(name, raw, static or {}, interned)
+                if entry is not None:
+                    entries[name] = entry
+        return entries
 
-    def runtime_specs(self) -> dict[str, Any]:
-        """Every runtime entry's stored JSON, by name (one HGETALL: the documented
-        ACL rule allows no HSCAN)."""
-        return {as_text(name): raw
-                for name, raw in (self.client.hgetall(self.entries_key) or {}).items()}
-
-    def runtime_definitions(self, specs: Mapping[str, Any],
-                            static: Mapping[str, Entry]) -> Iterator[Definition]:
-        """The :data:`Definition` of each valid runtime entry of ``specs``
-        (:meth:`runtime_specs`) that beat_schedule (``static``) leaves, without
-        keeping an Entry each: the runner builds one again when it comes near
-        (:meth:`runtime_entries_named`)."""
+    def runtime_definitions(self, static: Mapping[str, Entry],
+                            loaded: set[str]) -> Iterator[list[Definition]]:
+        """The :data:`Definition` of every valid runtime entry that beat_schedule
+        (``static``) leaves, a chunk at a time, without keeping an Entry each
+        (the runner builds one again when it comes near:
+        :meth:`runtime_entries_named`).  Each name is yielded once and added to
+        ``loaded``."""
         interned = Interned()
         self.invalid_runtime_entries = 0
-        for name, raw in specs.items():
-            entry = self._runtime_entry(name, raw, static, interned)
-            if entry is not None:
-                yield name, entry.schedule, entry.enabled, entry.task
+        for chunk in self._runtime_chunks():
+            definitions: list[Definition] = []
+            for name, raw in chunk:
+                if name in loaded:
+                    continue  # HSCAN may return a field twice
+                entry = self._runtime_entry(name, raw, static, interned)
+                if entry is not None:
+                    loaded.add(name)
+                    definitions.append((name, entry.schedule, entry.enabled, entry.task))
+            yield definitions
+
+    def _runtime_chunks(self) -> Iterator[list[tuple[str, Any]]]:
+        """The stored runtime entries, (name, JSON) about RUNTIME_CHUNK at a time
+        (HSCAN): 100,000 entries never sit in memory as one reply.  A user whose
+        ACL rule lacks +hscan reads them with one HGETALL (a warning, once)."""
+        cursor = 0
+        try:
+            while True:
+                cursor, fields = self.client.hscan(self.entries_key, cursor,
+                                                   count=RUNTIME_CHUNK)
+                pairs = (fields.items() if isinstance(fields, dict)
+                         else zip(fields[::2], fields[1::2], strict=True))
+                yield [(as_text(name), raw) for name, raw in pairs]
+                if not int(cursor):
+                    return
+        except redis.exceptions.RedisError as error:
+            if cursor or not acl_denied(error):
+                raise
+            refusal = str(error)
+        if not self._warned_no_hscan:
+            self._warned_no_hscan = True
+            log.warning("celery-leader: the leader_redis_url user may not run HSCAN (%s): "
+                        "runtime entries are read with one HGETALL; grant +hscan (the "
+                        "documented ACL rule has it) to read them in chunks", refusal)
+        fields = self.client.hgetall(self.entries_key) or {}
+        yield [(as_text(name), raw) for name, raw in fields.items()]
 
     def runtime_entries_named(self, names: Iterable[str]) -> dict[str, Entry]:
         """The runtime entries of ``names`` that exist and are valid (one round
@@ -401,11 +437,11 @@ class ScheduleStore:
     # -- progress -------------------------------------------------------------
 
     def first_seen(self, names: Iterable[str], now_ms: int, move: bool = False,
-                   runtime: Container[str] = ()) -> dict[str, int]:
+                   runtime: bool = False) -> dict[str, int]:
         """When the schedule first saw each entry of ``names`` (``now_ms`` if
         never, or with ``move``): where an interval entry that has not fired yet
-        is anchored, whoever leads.  An entry in ``runtime`` (a runtime entry)
-        that was removed meanwhile is left out."""
+        is anchored, whoever leads.  With ``runtime`` (they are runtime
+        entries), one removed meanwhile is left out."""
         names = list(names)
         seen: dict[str, int] = {}
         for start in range(0, len(names), FIRST_SEEN_CHUNK):
@@ -413,8 +449,7 @@ class ScheduleStore:
             reply = as_text(self._first_seen(
                 keys=[self.first_seen_key, self.entries_key],
                 args=[now_ms, "move" if move else "keep",
-                      json.dumps([("r" if name in runtime else "s") + name
-                                  for name in chunk])]))
+                      json.dumps([("r" if runtime else "s") + name for name in chunk])]))
             for name, raw in zip(chunk, reply.split(","), strict=True):
                 if not raw:
                     continue  # a runtime entry that was removed
