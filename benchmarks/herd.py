@@ -67,7 +67,6 @@ from celery.schedules import crontab  # noqa: E402
 from celery_leader import cron  # noqa: E402
 from celery_leader.election.record import LeaderElectionRecord  # noqa: E402
 from celery_leader.election.redislock import RedisLock  # noqa: E402
-from celery_leader.schedule.entries import entry_from_config  # noqa: E402
 from celery_leader.schedule.runner import ScheduleRunner  # noqa: E402
 from celery_leader.settings import LeaderSettings  # noqa: E402
 from celery_leader.testing import EmbeddedRedis  # noqa: E402
@@ -89,12 +88,11 @@ def one_run(url: str, broker_url: str, kind: str, n: int, cold: bool,
     assert record.record is not None
     term = record.record.term
     app = Celery("herd", broker=broker_url, set_as_current=False)
-    app.conf.update(leader_name=NAME, beat_schedule={})
-    app.task(name="bench.noop")(lambda *args: None)
     sched = schedule_of(kind)
-    entries = {f"e{i:06d}": entry_from_config(
-        f"e{i:06d}", {"task": "bench.noop", "schedule": sched, "args": [i]}, app)
-        for i in range(n)}
+    # The shipped path: beat_schedule, its entries built as they come near.
+    app.conf.update(leader_name=NAME, beat_schedule={
+        f"e{i:06d}": {"task": "bench.noop", "schedule": sched, "args": [i]} for i in range(n)})
+    app.task(name="bench.noop")(lambda *args: None)
     settings = LeaderSettings(redis_url=url, name=NAME, retry_period=5.0)
     # The clock: the fire instant comes ``lead`` s after start.
     real_start = time.time()
@@ -106,8 +104,7 @@ def one_run(url: str, broker_url: str, kind: str, n: int, cold: bool,
         offset = minute - (real_start + lead)
         fire_at = minute
     shift = [offset]
-    runner = ScheduleRunner(app, lock, settings, entries=entries,
-                            now=lambda: time.time() + shift[0])
+    runner = ScheduleRunner(app, lock, settings, now=lambda: time.time() + shift[0])
     if cold:
         runner._warm_templates = lambda deadline: runner._cold.clear()  # type: ignore
     done = threading.Event()

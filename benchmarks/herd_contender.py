@@ -79,7 +79,6 @@ def run_leader(app: Celery, cfg: dict[str, Any], started: float) -> None:
 
     from celery_leader.election.record import LeaderElectionRecord
     from celery_leader.election.redislock import RedisLock
-    from celery_leader.schedule.entries import entry_from_config
     from celery_leader.schedule.runner import ScheduleRunner
     from celery_leader.settings import LeaderSettings
 
@@ -87,10 +86,9 @@ def run_leader(app: Celery, cfg: dict[str, Any], started: float) -> None:
     lock = RedisLock(client, name="herd", identity="bench")
     record = lock.create(LeaderElectionRecord(holder_identity="bench", lease_duration=600.0))
     assert record.record is not None
-    entries = {name: entry_from_config(name, spec, app)
-               for name, spec in app.conf.beat_schedule.items()}
+    # The shipped path: beat_schedule, its entries built as they come near.
     runner = ScheduleRunner(app, lock, LeaderSettings(redis_url=cfg["redis_url"], name="herd",
-                                                      retry_period=5.0), entries=entries)
+                                                      retry_period=5.0))
     stop = threading.Event()
     thread = threading.Thread(target=runner.run, args=(record.record.term, stop), daemon=True)
     thread.start()
