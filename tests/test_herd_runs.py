@@ -12,7 +12,7 @@ source add no argument to the script.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Iterator
 from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any
@@ -28,32 +28,20 @@ from celery_leader.schedule.runner import ScheduleRunner
 from celery_leader.schedule.source import RecordsRuns, RunRecord
 from celery_leader.schedule.store import to_ms
 from tests.test_atomic_publish import Rig
+from tests.test_herd import RecordingSource
 
 UTC = timezone.utc
 FIRE = to_ms(datetime(2031, 3, 4, 5, 0, tzinfo=UTC))
 MINUTE = 60_000
 
 
-class CountingSource:
+class CountingSource(RecordingSource):
     """An EntrySource that counts runs in ``key`` (pk = the entry's name + '-pk')."""
 
     def __init__(self, key: str, entries: list[Entry], base: int = 10) -> None:
+        super().__init__(entries)
         self.key = key
-        self.served = {e.name: e for e in entries}
         self.base = base
-        self.claims: list[tuple[str, datetime, bool]] = []
-
-    def watch(self, wake: Callable[[], None]) -> None:
-        pass
-
-    def version(self) -> Hashable:
-        return 1
-
-    def entries(self) -> dict[str, Entry]:
-        return self.served
-
-    def claimed(self, entry: Entry, fire: datetime, published: bool) -> None:
-        self.claims.append((entry.name, fire, published))
 
     def run_record(self, entry: Entry) -> RunRecord | None:
         if entry.name not in self.served:
