@@ -16,7 +16,6 @@ from typing import Any
 from .schedule import store
 from .schedule.runner import (
     ADOPT_PENDING_LUA,
-    CLAIM_TICK_LUA,
     MIGRATE_LEGACY_LUA,
     NOT_DISPATCHER,
     OWN_SCHEDULE_LUA,
@@ -24,9 +23,6 @@ from .schedule.runner import (
     PUBLISH_TICK_LUA,
     TAKE_SCHEDULE_LUA,
     TASK_ID_NAMESPACE,
-    TICK_ALREADY_CLAIMED,
-    TICK_CLAIMED,
-    TICK_ENTRY_REMOVED,
     ScheduleRunner,
     ScheduleTakenOver,
     beat_election_name,
@@ -38,7 +34,6 @@ from .sources import external_entries
 __all__ = [
     "ADOPT_PENDING_LUA",
     "API_IDENTITY",
-    "CLAIM_TICK_LUA",
     "FIRST_SEEN_LUA",
     "MIGRATE_LEGACY_LUA",
     "NOT_DISPATCHER",
@@ -48,9 +43,6 @@ __all__ = [
     "REMOVE_RUNTIME_ENTRY_LUA",
     "TAKE_SCHEDULE_LUA",
     "TASK_ID_NAMESPACE",
-    "TICK_ALREADY_CLAIMED",
-    "TICK_CLAIMED",
-    "TICK_ENTRY_REMOVED",
     "ScheduleRunner",
     "ScheduleStore",
     "ScheduleTakenOver",

@@ -1,9 +1,14 @@
 """The fenced publish: with the broker on the lease's Redis, a tick's message is
-pushed to the broker list in the same script that clears its pending copy.
+pushed to the broker list in a fenced script, either the one that claims it
+(the herd's, from the entry's message template) or, for a tick sent through
+``send_task`` (something listens to ``before_task_publish``, or the entry has
+no template), PUBLISH_TICK_LUA, in the same step that clears its pending copy.
 
-Against a real Redis used as both lease store and broker; the messages are read
-back from the broker lists exactly as a worker would find them.  That real
-workers consume them is shown by test_scheduler_failover.py and the chaos suite.
+Ticks are dispatched as the scheduler's loop does, through the herd
+(tests/dispatch.py); tests parametrized over ``path`` run both ways.  Against a
+real Redis used as both lease store and broker; the messages are read back from
+the broker lists exactly as a worker would find them.  That real workers
+consume them is shown by test_scheduler_failover.py and the chaos suite.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from typing import Any
 import pytest
 import redis
 from celery import Celery
+from celery.signals import before_task_publish
 
 from celery_leader.entries import entry_from_config
 from celery_leader.publish import Unsupported, capture_redis_publish, same_redis
@@ -25,6 +31,7 @@ from celery_leader.redislock import RedisLock
 from celery_leader.schedule import runner as scheduler
 from celery_leader.scheduler import ScheduleRunner
 from celery_leader.settings import LeaderSettings
+from tests.dispatch import fire
 from tests.test_docs import documented_acl_rule
 from tests.test_scheduler_unit import lead
 
@@ -33,6 +40,13 @@ UTC = timezone.utc
 OPTIONAL_BROKER_GRANT = ["~celery*", "~unacked", "+lpush", "+rpush", "+rpop", "+lpos",
                          "+blmove"]
 FIRE = datetime(2031, 3, 4, 5, 6, 7, tzinfo=UTC)
+# How a tick reaches the broker: pushed by the herd's claim ("template") or sent
+# through send_task and pushed by PUBLISH_TICK_LUA ("send_task").
+PATHS = ["template", "send_task"]
+
+
+def _listening(**kwargs: Any) -> None:
+    """A before_task_publish receiver that does nothing (as a tracer's would)."""
 
 
 class Rig:
@@ -41,12 +55,19 @@ class Rig:
         self.name = name
         self.client = redis.Redis.from_url(lease_url)
         self.apps: list[Celery] = []
+        self.listening = False
 
     def lead(self, identity: str) -> tuple[RedisLock, int]:
         return lead(self.client, self.name, identity)
 
     def runner(self, lock: RedisLock, broker: str | None = None, tick_run_once: bool = True,
-               **conf: Any) -> ScheduleRunner:
+               send_task: bool = False, **conf: Any) -> ScheduleRunner:
+        """``send_task``: something listens to ``before_task_publish`` (until
+        close()), so the herd sends every tick through ``send_task`` after its
+        claim (PUBLISH_TICK_LUA), not from a template."""
+        if send_task and not self.listening:
+            before_task_publish.connect(_listening, weak=False)
+            self.listening = True
         app = Celery("atomic", broker=broker or self.lease_url, set_as_current=False)
         app.conf.update(leader_name=self.name, beat_schedule={}, **conf)
         self.apps.append(app)
@@ -54,17 +75,21 @@ class Rig:
                                   tick_run_once=tick_run_once)
         return ScheduleRunner(app, lock, settings)
 
-    def fire(self, runner: ScheduleRunner, term: int, **spec: Any) -> str:
-        """Claim and publish FIRE for an entry; the tick's name."""
+    def fire(self, runner: ScheduleRunner, term: int, at: datetime = FIRE,
+             **spec: Any) -> str:
+        """Claim and publish ``at`` for an entry, as the loop does; the tick's name."""
         entry = entry_from_config("job", {"task": "proj.job", "schedule": 60.0,
                                           "args": ["a"], **spec}, runner.app)
-        assert runner._claim_and_publish(entry, FIRE, term, publish=True)
-        return f"job@{round(FIRE.timestamp() * 1000)}"
+        assert fire(runner, entry, at, term)
+        return f"job@{round(at.timestamp() * 1000)}"
 
     def pending(self, lock: RedisLock) -> dict[bytes, bytes]:
         return dict(self.client.hgetall(lock.key("schedule:pending")))
 
     def close(self) -> None:
+        if self.listening:
+            before_task_publish.disconnect(_listening)
+            self.listening = False
         for app in self.apps:
             app.close()
         self.client.close()
@@ -85,12 +110,19 @@ def body(message: dict[str, Any]) -> Any:
     return json.loads(base64.b64decode(message["body"]))
 
 
-def test_a_tick_reaches_the_broker_list_with_its_claim_cleared(rig: Rig) -> None:
+def atomic_after(path: str, atomic: bool) -> bool | None:
+    """``runner.atomic_publish`` after a publish: None while only the herd's
+    claim pushed (PUBLISH_TICK_LUA was never needed)."""
+    return None if path == "template" and atomic else atomic
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_a_tick_reaches_the_broker_list_with_its_claim_cleared(rig: Rig, path: str) -> None:
     lock, term = rig.lead("a")
-    runner = rig.runner(lock)
+    runner = rig.runner(lock, send_task=path == "send_task")
     tick = rig.fire(runner, term)
     [message] = messages(rig.client, "celery")
-    assert runner.atomic_publish is True and runner.dispatched == 1
+    assert runner.atomic_publish is atomic_after(path, True) and runner.dispatched == 1
     headers = message["headers"]
     assert headers["task"] == "proj.job"
     assert headers["leader_fire_time"] == FIRE.isoformat()
@@ -102,11 +134,13 @@ def test_a_tick_reaches_the_broker_list_with_its_claim_cleared(rig: Rig) -> None
     assert state["task_id"] == headers["id"] and tick.startswith("job@")
 
 
-def test_queue_priority_and_key_prefix_are_kombus_own(rig: Rig) -> None:
+@pytest.mark.parametrize("path", PATHS)
+def test_queue_priority_and_key_prefix_are_kombus_own(rig: Rig, path: str) -> None:
     lock, term = rig.lead("a")
-    runner = rig.runner(lock, broker_transport_options={"global_keyprefix": "pfx:"})
+    runner = rig.runner(lock, send_task=path == "send_task",
+                        broker_transport_options={"global_keyprefix": "pfx:"})
     rig.fire(runner, term, options={"queue": "ticks", "priority": 3})
-    assert runner.atomic_publish is True
+    assert runner.atomic_publish is atomic_after(path, True) and runner.dispatched == 1
     # kombu's Redis transport: priority 3 goes to "<queue>\x06\x163", under the prefix.
     [message] = messages(rig.client, "pfx:ticks\x06\x163")
     assert message["properties"]["priority"] == 3
@@ -115,29 +149,29 @@ def test_queue_priority_and_key_prefix_are_kombus_own(rig: Rig) -> None:
 
 def test_a_deposed_leader_pushes_nothing_and_leaves_the_tick_pending(
         rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
-    """Its leadership check passed (still_leading is always True here); only the
-    fenced script can refuse, and it does, before pushing anything."""
+    """Its leadership check passed; only the fenced script can refuse, and it
+    does, before pushing anything.  (Sent through send_task: a tick pushed from
+    its template is pushed by its claim, with no such window.)"""
     lock, term = rig.lead("a")
-    runner = rig.runner(lock)
-    entry = entry_from_config("job", {"task": "proj.job", "schedule": 60.0}, runner.app)
-    publish = runner._publish
+    runner = rig.runner(lock, send_task=True)
+    deposed: list[int] = []
 
-    def deposed_then_publish(tick: str, message: str, term: int) -> None:
-        rig.lead("b")  # between the claim and the publish, another replica takes over
-        publish(tick, message, term)
+    def leading_then_deposed() -> bool:
+        if not deposed:  # between the check and the publish, another replica takes over
+            deposed.append(rig.lead("b")[1])
+        return True
 
-    runner._publish = deposed_then_publish  # type: ignore[method-assign]
+    runner.still_leading = leading_then_deposed
     with caplog.at_level(logging.WARNING, logger="celery_leader.scheduler"):
-        assert runner._claim_and_publish(entry, FIRE, term, publish=True)
-    assert rig.client.llen("celery") == 0
+        rig.fire(runner, term)
+    assert deposed and rig.client.llen("celery") == 0 and runner.dispatched == 0
     assert len(rig.pending(lock)) == 1
     assert f"term {term} ended before" in caplog.text
 
 
 def test_a_publish_retried_after_a_lost_reply_is_not_sent_twice(rig: Rig) -> None:
     lock, term = rig.lead("a")
-    runner = rig.runner(lock)
-    entry = entry_from_config("job", {"task": "proj.job", "schedule": 60.0}, runner.app)
+    runner = rig.runner(lock, send_task=True)
     publish = runner._publish
     published: list[tuple[str, str]] = []
 
@@ -146,18 +180,21 @@ def test_a_publish_retried_after_a_lost_reply_is_not_sent_twice(rig: Rig) -> Non
         publish(tick, message, term)
 
     runner._publish = remember  # type: ignore[method-assign]
-    assert runner._claim_and_publish(entry, FIRE, term, publish=True)
+    rig.fire(runner, term)
     [(tick, message)] = published
     publish(tick, message, term)  # as when the script ran but its reply was lost
     assert rig.client.llen("celery") == 1 and runner.dispatched == 1
 
 
+@pytest.mark.parametrize("path", PATHS)
 def test_a_broker_in_another_database_falls_back_to_publish_then_clear(
-        rig: Rig, other_redis_url: str) -> None:
+        rig: Rig, other_redis_url: str, path: str) -> None:
     lock, term = rig.lead("a")
-    runner = rig.runner(lock, broker=other_redis_url)
+    runner = rig.runner(lock, broker=other_redis_url, send_task=path == "send_task")
     rig.fire(runner, term)
-    assert runner.atomic_publish is False and runner.dispatched == 1
+    # The herd never tries to push to another server: only send_task finds out.
+    assert runner.atomic_publish is (None if path == "template" else False)
+    assert runner.dispatched == 1
     broker = redis.Redis.from_url(other_redis_url)
     try:
         [message] = messages(broker, "celery")
@@ -194,7 +231,7 @@ def test_an_entry_that_cannot_be_captured_is_sent_the_ordinary_way_with_a_warnin
 
     monkeypatch.setattr(scheduler, "capture_redis_publish", unsupported)
     lock, term = rig.lead("a")
-    runner = rig.runner(lock)
+    runner = rig.runner(lock, send_task=True)
     with caplog.at_level(logging.WARNING, logger="celery_leader.scheduler"):
         rig.fire(runner, term)
     assert "entry 'job' is published after its claim, not with it (fanout exchange)" \
@@ -220,9 +257,10 @@ def test_a_client_without_one_known_server_is_never_the_same() -> None:
     assert not same_redis(sentinel_like, redis.Redis.from_url("redis://127.0.0.1:6379/0"))
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("may_push", [False, True], ids=["election-keys-only", "may-push"])
 def test_an_acl_user_that_may_not_push_to_the_queue_falls_back_once_with_a_warning(
-        redis_url: str, election_name: str, may_push: bool,
+        redis_url: str, election_name: str, may_push: bool, path: str,
         caplog: pytest.LogCaptureFixture) -> None:
     """The lease on an ACL user limited by the rule of docs/deployment.md (and,
     in the second case, its optional +lpush), the broker on the default user of
@@ -237,13 +275,11 @@ def test_an_acl_user_that_may_not_push_to_the_queue_falls_back_once_with_a_warni
     made = Rig(f"redis://{user}:pw@{host_db}", election_name)
     try:
         lock, term = made.lead("a")
-        runner = made.runner(lock, broker=redis_url)
+        runner = made.runner(lock, broker=redis_url, send_task=path == "send_task")
         with caplog.at_level(logging.WARNING, logger="celery_leader.scheduler"):
             made.fire(runner, term)
-            runner._claim_and_publish(
-                entry_from_config("job", {"task": "proj.job", "schedule": 60.0}, runner.app),
-                FIRE.replace(minute=7), term, publish=True)
-        assert runner.atomic_publish is may_push
+            made.fire(runner, term, at=FIRE.replace(minute=7))
+        assert runner.atomic_publish is atomic_after(path, may_push)
         assert admin.llen("celery") == 2 and runner.dispatched == 2
         assert made.pending(lock) == {}
         warnings = caplog.text.count("may not push to the broker's queue")

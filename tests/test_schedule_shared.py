@@ -26,6 +26,7 @@ import pytest
 from celery_leader.record import LeaderElectionRecord
 from celery_leader.redislock import RedisLock
 from celery_leader.scheduler import ScheduleStore, ScheduleTakenOver, beat_lock
+from tests.dispatch import fire
 from tests.sched_procs import wait_until
 from tests.test_scheduler_unit import (
     EVERY_SECOND,
@@ -133,22 +134,23 @@ def test_a_non_owner_cannot_claim_publish_or_adopt(h: Harness) -> None:
     beats, beat_term = lead_beat(h, "b")
     owner_app, intruder_app = h.app(), h.app()
     clock = Clock(0.5)
-    owning = h.runner(owner_app, worker_lock, clock)
+    # Claimed but left pending: the owner's leadership check fails between its
+    # claim and its publish (as if it paused there and lost the lease).
+    owning = h.runner(owner_app, worker_lock, clock, still_leading=lambda: False)
     intruder = h.runner(intruder_app, beats, clock)
     entry = owning.config_entries["every"]
-    # Claimed but left pending (as if the owner paused before publishing).
-    owning._publish = lambda tick, message, term: None  # type: ignore[method-assign]
-    assert owning._claim_and_publish(entry, at(1), worker_term, publish=True)
+    assert fire(owning, entry, at(1), worker_term)
     before = (h.states(), h.pending(), owner(h))
+    assert len(before[1]) == 1 and sent(owner_app).calls == []
     with pytest.raises(ScheduleTakenOver):
-        intruder._claim_and_publish(entry, at(2), beat_term, publish=True)
+        fire(intruder, entry, at(2), beat_term)
     with pytest.raises(ScheduleTakenOver):
         intruder._recover_pending(beat_term)  # would adopt the owner's pending tick
     assert (h.states(), h.pending(), owner(h)) == before
     assert sent(intruder_app).calls == []
     # A stale term of the owner's own election is fenced first (the lease check).
     _, newer = h.lead("w2")
-    assert owning._claim_and_publish(entry, at(3), worker_term, publish=True) is False
+    assert fire(owning, entry, at(3), worker_term) is False
     assert newer > worker_term and h.states() == before[0]
 
 
@@ -299,7 +301,7 @@ def test_a_removed_runtime_entry_leaves_no_progress_behind(h: Harness) -> None:
     # A runner that loaded it before the removal can neither claim it nor
     # record its first-seen time again.
     calls = len(sent(app).calls)
-    assert runner._claim_and_publish(entry, at(5), term, publish=True)
+    assert fire(runner, entry, at(5), term)
     assert store.first_seen(["rt"], ms(5), runtime=True) == {}
     assert not h.client.hexists(store.state_key, "rt")
     assert not h.client.hexists(store.first_seen_key, "rt")

@@ -1,9 +1,11 @@
 """A tick counts as done when its task starts (celery_leader/tickstart.py).
 
 Against a real Redis used as lease store and broker: the tick is pushed by the
-scheduler's fenced publish, taken out of the broker list the way a consumer
-that then dies would take it, and found again by the leader's sweep.  That a
-real worker's copy runs once is shown at the end and by the fault tests.
+scheduler's fenced publish (the herd's claim, or PUBLISH_TICK_LUA for a tick
+sent through send_task: tests parametrized over ``path`` run both), taken out
+of the broker list the way a consumer that then dies would take it, and found
+again by the leader's sweep.  That a real worker's copy runs once is shown at
+the end and by the fault tests.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from celery_leader.tickstart import (
     TickStartClaim,
     guard_tick_starts,
 )
-from tests.test_atomic_publish import FIRE, Rig
+from tests.test_atomic_publish import FIRE, PATHS, Rig
 
 QUEUE = "celery"
 
@@ -60,8 +62,9 @@ def fire(rig: Rig, **conf: Any) -> tuple[Any, int, Any, str]:
     return lock, term, runner, tick
 
 
-def test_the_push_records_the_tick_as_sent_in_the_same_step(rig: Rig) -> None:
-    lock, _, runner, tick = fire(rig)
+@pytest.mark.parametrize("path", PATHS)
+def test_the_push_records_the_tick_as_sent_in_the_same_step(rig: Rig, path: str) -> None:
+    lock, _, runner, tick = fire(rig, send_task=path == "send_task")
     [record] = sent(rig, lock).values()
     [(key, payload)] = record["pushes"]
     assert key == QUEUE and rig.client.lrange(QUEUE, 0, -1) == [payload.encode()]
@@ -85,10 +88,11 @@ def test_the_sent_record_keeps_the_message_verbatim_after_a_small_head(rig: Rig)
     assert json.loads(head)["pushes"] == [[QUEUE, len(payload)]]
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("form", ["head-and-messages", "older-all-json"])
 def test_the_sweep_pushes_a_swallowed_tick_again_from_either_record_form(
-        rig: Rig, form: str) -> None:
-    lock, term, runner, tick = fire(rig)
+        rig: Rig, form: str, path: str) -> None:
+    lock, term, runner, tick = fire(rig, send_task=path == "send_task")
     [payload] = rig.client.lrange(QUEUE, 0, -1)
     sent_key = lock.key("schedule:sent")
     record = read_sent_record(rig.client.hget(sent_key, tick) or b"")

@@ -37,6 +37,7 @@ from celery_leader.entries import entry_from_config
 from celery_leader.redislock import FENCED
 from celery_leader.scheduler import ScheduleRunner, ScheduleStore
 from celery_leader.settings import LeaderSettings, redis_client_from_url
+from tests.dispatch import fire as dispatch_tick
 from tests.topologies import HOST, MASTER_NAME, ClusterTopology, SentinelTopology, wait_for
 
 pytestmark = pytest.mark.integration
@@ -258,7 +259,9 @@ class SentTask:
 def exercise_schedule(client: Any, name: str) -> None:
     """ScheduleStore's runtime-entry API and the scheduler's fenced tick claim,
     pending-message adoption and publish, against ``client``."""
-    app = Celery("topologies", set_as_current=False)
+    # A broker that is not Redis (nothing to connect to): the herd sends each tick
+    # through send_task, recorded here.
+    app = Celery("topologies", broker="memory://", set_as_current=False)
     sent: list[SentTask] = []
 
     def send_task(task: str, **options: Any) -> None:
@@ -295,20 +298,20 @@ def exercise_schedule(client: Any, name: str) -> None:
                             still_leading=lambda: leading[0])
     entry = store.get("every-minute")
     fire = datetime(2030, 1, 1, tzinfo=UTC)
-    assert runner._claim_and_publish(entry, fire, first.term, publish=True)
+    assert dispatch_tick(runner, entry, fire, first.term)
     assert [s.name for s in sent] == ["tasks.ping"]
     assert sent[0].options["headers"]["leader_term"] == first.term
-    assert runner._claim_and_publish(entry, fire, first.term, publish=True)
+    assert dispatch_tick(runner, entry, fire, first.term)
     assert len(sent) == 1, "a tick is claimed and sent once"
-    assert not runner._claim_and_publish(entry, fire + timedelta(minutes=1), first.term + 1,
-                                         publish=True), "another term is fenced"
+    assert not dispatch_tick(runner, entry, fire + timedelta(minutes=1), first.term + 1), \
+        "another term is fenced"
     assert store.states()["every-minute"]["last"] == round(fire.timestamp() * 1000)
     assert not client.hgetall(store.pending_key)
 
     # Claimed but not sent (leadership ended in between): the next term adopts it.
     leading[0] = False
     later = fire + timedelta(minutes=1)
-    assert runner._claim_and_publish(entry, later, first.term, publish=True)
+    assert dispatch_tick(runner, entry, later, first.term)
     assert len(sent) == 1 and len(client.hgetall(store.pending_key)) == 1
     assert lock.release(first.term)
     second = lock.create(_record("scheduler")).record
@@ -530,7 +533,7 @@ def cluster_client(cluster: ClusterTopology) -> Iterator[Any]:
 def exercise_beat_schedule(client: Any, name: str) -> None:
     """The standalone beats' election (keys in the schedule's slot) takes the
     schedule over from the workers' ended leadership and claims a tick."""
-    app = Celery("topologies-beat", set_as_current=False)
+    app = Celery("topologies-beat", broker="memory://", set_as_current=False)
     app.send_task = lambda task, **options: None
     beats = RedisLock(client, name=f"{name}-beat", identity="beat", hash_tag=name)
     record = beats.create(_record("beat")).record
@@ -539,8 +542,7 @@ def exercise_beat_schedule(client: Any, name: str) -> None:
     runner = ScheduleRunner(app, beats, settings, entries={})
     assert runner._take_schedule(record.term, threading.Event()) is not None
     entry = entry_from_config("job", {"task": "tasks.ping", "schedule": 60.0}, app)
-    assert runner._claim_and_publish(entry, datetime(2030, 1, 1, tzinfo=UTC), record.term,
-                                     publish=True)
+    assert dispatch_tick(runner, entry, datetime(2030, 1, 1, tzinfo=UTC), record.term)
     assert runner.store.dispatcher() == {"election": f"{name}-beat", "identity": "beat",
                                          "holder": beats.holder(), "term": record.term}
     assert beats.release(record.term)

@@ -121,27 +121,6 @@ local owned, previous = own_schedule()
 return {owned and 1 or 0, previous or ''}
 """
 
-# Fenced + owned: advances the entry's state to fire time ARGV[6] only if it is
-# later than the recorded one, and records the message as pending in the same
-# step.  A fire time is thus claimed at most once, by a current term of the
-# schedule's owner.  A runtime entry (ARGV[10] = '1') that was removed is not
-# claimed (returns 2), so a removal cannot be undone by a claim in flight.
-CLAIM_TICK_LUA = OWNED_LUA + """
-if ARGV[10] == '1' and redis.call('HEXISTS', KEYS[6], ARGV[5]) == 0 then return 2 end
-local current = redis.call('HGET', KEYS[4], ARGV[5])
-if current then
-  local ok, state = pcall(cjson.decode, current)
-  if ok and type(state) == 'table' and tonumber(state.last)
-     and tonumber(state.last) >= tonumber(ARGV[6]) then
-    return 0
-  end
-end
-redis.call('HSET', KEYS[4], ARGV[5], ARGV[7])
-if ARGV[9] ~= '' then redis.call('HSET', KEYS[5], ARGV[8], ARGV[9]) end
-return 1
-"""
-TICK_CLAIMED, TICK_ALREADY_CLAIMED, TICK_ENTRY_REMOVED = 1, 0, 2
-
 # Fenced + owned: pushes the broker message(s) ARGV[9..] to the broker lists
 # KEYS[7..] and deletes the pending copy ARGV[5], only if that copy is still
 # ARGV[6]; and records the tick as sent (ARGV[7], unless empty) in KEYS[5], to
@@ -299,7 +278,6 @@ class ScheduleRunner:
         self.other_lease_key = key_of(lock.key_prefix, other, settings.name, "lease")
         self._take = lock.fenced_script(TAKE_SCHEDULE_LUA)
         self._migrate = lock.fenced_script(MIGRATE_LEGACY_LUA)
-        self._claim = lock.fenced_script(CLAIM_TICK_LUA)
         self._adopt = lock.fenced_script(ADOPT_PENDING_LUA)
         self._publish_tick = lock.fenced_script(PUBLISH_TICK_LUA)
         self._herd_script = lock.fenced_script(OWNED_LUA + HERD_DISPATCH_LUA)
@@ -813,30 +791,6 @@ class ScheduleRunner:
         tally = (len(due) - after_policy, after_policy - len(send),
                  sum(1 for tick in send if tick < started_at))
         return fire, tally
-
-    def _claim_and_publish(self, entry: Entry, fire: datetime, term: int, publish: bool) -> bool:
-        fire_ms = to_ms(fire)
-        tick = f"{entry.name}@{fire_ms}"
-        task_id = str(uuid.uuid5(TASK_ID_NAMESPACE, f"{self.settings.name}:{tick}"))
-        state = json.dumps({"last": fire_ms, "term": term, "election": self.lock.name,
-                            "task_id": task_id, "skipped": not publish})
-        message = (pending_message(entry, fire_ms, term, self.lock.name, task_id)
-                   if publish else "")
-        result = self._owned(self._claim, term, keys=[
-            self.store.state_key, self.store.pending_key, self.store.entries_key],
-            args=[entry.name, fire_ms, state, tick, message, "1" if entry.runtime else ""])
-        if result is FENCED:
-            log.info("celery-leader: term %d is over; not dispatching %s", term, tick)
-            return False
-        if result == TICK_ENTRY_REMOVED:
-            log.info("celery-leader: runtime entry %r was removed; not dispatching %s",
-                     entry.name, tick)
-        elif result == TICK_CLAIMED:
-            if entry.source and self.source is not None:
-                self._tell_source(self.source, entry, fire, publish)
-            if publish:
-                self._publish(tick, message, term)
-        return True
 
     def _tell_source(self, source: EntrySource, entry: Entry, fire: datetime,
                      published: bool) -> None:
