@@ -1,24 +1,27 @@
 """Fenced publish vs publish-then-clear: the cost of dispatching one tick.
 
-``ScheduleRunner._claim_and_publish`` claims a tick with the fenced
-CLAIM_TICK_LUA (which also stores a pending copy of the message), then
-publishes it one of two ways:
+The scheduler's loop dispatches every due tick, even a lone one, through the
+herd dispatcher (``runner.herd.dispatch``, herd.py): one fenced
+HERD_DISPATCH_LUA call claims the tick, with the message built from the
+entry's template (template.py), and publishes it one of two ways:
 
 - ``fenced``: the Celery broker is kombu's Redis transport on the lease's
-  server and database, so kombu's LPUSH is captured and PUBLISH_TICK_LUA runs
-  LPUSH + HDEL of the pending copy in one fenced script
-  (``runner.atomic_publish is True``);
+  server and database, so the claiming script itself LPUSHes the message to
+  the broker list (the template's ``same_server``);
 - ``publish-then-clear``: the broker is another database of the same server,
-  so ``app.send_task`` publishes through kombu, then a separate HDEL clears the
-  pending copy (``runner.atomic_publish is False``).
+  so the script stores a pending copy with the claim, then the message is
+  pushed to the broker (one pipeline of kombu's client) and a separate HDEL
+  clears the pending copy.
 
-Both modes are asserted, so the benchmark cannot silently measure the wrong
-path.  For each mode: a fresh election (unique name, lease of 600 s), a Celery
-app, a ScheduleRunner, one interval entry, and ``--warmup`` ticks.  Then
-``--ticks`` ticks per mode with fire times 1 s apart, each dispatched by a
-direct call of ``runner._claim_and_publish`` (no scheduler loop, no elector),
-in ``--rounds`` rounds of one block per mode, the order reversed every other
-round, so that slow drift of the machine does not favour either mode.
+Both modes are asserted (the entry's template, and which database it pushes
+to), so the benchmark cannot silently measure the wrong path.  For each mode:
+a fresh election (unique name, lease of 600 s), a Celery app, a
+ScheduleRunner, one interval entry, and ``--warmup`` ticks.  Then ``--ticks``
+ticks per mode with fire times 1 s apart, each dispatched by a direct call of
+``runner.herd.dispatch`` with that one tick (a herd of one, as the loop sends
+a lone due tick; no scheduler loop, no elector), in ``--rounds`` rounds of one
+block per mode, the order reversed every other round, so that slow drift of
+the machine does not favour either mode.
 Measured over those calls only:
 
 - wall time per call (``time.perf_counter`` around each call: p50, p99, mean);
@@ -82,6 +85,8 @@ from celery_leader.embedded import EmbeddedRedis  # noqa: E402
 from celery_leader.entries import entry_from_config  # noqa: E402
 from celery_leader.record import LeaderElectionRecord  # noqa: E402
 from celery_leader.redislock import RedisLock  # noqa: E402
+from celery_leader.schedule.herd import Claim  # noqa: E402
+from celery_leader.schedule.store import to_ms  # noqa: E402
 from celery_leader.scheduler import TASK_ID_NAMESPACE, ScheduleRunner  # noqa: E402
 from celery_leader.settings import LeaderSettings  # noqa: E402
 
@@ -188,7 +193,7 @@ def snapshot(admin: redis.Redis, before: bool) -> Snapshot:
 @dataclass
 class Result:
     mode: str
-    atomic_publish: bool | None = None
+    push_in_claim: bool | None = None  # the claiming script pushes the message
     ticks: int = 0
     timings: list[float] = field(default_factory=list)  # seconds per call
     cpu: float = 0.0
@@ -233,16 +238,25 @@ class Contender:
         self.check_path()
         clear_list(self.broker, QUEUE, warmup, f"{self.mode} warm-up")
 
+    def push_in_claim(self) -> bool | None:
+        """Whether the claiming script pushes the message (None: no template)."""
+        template = self.runner.herd.template(self.entry)
+        return None if template is None else template.same_server
+
     def check_path(self) -> None:
         expected = self.mode == "fenced"
-        if self.runner.atomic_publish is not expected:
-            raise BenchmarkError(f"{self.mode}: runner.atomic_publish is "
-                                 f"{self.runner.atomic_publish}, expected {expected}: "
+        if self.push_in_claim() is not expected or self.runner.atomic_publish is False:
+            raise BenchmarkError(f"{self.mode}: the claim pushes: {self.push_in_claim()} "
+                                 f"(None: no template), expected {expected}; "
+                                 f"runner.atomic_publish {self.runner.atomic_publish}: "
                                  f"this is not the {self.mode} path")
+
+    def _dispatch(self, fire: datetime) -> bool:
+        return self.runner.herd.dispatch([Claim(self.entry, to_ms(fire), True)], self.term)
 
     def _fire(self) -> datetime:
         fire, self.next_fire = self.next_fire, self.next_fire + timedelta(seconds=1)
-        if not self.runner._claim_and_publish(self.entry, fire, self.term, publish=True):
+        if not self._dispatch(fire):
             raise BenchmarkError(f"{self.mode}: fenced out at {fire.isoformat()}")
         return fire
 
@@ -252,11 +266,11 @@ class Contender:
         self.next_fire = fires[-1] + timedelta(seconds=1)
         timings: list[float] = []
         perf = time.perf_counter
-        claim_and_publish, entry, term = self.runner._claim_and_publish, self.entry, self.term
+        dispatch, entry, term = self.runner.herd.dispatch, self.entry, self.term
         start = snapshot(self.admin, before=True)
         for fire in fires:
             t0 = perf()
-            ok = claim_and_publish(entry, fire, term, publish=True)
+            ok = dispatch([Claim(entry, to_ms(fire), True)], term)
             timings.append(perf() - t0)
             if not ok:
                 raise BenchmarkError(f"{self.mode}: fenced out at {fire.isoformat()}")
@@ -277,7 +291,7 @@ class Contender:
         """The broker list holds exactly this mode's measured ticks; none pending."""
         self.check_path()
         r, runner = self.result, self.runner
-        self.result.atomic_publish = runner.atomic_publish
+        self.result.push_in_claim = self.push_in_claim()
         n = len(self.fired)
         messages = [json.loads(m) for m in self.broker.lrange(QUEUE, 0, -1)]
         ids = [m["headers"]["id"] for m in messages]
@@ -363,7 +377,7 @@ def row(r: Result) -> str:
     n = r.ticks
     lease = sum(v for (label, _), v in r.round_trips.items() if label == "lease")
     kombu = sum(v for (label, _), v in r.round_trips.items() if label == "kombu")
-    return (f"| {r.mode} | {r.atomic_publish} | {n:,} | {q[49]:.0f} / {q[98]:.0f} / "
+    return (f"| {r.mode} | {r.push_in_claim} | {n:,} | {q[49]:.0f} / {q[98]:.0f} / "
             f"{statistics.fmean(us):.0f} | {r.cpu / n * 1e6:.0f} "
             f"| {sum(r.calls.values()) / n:.2f} | {(lease + kombu) / n:.2f} "
             f"({lease / n:.2f} + {kombu / n:.2f}) | {r.server_cpu / n * 1e6:.0f} "
@@ -371,7 +385,7 @@ def row(r: Result) -> str:
 
 
 def table(results: list[Result]) -> str:
-    head = ("| mode | atomic_publish | ticks | wall µs / tick p50 / p99 / mean "
+    head = ("| mode | pushed by the claim | ticks | wall µs / tick p50 / p99 / mean "
             "| client CPU µs / tick | Redis cmds / tick (all, incl. in Lua) "
             "| client round trips / tick (lease + kombu) | redis-server CPU µs / tick "
             "| ticks/s |")
@@ -494,8 +508,8 @@ def main(argv: list[str] | None = None) -> int:
     print(header)
     print(f"{args.ticks:,} ticks per mode after {args.warmup:,} warm-up ticks, measured in "
           f"{args.rounds} interleaved rounds; lease and broker on {where}; one entry per "
-          "mode, fire times 1 s apart; direct calls of `ScheduleRunner._claim_and_publish` "
-          "in one thread.\n")
+          "mode, fire times 1 s apart; direct calls of `runner.herd.dispatch` with one "
+          "tick each, in one thread.\n")
     print(table(results))
     if len(results) == 2:
         print()
