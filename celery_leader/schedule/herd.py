@@ -28,7 +28,7 @@ Safety argument.  The script is atomic and decides every tick before it
 writes anything, so a batch is applied whole or not at all: a deposed leader's
 batch is refused whole (FENCED), and the successor, reading the claims the
 script did not write, sends exactly those ticks.  With another broker the
-claims still travel in batches (pending copies, as for one tick); the claimed
+claims still travel in batches (each with its pending copy); the claimed
 messages are then pushed in one pipeline per batch and their pending copies
 cleared in one call, and whatever a leader claimed but did not push is sent
 by the next leader (``_recover_pending``), as before.
@@ -426,7 +426,7 @@ class HerdDispatcher:
         is over (the refused batch and every later one left to the successor).
         ``claimed(claim)`` is called for every claim the script made (before its
         pending copy, if any, is published) and ``sent(tick, term, now)`` for every
-        tick that reached the broker here, as the runner does one by one."""
+        tick that reached the broker here (the runner's metrics)."""
         self.claims_done = 0
         batches = [claims[start:start + self.batch_size]
                    for start in range(0, len(claims), self.batch_size)]

@@ -322,7 +322,7 @@ class ScheduleRunner:
 
     @property
     def dispatched(self) -> int:
-        """Ticks this runner sent (one by one or in batches)."""
+        """Ticks this runner sent (in batches, or pending copies one at a time)."""
         return self._dispatched + self.herd.dispatched
 
     def wake(self) -> None:
@@ -724,7 +724,7 @@ class ScheduleRunner:
                 due.append((name, entry, fire_next, len(claims), tally))
         done = self.herd.dispatch(claims, term)
         for _, entry, _, claims_end, tally in due:
-            # Counted as one by one would: for the entries whose claims all went through.
+            # Counted only for the entries whose claims all went through.
             if claims_end <= self.herd.claims_done:
                 self._count(entry, tally)
         if not done:
@@ -746,7 +746,7 @@ class ScheduleRunner:
         self.stats.caught_up_ticks(entry.name, caught_up)
 
     def _herd_claimed(self, claim: Claim) -> None:
-        """A batch claimed ``claim``: tell its entry source, as one by one does."""
+        """A batch claimed ``claim``: tell its entry source (for its own bookkeeping)."""
         if claim.entry.source and self.source is not None:
             self._tell_source(self.source, claim.entry, from_ms(claim.fire_ms), claim.publish)
 
