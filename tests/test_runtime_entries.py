@@ -389,7 +389,7 @@ def test_the_leader_reads_runtime_entries_in_chunks_each_once(
         return next_cursor, fields
 
     monkeypatch.setattr(store.client, "hscan", hscan)
-    loaded: set[str] = set()
+    loaded: dict[str, str] = {}
     names = [d[0] for batch in store.runtime_definitions({}, loaded) for d in batch]
     assert len(calls) > 3
     assert sorted(names) == sorted(f"e{i}" for i in range(300)) and len(loaded) == 300
@@ -410,7 +410,7 @@ def test_without_hscan_runtime_entries_are_read_at_once_with_one_warning(
     monkeypatch.setattr(store.client, "hscan", refused)
     with caplog.at_level("WARNING", logger="celery_leader"):
         for _ in range(2):
-            loaded: set[str] = set()
+            loaded: dict[str, str] = {}
             assert sorted(d[0] for batch in store.runtime_definitions({}, loaded)
                           for d in batch) == ["a", "b"]
     assert caplog.text.count("may not run HSCAN") == 1

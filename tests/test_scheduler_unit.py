@@ -18,6 +18,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -30,6 +31,7 @@ from celery_leader.config import ConfigurationError
 from celery_leader.entries import EntryError
 from celery_leader.record import LeaderElectionRecord
 from celery_leader.redislock import RedisLock
+from celery_leader.schedule.entries import Entry, entry_from_config
 from celery_leader.scheduler import (
     TASK_ID_NAMESPACE,
     ScheduleRunner,
@@ -850,3 +852,101 @@ def test_unknown_task_name_is_warned_once_and_still_sent(
         runner._load(started, loaded)
     assert caplog.text.count("proj.tasks.no_such_task") == 1
     assert "typo" in loaded.queue.fire_times()
+
+
+# ------------------------------------------- reloads: what an entry keeps
+
+@pytest.mark.parametrize("kind", ["beat_schedule", "runtime"])
+def test_an_entry_re_enabled_while_leading_sends_no_tick_of_its_disabled_time_later(
+        h: Harness, kind: str) -> None:
+    """Re-enabled at 100 after firing at 10: its next tick is 110, not 20, at that
+    reload and at any later one (here: another entry added at 101), and for the
+    next leader too.  Before, a later reload counted from the tick before it was
+    disabled and sent 20, 30, ... 100 at once."""
+    every_10 = {"task": "app.tick", "schedule": 10.0, "args": ("ten",)}
+    app = h.app({"ten": every_10} if kind == "beat_schedule" else {})
+    store = ScheduleStore.for_app(app)
+    if kind == "runtime":
+        store.add("ten", "app.tick", 10.0, args=["ten"])
+    lock, term = h.lead("a")
+    runner = h.runner(app, lock, Clock(0.0))
+    started = at(0.0)
+
+    def load(offset: float, loaded: Any) -> Any:
+        loaded = runner._load(at(offset), loaded)
+        assert runner._pass_over_resumed(loaded, term)
+        return loaded
+
+    loaded = runner._load(started)
+    assert runner._fire_all_due(loaded, term, at(10.1), started)
+    store.disable("ten")
+    loaded = load(12.0, loaded)
+    store.enable("ten")
+    loaded = load(100.0, loaded)
+    assert loaded.queue.fire_times()["ten"] == at(110.0)
+    store.add("other", "app.tick", 3600.0, args=["other"])
+    loaded = load(101.0, loaded)
+    assert loaded.queue.fire_times()["ten"] == at(110.0)
+    assert runner._fire_all_due(loaded, term, at(101.1), started)
+    assert sent(app).fire_times("ten") == [iso(10)]
+    # The next leader agrees: its progress in Redis says where it resumed.
+    lock_b, _ = h.lead("b")
+    successor = h.runner(h.app({"ten": every_10} if kind == "beat_schedule" else {}),
+                         lock_b, Clock(105.0))
+    assert successor._load(at(105.0)).queue.fire_times()["ten"] == at(110.0)
+
+
+def test_a_runtime_entry_anchored_within_a_millisecond_of_its_tick_keeps_it(
+        h: Harness) -> None:
+    """A runtime entry is not held: across a reload it keeps its fire time when
+    its first-seen time outlived every write since.  Started 0.4 ms before the
+    minute, its first-seen time is stored as the minute itself (whole ms):
+    computed again from that at a reload just after the minute (before the tick
+    was sent), its first tick moved a minute later."""
+    app = h.app({})
+    store = ScheduleStore.for_app(app)
+    store.add("minutely", "app.tick", cron("* * * * *"), args=["m"])
+    store.add("other", "app.tick", 3600.0, args=["o"])
+    lock, term = h.lead("a")
+    runner = h.runner(app, lock, Clock(-0.0004))
+    started = at(-0.0004)
+    loaded = runner._load(started)
+    assert loaded.queue.fire_times()["minutely"] == at(0.0)
+    store.update("other", schedule=1800.0)  # a reload as the tick falls due, before it is sent
+    loaded = runner._load(at(0.0006), loaded)
+    assert loaded.queue.fire_times()["minutely"] == at(0.0)
+    assert runner._fire_all_due(loaded, term, at(0.1), started)
+    assert sent(app).fire_times("m") == [iso(0)]
+
+
+def test_a_source_entry_named_like_a_runtime_one_removed_mid_load_is_not_queued_twice(
+        h: Harness) -> None:
+    """The runtime entry "x" is loaded, then removed before the source's entries
+    are read: the source's "x" must not take the name in the same load (the
+    queue would hold "x" twice, and the source's entry fire on both)."""
+    app = h.app({})
+    store = ScheduleStore.for_app(app)
+    store.add("x", "app.tick", 10.0, args=["runtime"])
+    lock, _ = h.lead("a")
+    runner = h.runner(app, lock, Clock(0.0))
+    row = replace(entry_from_config("x", {"task": "app.tick", "schedule": 5.0,
+                                          "args": ["row"]}, app), source="rows")
+
+    class RemovingSource:
+        def watch(self, wake: Callable[[], None]) -> None:
+            pass
+
+        def version(self) -> int:
+            return 1
+
+        def entries(self) -> dict[str, Entry]:
+            store.remove("x")  # after the runtime entries were read
+            return {"x": row}
+
+        def claimed(self, entry: Entry, fire: datetime, published: bool) -> None:
+            pass
+
+    runner.source = RemovingSource()
+    loaded = runner._load(at(0.0))
+    assert [name for _, name in loaded.queue.within(None, at(3600))] == ["x"]
+    assert "x" not in loaded.held

@@ -237,6 +237,9 @@ class Loaded:
 
     queue: DueQueue  # the enabled entries by next fire time
     held: dict[str, Entry]  # an EntrySource's entries, enabled or not
+    # Entries re-enabled while leading, after ticks: (name, the reload's ms), to
+    # be passed over in Redis (ScheduleRunner._pass_over_resumed).
+    resumed: list[tuple[str, int]]
 
 
 class ScheduleRunner:
@@ -505,6 +508,8 @@ class ScheduleRunner:
         source_version = self.source.version() if self.source is not None else None
         loaded = self._load(started_at)
         next_check = time.monotonic() + self.settings.retry_period
+        if not self._pass_over_resumed(loaded, term):
+            return
         while not stop.is_set():
             if time.monotonic() >= next_check:
                 next_check = time.monotonic() + self.settings.retry_period
@@ -516,9 +521,13 @@ class ScheduleRunner:
                 if current != version:
                     version = current
                     loaded = self._load(datetime.fromtimestamp(self._now(), UTC), loaded)
+                    if not self._pass_over_resumed(loaded, term):
+                        return
             if self.source is not None and self.source.version() != source_version:
                 source_version = self.source.version()
                 loaded = self._load(datetime.fromtimestamp(self._now(), UTC), loaded)
+                if not self._pass_over_resumed(loaded, term):
+                    return
             now = datetime.fromtimestamp(self._now(), UTC)
             queue = loaded.queue
             if queue and to_ms(queue.first()) <= to_ms(now) \
@@ -558,11 +567,21 @@ class ScheduleRunner:
         near = (self._entry(loaded, name) for _, name in found)
         self._cold[:0] = [entry for entry in near if entry is not None]
 
-    def _entry(self, loaded: Loaded, name: str) -> Entry | None:
+    def _pass_over_resumed(self, loaded: Loaded, term: int) -> bool:
+        """Claim, without sending, each entry re-enabled while leading at the
+        instant it resumed: its progress in Redis then says where it resumed, so
+        a later reload or leader counts from there, as this load does.  False
+        when the term is over."""
+        claims = [Claim(entry, ms, False) for name, ms in loaded.resumed
+                  if (entry := self._entry(loaded, name, hold=False)) is not None]
+        loaded.resumed = []
+        return self.herd.dispatch(claims, term) if claims else True
+
+    def _entry(self, loaded: Loaded, name: str, hold: bool = True) -> Entry | None:
         """Entry ``name`` of ``loaded`` (in its queue): held, or built again, from
-        beat_schedule or from Redis, and then held while it is due within the
-        window.  None if it is a runtime entry removed since the load (a reload
-        follows: the removal bumped the version)."""
+        beat_schedule or from Redis, and then (``hold``) held while it is due
+        within the window.  None if it is a runtime entry removed since the load
+        (a reload follows: the removal bumped the version)."""
         entry = loaded.held.get(name) or self._near.get(name)
         if entry is not None:
             return entry
@@ -574,7 +593,8 @@ class ScheduleRunner:
             entry = self.store.runtime_entries_named([name]).get(name)
             if entry is None:
                 return None
-        self._near[name] = entry
+        if hold:
+            self._near[name] = entry
         return entry
 
     def _warm_templates(self, deadline: float) -> None:
@@ -606,7 +626,7 @@ class ScheduleRunner:
         overrides = self.store.overrides()
         states = self.store.states()
         was_due = previous.queue.fire_times() if previous is not None else {}
-        runtime: set[str] = set()  # the runtime entries loaded (beat_schedule's names win)
+        runtime: dict[str, str] = {}  # runtime entry -> task, as loaded (beat_schedule wins)
         held: dict[str, Entry] = {}
         started_ms = to_ms(started_at)
         try:
@@ -615,6 +635,7 @@ class ScheduleRunner:
             known = None
         unknown: dict[str, list[str]] = {}  # task -> the entries that send it
         moved: list[str] = []
+        resumed: list[str] = []
         queue = DueQueue()
         count = 0
 
@@ -645,6 +666,11 @@ class ScheduleRunner:
                 if kind == _CONFIG and name in overrides:
                     enabled = overrides[name]
                 was = keeps(name, kind) if enabled else None
+                if kind == _RUNTIME and enabled and name not in states \
+                        and first_seen.get(name, started_ms) != started_ms:
+                    # Its first-seen time outlived every write since (a change
+                    # removes it): unchanged, so it keeps its fire time too.
+                    was = was_due.get(name)
                 if was is not None:
                     queue.push(was, name)
                     continue
@@ -666,6 +692,11 @@ class ScheduleRunner:
                 if previous is not None and name not in was_due:
                     # Re-enabled while leading: no catch-up for the time it was disabled.
                     fire = next_fire_after(sched, max(last or seen_at, started_at))
+                    if last is not None and last < started_at:
+                        # And none at a later reload or leader: its progress moves
+                        # to now (_pass_over_resumed), or they would count from
+                        # ``last`` and send every tick of the time it was disabled.
+                        resumed.append(name)
                 else:
                     fire = next_fire_time(sched, last, seen_at, started_at)
                 queue.push(fire, name)
@@ -676,17 +707,16 @@ class ScheduleRunner:
         # Runtime entries, a chunk at a time (never one reply of 100,000).
         for batch in self.store.runtime_definitions(config, runtime):
             load(batch, _RUNTIME)
+        # The names this load gave to beat_schedule and runtime entries win (a
+        # runtime entry removed since is not read again: its name stays taken).
         held = self.store.external_beside(
-            self.source.entries() if self.source is not None else {},
-            lambda name: config[name] if name in config else (
-                self.store.runtime_entries_named([name]).get(name)
-                if name in runtime else None))
+            self.source.entries() if self.source is not None else {}, config, runtime)
         load([(name, e.schedule, e.enabled, e.task) for name, e in held.items()], _HELD)
         self.store.first_seen(moved, started_ms, move=True)
         self.stats.entries_loaded = count
         self.stats.entries_invalid = self.store.invalid_runtime_entries
         self._warn_unknown_tasks(unknown)
-        return Loaded(queue, held)
+        return Loaded(queue, held, [(name, started_ms) for name in resumed])
 
     def _warn_unknown_tasks(self, unknown: dict[str, list[str]]) -> None:
         """One warning per task name this app does not register (not one per

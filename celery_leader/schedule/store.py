@@ -11,7 +11,7 @@ and the Celery app for ``beat_schedule``; it never reads ``leader_*`` settings
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any
@@ -232,26 +232,29 @@ class ScheduleStore:
         entries = self.apply_overrides(static)
         runtime = self.runtime_entries(static)
         entries.update(runtime)
-        entries.update(self.external_beside(
-            external or {}, lambda name: runtime.get(name) or static.get(name)))
+        runtime_tasks = {name: entry.task for name, entry in runtime.items()}
+        entries.update(self.external_beside(external or {}, static, runtime_tasks))
         return entries
 
-    def external_beside(self, external: Mapping[str, Entry],
-                        taken: Callable[[str], Entry | None]) -> dict[str, Entry]:
-        """The entries of ``external`` (an EntrySource's, source.py) whose names
-        are not ``taken`` by a beat_schedule or runtime entry, which wins: an
-        error is logged once."""
+    def external_beside(self, external: Mapping[str, Entry], static: Mapping[str, Entry],
+                        runtime_tasks: Mapping[str, str]) -> dict[str, Entry]:
+        """The entries of ``external`` (an EntrySource's, source.py) not named like
+        a beat_schedule entry (``static``) or a runtime one (``runtime_tasks``:
+        name -> task), which win: an error is logged once."""
         beside: dict[str, Entry] = {}
         for name, entry in external.items():
-            winner = taken(name)
-            if winner is None:
+            if name in static:
+                winner = ("beat_schedule", static[name].task)
+            elif name in runtime_tasks:
+                winner = ("runtime", runtime_tasks[name])
+            else:
                 beside[name] = entry
-            elif (entry.source, name) not in self._warned_external:
+                continue
+            if (entry.source, name) not in self._warned_external:
                 self._warned_external.add((entry.source, name))
                 log.error("celery-leader: ignoring %s entry %r (task %r): the schedule has a "
                           "%s entry %r (task %r), which wins; rename one of them",
-                          entry.source, name, entry.task,
-                          "runtime" if winner.runtime else "beat_schedule", name, winner.task)
+                          entry.source, name, entry.task, winner[0], name, winner[1])
         return beside
 
     # -- runtime entries (validated before anything is written) --------------
@@ -348,12 +351,12 @@ class ScheduleStore:
         return entries
 
     def runtime_definitions(self, static: Mapping[str, Entry],
-                            loaded: set[str]) -> Iterator[list[Definition]]:
+                            loaded: dict[str, str]) -> Iterator[list[Definition]]:
         """The :data:`Definition` of every valid runtime entry that beat_schedule
         (``static``) leaves, a chunk at a time, without keeping an Entry each
         (the runner builds one again when it comes near:
         :meth:`runtime_entries_named`).  Each name is yielded once and added to
-        ``loaded``."""
+        ``loaded`` (name -> task)."""
         interned = Interned()
         self.invalid_runtime_entries = 0
         for chunk in self._runtime_chunks():
@@ -363,7 +366,7 @@ class ScheduleStore:
                     continue  # HSCAN may return a field twice
                 entry = self._runtime_entry(name, raw, static, interned)
                 if entry is not None:
-                    loaded.add(name)
+                    loaded[name] = entry.task
                     definitions.append((name, entry.schedule, entry.enabled, entry.task))
             yield definitions
 
