@@ -74,7 +74,10 @@ def check_leader_runs(sent: dict[str, str], runs: list[dict[str, Any]],
       run again under a later term (excused, listed);
     - every run was claimed under a non-zero term that its replica started leading
       under, at or after that start, not after that leadership stopped, and the
-      body saw that same term.
+      body saw that same term (or 0 with that term's validity on the page just
+      past: the guard checks the term after its fenced claim, so the run started
+      within it, and the validity ran out before the body's first line read it;
+      recorded where the app reports ``page_term``/``page_lapsed``).
     """
     interruptions = list(interruptions)
     by_id: dict[str, list[dict[str, Any]]] = defaultdict(list)
@@ -109,8 +112,10 @@ def check_leader_runs(sent: dict[str, str], runs: list[dict[str, Any]],
     outside = []
     for run in (run for same in by_id.values() for run in same):
         span = spans.get((run["identity"], run["term"]))
+        lapsed = (run["current_term"] == 0 and run.get("page_term") == run["term"]
+                  and run.get("page_lapsed") is True)
         if (not run["term"] or span is None or not span[0] <= run["at"] <= span[1]
-                or run["current_term"] != run["term"]):
+                or (run["current_term"] != run["term"] and not lapsed)):
             outside.append(f"{run['label']} on {run['identity']} under term {run['term']} "
                            f"(body saw term {run['current_term']}; leadership {span})")
     if outside:

@@ -49,3 +49,16 @@ def test_a_run_caught_in_flight_by_a_fault_may_run_again_under_a_later_term() ->
     # Not if the fault hit another replica, or long after the run ended.
     assert check_leader_runs(sent, runs, EVENTS, [Interruption(102, 19.6)])[0] != []
     assert check_leader_runs(sent, runs, EVENTS, [Interruption(101, 25.0)])[0] != []
+
+
+def test_a_body_that_read_its_terms_validity_just_past_is_not_outside() -> None:
+    """The guard checks its term after the fenced claim; the page's validity may
+    run out before the body's first line reads it (0).  That run started within
+    its leadership; a 0 with another term, or none, on the page still fails."""
+    sent = {"m1": "m1", "m2": "m2", "m3": "m3"}
+    edge = dict(run("m1", 19.9, seen=0), page_term=1, page_lapsed=True)
+    other = dict(run("m2", 19.9, seen=0), page_term=2, page_lapsed=True)
+    valid = dict(run("m3", 19.9, seen=0), page_term=1, page_lapsed=False)
+    problems, _ = check_leader_runs(sent, [edge, other, valid], EVENTS)
+    text = "\n".join(problems)
+    assert "m1 on" not in text and "m2 on" in text and "m3 on" in text

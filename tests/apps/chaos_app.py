@@ -259,9 +259,13 @@ def tick(label: str) -> None:
 def noop(self: Any, label: str) -> None:
     """Leader-only traffic alongside the ticks: each run is recorded."""
     controller = celery_leader.worker.current_controller()
+    # The page as the body reads it: a term of 0 with the run's own term on the
+    # page and its validity just past is a body that started at the edge of it.
+    page_term, valid_until = celery_leader.state.shared_leadership().snapshot()
     _record_now("leader_run", label=label, task_id=self.request.id,
                 term=int(getattr(self.request, "leader_term", 0) or 0),
                 current_term=celery_leader.current_term(),
+                page_term=page_term, page_lapsed=time.monotonic() >= valid_until,
                 identity=controller.identity if controller is not None else "")
 
 
