@@ -757,16 +757,24 @@ def test_both_modes_share_one_schedule_in_one_hash_slot(h: Harness) -> None:
         ScheduleRunner(app, RedisLock(h.client, name=f"{h.name}-beat", identity="x"), settings)
 
 
-def test_runtime_change_does_not_postpone_an_entry_that_has_not_fired_yet(h: Harness) -> None:
-    """A runtime change re-reads the entries; an unchanged interval entry that has
-    not fired yet keeps its first fire time (started_at + interval)."""
-    app = h.app({"every-10s": {"task": "app.tick", "schedule": 10.0, "args": ("ten",)}})
+def started_at_half_a_second(h: Harness, app: Celery) -> tuple[ScheduleRunner, Clock,
+                                                                  list[datetime]]:
+    """A runner of ``app`` leading from 0.5 s, once it has loaded its entries;
+    its clock, and the instants it (re)loaded them at (spy_loads)."""
     clock = Clock(0.5)
     lock, term = h.lead("a")
     runner = h.runner(app, lock, clock)
     loads = spy_loads(runner)
     h.start(runner, term)
     wait_until(lambda: loads, 5, what="the runner loaded its entries")
+    return runner, clock, loads
+
+
+def test_runtime_change_does_not_postpone_an_entry_that_has_not_fired_yet(h: Harness) -> None:
+    """A runtime change re-reads the entries; an unchanged interval entry that has
+    not fired yet keeps its first fire time (started_at + interval)."""
+    app = h.app({"every-10s": {"task": "app.tick", "schedule": 10.0, "args": ("ten",)}})
+    runner, clock, loads = started_at_half_a_second(h, app)
     advance(clock, runner, 5.0)
     ScheduleStore.for_app(app).add("rt", "app.tick", cron("* * * * * *"), args=["rt"])
     wait_until(lambda: len(loads) == 2, 5, what="the runner re-read the entries")
@@ -789,12 +797,7 @@ def test_runtime_entries_not_fired_keep_their_first_fire_time_unless_changed(
     store.add("same", "app.tick", 10.0, args=["same"])
     store.add("rewritten", "app.tick", 10.0, args=["rewritten"])
     store.add("changed", "app.tick", 10.0, args=["changed"])
-    clock = Clock(0.5)
-    lock, term = h.lead("a")
-    runner = h.runner(app, lock, clock)
-    loads = spy_loads(runner)
-    h.start(runner, term)
-    wait_until(lambda: loads, 5, what="the runner loaded its entries")
+    runner, clock, loads = started_at_half_a_second(h, app)
     advance(clock, runner, 5.0)
     store.enable("rewritten")  # already enabled: the same definition written again
     store.update("changed", schedule=8.0)
