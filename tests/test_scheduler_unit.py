@@ -953,3 +953,34 @@ def test_a_source_entry_named_like_a_runtime_one_removed_mid_load_is_not_queued_
     loaded = runner._load(at(0.0))
     assert [name for _, name in loaded.queue.within(None, at(3600))] == ["x"]
     assert "x" not in loaded.held
+
+
+def test_a_source_entry_that_has_not_fired_keeps_its_anchor_across_leaders(
+        h: Harness) -> None:
+    """An entry source's interval entry is anchored where the schedule first saw
+    it (its first-seen time, recorded as a beat_schedule entry's is): the next
+    leader does not postpone its first tick.  (A first cut of the memory change
+    recorded it as a runtime entry's, which the script refuses for a name not in
+    the runtime hash: every leader anchored it at its own start.)"""
+    every_10 = replace(entry_from_config("row", {"task": "app.tick", "schedule": 10.0,
+                                                 "args": ["row"]}, h.app({})), source="rows")
+
+    class Rows:
+        def watch(self, wake: Callable[[], None]) -> None:
+            pass
+
+        def version(self) -> int:
+            return 1
+
+        def entries(self) -> dict[str, Entry]:
+            return {"row": every_10}
+
+        def claimed(self, entry: Entry, fire: datetime, published: bool) -> None:
+            pass
+
+    first = h.runner(h.app({}), h.lead("a")[0], Clock(0.5))
+    first.source = Rows()
+    assert first._load(at(0.5)).queue.fire_times()["row"] == at(10.5)
+    second = h.runner(h.app({}), h.lead("b")[0], Clock(4.5))
+    second.source = Rows()
+    assert second._load(at(4.5)).queue.fire_times()["row"] == at(10.5)
