@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # benchmark the working tree, installed or not
     sys.path.insert(0, str(ROOT))
 
+from _child import exit_with_parent  # noqa: E402
 from celery import Celery  # noqa: E402
 from celery.schedules import crontab  # noqa: E402
 
@@ -129,17 +130,9 @@ def run_beat(app: Celery, cfg: dict[str, Any], started: float) -> None:
 RUNNERS = {"leader": run_leader, "redbeat": run_redbeat, "beat": run_beat}
 
 
-def _exit_with_parent() -> None:
-    parent = os.getppid()
-    while True:
-        time.sleep(0.5)
-        if os.getppid() != parent:
-            os._exit(3)
-
-
 def main() -> None:
     cfg = json.loads(sys.argv[1])
-    threading.Thread(target=_exit_with_parent, daemon=True).start()
+    exit_with_parent()
     started = time.perf_counter()
     app = make_app(cfg)
     RUNNERS[cfg["contender"]](app, cfg, started)

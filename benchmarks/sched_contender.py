@@ -61,6 +61,7 @@ if str(ROOT) not in sys.path:  # benchmark the working tree, installed or not
     sys.path.insert(0, str(ROOT))
 
 import redis.connection  # noqa: E402
+from _child import exit_with_parent  # noqa: E402
 from celery import Celery  # noqa: E402
 
 TASK = "bench.noop"  # never registered: every contender publishes via app.send_task
@@ -421,19 +422,11 @@ RUNNERS = {"leader": run_leader, "leader-msclock": run_leader, "beat": run_beat,
            "redbeat": run_redbeat}
 
 
-def _exit_with_parent() -> None:
-    parent = os.getppid()
-    while True:
-        time.sleep(0.5)
-        if os.getppid() != parent:
-            os._exit(3)
-
-
 def main() -> None:
     cfg = json.loads(sys.argv[1])
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    threading.Thread(target=_exit_with_parent, daemon=True).start()
+    exit_with_parent()
     runtime = cfg.get("idle_in", "beat_schedule") == "runtime"
     if runtime:
         # Written by a process of its own: none of its objects in this one's baseline.

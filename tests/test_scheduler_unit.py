@@ -859,6 +859,25 @@ def test_unknown_task_name_is_warned_once_and_still_sent(
 
 # ------------------------------------------- reloads: what an entry keeps
 
+class FixedSource:
+    """An entry source (source.py) serving what ``serve()`` returns, at version 1."""
+
+    def __init__(self, serve: Callable[[], dict[str, Entry]]) -> None:
+        self.serve = serve
+
+    def watch(self, wake: Callable[[], None]) -> None:
+        pass
+
+    def version(self) -> int:
+        return 1
+
+    def entries(self) -> dict[str, Entry]:
+        return self.serve()
+
+    def claimed(self, entry: Entry, fire: datetime, published: bool) -> None:
+        pass
+
+
 @pytest.mark.parametrize("kind", ["beat_schedule", "runtime"])
 def test_an_entry_re_enabled_while_leading_sends_no_tick_of_its_disabled_time_later(
         h: Harness, kind: str) -> None:
@@ -935,21 +954,11 @@ def test_a_source_entry_named_like_a_runtime_one_removed_mid_load_is_not_queued_
     row = replace(entry_from_config("x", {"task": "app.tick", "schedule": 5.0,
                                           "args": ["row"]}, app), source="rows")
 
-    class RemovingSource:
-        def watch(self, wake: Callable[[], None]) -> None:
-            pass
+    def removing_then_serving() -> dict[str, Entry]:
+        store.remove("x")  # after the runtime entries were read
+        return {"x": row}
 
-        def version(self) -> int:
-            return 1
-
-        def entries(self) -> dict[str, Entry]:
-            store.remove("x")  # after the runtime entries were read
-            return {"x": row}
-
-        def claimed(self, entry: Entry, fire: datetime, published: bool) -> None:
-            pass
-
-    runner.source = RemovingSource()
+    runner.source = FixedSource(removing_then_serving)
     loaded = runner._load(at(0.0))
     assert [name for _, name in loaded.queue.within(None, at(3600))] == ["x"]
     assert "x" not in loaded.held
@@ -965,22 +974,9 @@ def test_a_source_entry_that_has_not_fired_keeps_its_anchor_across_leaders(
     every_10 = replace(entry_from_config("row", {"task": "app.tick", "schedule": 10.0,
                                                  "args": ["row"]}, h.app({})), source="rows")
 
-    class Rows:
-        def watch(self, wake: Callable[[], None]) -> None:
-            pass
-
-        def version(self) -> int:
-            return 1
-
-        def entries(self) -> dict[str, Entry]:
-            return {"row": every_10}
-
-        def claimed(self, entry: Entry, fire: datetime, published: bool) -> None:
-            pass
-
     first = h.runner(h.app({}), h.lead("a")[0], Clock(0.5))
-    first.source = Rows()
+    first.source = FixedSource(lambda: {"row": every_10})
     assert first._load(at(0.5)).queue.fire_times()["row"] == at(10.5)
     second = h.runner(h.app({}), h.lead("b")[0], Clock(4.5))
-    second.source = Rows()
+    second.source = FixedSource(lambda: {"row": every_10})
     assert second._load(at(4.5)).queue.fire_times()["row"] == at(10.5)

@@ -506,11 +506,10 @@ class ScheduleRunner:
             return
         version = self.store.version()
         source_version = self.source.version() if self.source is not None else None
-        loaded = self._load(started_at)
+        loaded: Loaded | None = self._load_in_term(started_at, None, term)
         next_check = time.monotonic() + self.settings.retry_period
-        if not self._pass_over_resumed(loaded, term):
-            return
-        while not stop.is_set():
+        while loaded is not None and not stop.is_set():
+            changed = False  # the entries: runtime ones or overrides, or the source's
             if time.monotonic() >= next_check:
                 next_check = time.monotonic() + self.settings.retry_period
                 if self._unsent and not self._recover_pending(term):
@@ -518,15 +517,14 @@ class ScheduleRunner:
                 if self.lost_ticks is not None and not self.lost_ticks.repush(term):
                     return
                 current = self.store.version()
-                if current != version:
-                    version = current
-                    loaded = self._load(datetime.fromtimestamp(self._now(), UTC), loaded)
-                    if not self._pass_over_resumed(loaded, term):
-                        return
+                changed, version = current != version, current
             if self.source is not None and self.source.version() != source_version:
                 source_version = self.source.version()
-                loaded = self._load(datetime.fromtimestamp(self._now(), UTC), loaded)
-                if not self._pass_over_resumed(loaded, term):
+                changed = True
+            if changed:
+                loaded = self._load_in_term(datetime.fromtimestamp(self._now(), UTC), loaded,
+                                            term)
+                if loaded is None:
                     return
             now = datetime.fromtimestamp(self._now(), UTC)
             queue = loaded.queue
@@ -566,6 +564,13 @@ class ScheduleRunner:
             and name not in self._near and name not in self.config_entries))
         near = (self._entry(loaded, name) for _, name in found)
         self._cold[:0] = [entry for entry in near if entry is not None]
+
+    def _load_in_term(self, started_at: datetime, previous: Loaded | None,
+                      term: int) -> Loaded | None:
+        """:meth:`_load`, then the entries it found re-enabled passed over in Redis
+        under ``term``; None when the term is over."""
+        loaded = self._load(started_at, previous)
+        return loaded if self._pass_over_resumed(loaded, term) else None
 
     def _pass_over_resumed(self, loaded: Loaded, term: int) -> bool:
         """Claim, without sending, each entry re-enabled while leading at the
