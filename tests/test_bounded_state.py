@@ -20,6 +20,7 @@ import pytest
 from celery_leader.schedule.entries import entry_from_config
 from celery_leader.schedule.forget import FORGET_AFTER_MS
 from celery_leader.status import ReplicaRegistry
+from celery_leader.taskruns import DONE_AFTER_REDELIVERY_S, done_ttl_ms
 from tests.sched_procs import Replicas
 from tests.test_atomic_publish import FIRE, Rig
 from tests.waiting import wait_until
@@ -118,3 +119,10 @@ def test_replicas_killed_without_a_goodbye_leave_the_registry_without_a_reader(
     finally:
         stop.set()
         beating.join(10)
+
+
+def test_a_finished_task_id_is_kept_as_long_as_a_copy_can_arrive() -> None:
+    assert done_ttl_ms({}) == (3600 + DONE_AFTER_REDELIVERY_S) * 1000
+    assert done_ttl_ms({"visibility_timeout": 7200}) == (7200 + DONE_AFTER_REDELIVERY_S) * 1000
+    assert done_ttl_ms({"visibility_timeout": 60}) == done_ttl_ms({})
+    assert done_ttl_ms({"visibility_timeout": "nonsense"}) == done_ttl_ms({})
