@@ -163,8 +163,7 @@ for r = 13, first - 1, 4 do
     if tonumber(fires[j]) > tonumber(record.last) then record.last = fires[j] end
   end
 end
--- Pushes first, one LPUSH per list (in order): a user that may not push
--- fails here, before anything is written.
+-- One LPUSH per list (in order).
 local pushes, lists = {}, {}
 for j = 1, n do
   if codes[j] == '1' and string.sub(flags[j], 2, 2) == 'q' then
@@ -174,7 +173,6 @@ for j = 1, n do
     list[#list + 1] = ARGV[first - 1 + 2 * j]
   end
 end
-for _, k in ipairs(lists) do call_many('LPUSH', KEYS[k], pushes[k]) end
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local look_at = now + tonumber(ARGV[5])
@@ -214,12 +212,14 @@ for j = 1, n do
     end
   end
 end
+-- The writes a user may be refused come first, so a refusal (NOPERM) stops
+-- the call before any claim is written: the sent-at index (a member without
+-- its record is dropped by the sweep), then the pushes.
+if #sent_at > 0 then call_many('ZADD', KEYS[8], sent_at) end
+for _, k in ipairs(lists) do call_many('LPUSH', KEYS[k], pushes[k]) end
 if #states > 0 then call_many('HSET', KEYS[4], states) end
 if #pending > 0 then call_many('HSET', KEYS[5], pending) end
-if #sent > 0 then
-  call_many('HSET', KEYS[7], sent)
-  call_many('ZADD', KEYS[8], sent_at)
-end
+if #sent > 0 then call_many('HSET', KEYS[7], sent) end
 for _, k in ipairs(run_keys) do
   local values = {}
   for _, entry in ipairs(run_order[k]) do

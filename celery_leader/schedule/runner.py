@@ -72,7 +72,7 @@ from .herd import (
 from .metrics import SKIPPED_GRACE, SKIPPED_POLICY, ScheduleStats
 from .options import ScheduleOptions
 from .publish import Unsupported, capture_redis_publish
-from .source import EntrySource, RecordsRuns
+from .source import EntrySource, RunRecordsHash
 from .store import ScheduleStore, from_ms, next_fire_time, to_ms
 from .tickstart import LostTicks, TickKeys
 
@@ -561,7 +561,7 @@ class ScheduleRunner:
         """Forget the progress of entries the schedule no longer has (forget.py);
         False when the term is over."""
         source = self.source
-        runs_key = source.runs_key if isinstance(source, RecordsRuns) else None
+        runs_key = source.runs_key if isinstance(source, RunRecordsHash) else None
         config, held = self.config_entries, loaded.held
         return self.removed_entries.forget(
             term, lambda name: name in config or name in held, runs_key)
