@@ -219,12 +219,12 @@ def check_wait_timeouts(settings: LeaderSettings) -> None:
     if explicit is _UNSET:
         socket_timeout: float | None = default_socket_timeout(
             settings.retry_period, settings.wait_timeout if settings.wait_replicas else 0.0)
-    elif explicit is None:
-        socket_timeout = None  # redis-py waits as long as it takes
     elif isinstance(explicit, (int, float)) and not isinstance(explicit, bool):
         socket_timeout = float(explicit)
     else:
-        return  # not a number of seconds: redis-py names it when it connects
+        # None: redis-py waits as long as it takes.  Anything else is no number
+        # of seconds, and redis-py names it when it connects.
+        socket_timeout = None
     validate_wait(settings.wait_replicas, settings.wait_timeout, socket_timeout,
                   settings.renew_deadline,
                   names=("leader_wait_timeout", "leader_redis_options['socket_timeout']",

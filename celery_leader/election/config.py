@@ -21,9 +21,9 @@ from typing import Protocol
 from .resourcelock import ResourceLock
 
 JITTER_FACTOR = 1.2
-# How much longer than a WAIT may block the lock's socket timeout must be: the
-# server answers "not enough replicas" at the WAIT's timeout, and that answer
-# still has to cross the network and a busy client before the socket gives up.
+# By how much the lock client's socket timeout must exceed the longest WAIT:
+# Redis answers that too few replicas acknowledged only at the WAIT's timeout,
+# and that answer still has to cross the network and a busy client.
 WAIT_MARGIN = 0.5
 # WAIT counts in whole milliseconds, and WAIT 0 blocks until a replica answers.
 MIN_WAIT_TIMEOUT = 0.001
