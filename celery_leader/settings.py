@@ -25,10 +25,11 @@ from .election.config import (
     default_identity,
     to_seconds,
     validate_timings,
+    validate_wait,
 )
 from .election.elector import LeaderElector
 from .election.redact import redact, redact_options, redact_text, redact_url, secret_safe_logger
-from .election.redisclient import REDIS_SCHEMES, redis_client_from_url
+from .election.redisclient import REDIS_SCHEMES, default_socket_timeout, redis_client_from_url
 from .election.redislock import RedisLock
 from .schedule.options import CATCH_UP_POLICIES, app_setting, closest
 from .schedule.runner import beat_election_name
@@ -108,7 +109,8 @@ class LeaderSettings:
     def redis_client(self) -> Any:
         """A new redis-py client (and connection pool) for ``leader_redis_url``."""
         return redis_client_from_url(self.redis_url, self.redis_options,
-                                     self.retry_period, self.transport_options)
+                                     self.retry_period, self.transport_options,
+                                     wait_timeout=self.wait_timeout if self.wait_replicas else 0.0)
 
 
 # Every leader_* setting, one per LeaderSettings field (transport_options is
@@ -206,7 +208,27 @@ def read_settings(app: Any) -> LeaderSettings:
         django_celery_beat=get("leader_django_celery_beat", False, _django_celery_beat),
         transport_options=dict(setting(app, "broker_transport_options", None) or {}),
     )
+    check_wait_timeouts(settings)
     return settings
+
+
+def check_wait_timeouts(settings: LeaderSettings) -> None:
+    """The WAIT timeout against the lock client's socket timeout and the renew
+    deadline, naming the settings (the derived socket timeout always fits)."""
+    explicit = settings.redis_options.get("socket_timeout", _UNSET)
+    if explicit is _UNSET:
+        socket_timeout: float | None = default_socket_timeout(
+            settings.retry_period, settings.wait_timeout if settings.wait_replicas else 0.0)
+    elif isinstance(explicit, (int, float)) and not isinstance(explicit, bool):
+        socket_timeout = float(explicit)
+    else:
+        # None: redis-py waits as long as it takes.  Anything else is no number
+        # of seconds, and redis-py names it when it connects.
+        socket_timeout = None
+    validate_wait(settings.wait_replicas, settings.wait_timeout, socket_timeout,
+                  settings.renew_deadline,
+                  names=("leader_wait_timeout", "leader_redis_options['socket_timeout']",
+                         "leader_renew_deadline"))
 
 
 def leader_queue(app: Any) -> str:

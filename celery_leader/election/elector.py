@@ -37,6 +37,10 @@ STOP_POLL_INTERVAL = 0.1
 # A follower facing an unreachable lock retries at most this many retry periods
 # apart, so it still contends within a few seconds of the lock coming back.
 MAX_BACKOFF_FACTOR = 4
+# While backing off, each wait is drawn from (1 - BACKOFF_JITTER, 1] x the
+# current ceiling: below the bound the warning names, and spread so that
+# electors cut off at the same moment do not come back in step.
+BACKOFF_JITTER = 0.5
 
 
 class HealthCheckError(Exception):
@@ -237,9 +241,13 @@ class LeaderElector:
                 elif self._may_take(current, seen_at):
                     written = self.lock.update(desired, current.raw)
                 else:
+                    # A follower that only reads has reached the lock too: it
+                    # stops backing off without having to win the lease.
+                    self._lock_recovered()
                     return False
         except LockConflictError as conflict:
             self._last_conflict = True
+            self._lock_recovered()  # a reply, if not the one hoped for
             if own_raw is not None:
                 self.stats.renew_failures += 1
             self._observe(conflict.observation, self._clock.monotonic())
@@ -358,10 +366,19 @@ class LeaderElector:
 
     def _follower_delay(self) -> float:
         """Jittered retry period, shortened to the moment the lease's server-side
-        TTL says it really expires, so a crash fails over in about one lease."""
+        TTL says it really expires, so a crash fails over in about one lease.
+
+        While the lock fails, a back-off instead: an unreachable Redis greeted by
+        every replica every few milliseconds recovers slower, and the expiry read
+        before the outage says nothing about when the lock answers again.
+        """
+        if self._failures:
+            # INVARIANT: while the lock fails, waits lie between one retry period
+            # and the MAX_BACKOFF_FACTOR retry periods the warning names (doubling
+            # per failure), and no earlier-read lease expiry shortens them.
+            ceiling = self._retry * min(2.0 ** min(self._failures, 16), MAX_BACKOFF_FACTOR)
+            return ceiling * (1 - random.random() * BACKOFF_JITTER)
         delay = self._retry * (1 + random.random() * JITTER_FACTOR)
-        if self._failures > 1:  # back off while the lock is unreachable
-            delay *= min(2 ** (self._failures - 1), MAX_BACKOFF_FACTOR)
         with self._state:
             ttl_deadline = self._observed_ttl_deadline
         if ttl_deadline is not None:
