@@ -23,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from celery_leader.testing import free_port
 from tests import browser
 from tests.celery_procs import FAILOVER_BOUND, Cluster, Worker, wait_until
+from tests.promtool import run_rule_tests, series, storm_sum
 
 pytestmark = pytest.mark.integration
 
@@ -69,6 +70,19 @@ def value(samples: Samples, metric: str, /, **labels: str) -> float | None:
     return samples.get((metric, tuple(sorted(labels.items()))))
 
 
+def first_leadership_counted(tmp_path: Path, scraped: list[float | None]) -> None:
+    """Scrapes a minute apart, as a Prometheus would have stored them."""
+    samples = [v for v in scraped for _ in range(4)]
+    run_rule_tests(tmp_path, [{
+        "interval": "15s",
+        "input_series": [{"series": 'celery_leader_transitions_total{name="app",'
+                                    'reason="acquired",instance="successor"}',
+                          "values": series(samples)}],
+        "promql_expr_test": [{"expr": f"{storm_sum()} > bool 0", "eval_time": "105s",
+                              "exp_samples": [{"labels": '{name="app"}', "value": 1}]}],
+    }])
+
+
 def started_with_ports(cluster: Cluster, count: int, env: dict[str, str] | None = None
                        ) -> tuple[list[Worker], dict[str, int]]:
     ports: dict[str, int] = {}
@@ -110,9 +124,12 @@ def test_metrics_across_a_failover(cluster: Cluster) -> None:
     watching = scrape(ports[follower.name])
     assert value(watching, "celery_leader_is_leader", name=name) == 0
     assert value(watching, "celery_leader_term", name=name) == term
+    # Every counter is there at 0 before its first event (increase() would not
+    # count a series that appears at 1: checked below with promtool).
     assert value(watching, "celery_leader_transitions_total", name=name,
-                 reason="acquired") is None
-    assert value(watching, "celery_leader_schedule_ticks_dispatched_total", name=name) is None
+                 reason="acquired") == 0
+    assert value(watching, "celery_leader_schedule_ticks_dispatched_total", name=name) == 0
+    assert value(watching, "celery_leader_schedule_ticks_caught_up_total", name=name) == 0
     assert value(watching, "celery_leader_observed_holder_info", name=name,
                  holder=started["identity"]) == 1
 
@@ -137,6 +154,11 @@ def test_metrics_across_a_failover(cluster: Cluster) -> None:
     assert value(after, "celery_leader_schedule_ticks_skipped_total", name=name,
                  reason="catch_up_policy") >= 1
     assert value(after, "celery_leader_schedule_dispatch_lateness_seconds_sum", name=name) > 0
+    # The shipped storm alert's sum counts the successor's first leadership from
+    # what its /metrics served before and after it.
+    first_leadership_counted(cluster.tmp_path, [
+        value(watching, "celery_leader_transitions_total", name=name, reason="acquired"),
+        value(after, "celery_leader_transitions_total", name=name, reason="acquired")])
 
     status, _, body = get(ports[successor.name], "/status")
     assert status == 200

@@ -134,7 +134,9 @@ class ElectionStats:
     """What one elector counts; read by :func:`election_families` and the status page."""
 
     def __init__(self, recent: int = 20) -> None:
-        self.transitions: dict[str, int] = {}
+        # Every known reason at 0 from start-up: increase() over a series that
+        # starts absent and then reads 1 gives 0, hiding a replica's first leadership.
+        self.transitions: dict[str, int] = dict.fromkeys((ACQUIRED, *STOP_REASONS.values()), 0)
         self.renew_seconds = Histogram(RENEW_BUCKETS)
         self.renew_failures = 0
         self.lock_errors: dict[str, int] = {}

@@ -305,6 +305,8 @@ class ScheduleRunner:
         self._warm_horizon: datetime | None = None
         self._dispatched = 0
         self.stats = ScheduleStats(per_entry=per_entry_metrics)
+        if per_entry_metrics:  # beat_schedule's entries at 0 from start-up (metrics.py)
+            self.stats.known(self.config_entries)
         # Ticks due now are claimed and published in fenced batches (herd.py).
         self.herd = HerdDispatcher(
             app, self.store.client, self._herd_script,
