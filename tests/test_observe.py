@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -83,15 +85,15 @@ def first_leadership_counted(tmp_path: Path, scraped: list[float | None]) -> Non
     }])
 
 
-def started_with_ports(cluster: Cluster, count: int, env: dict[str, str] | None = None
-                       ) -> tuple[list[Worker], dict[str, int]]:
+def started_with_ports(cluster: Cluster, count: int, env: dict[str, str] | None = None,
+                       pool: str = "prefork") -> tuple[list[Worker], dict[str, int]]:
     ports: dict[str, int] = {}
 
     def own_port(name: str) -> dict[str, Any]:
         ports[name] = free_port()
         return {"env": {"LEADER_HEALTHZ_PORT": str(ports[name]), **(env or {})}}
 
-    workers = cluster.start(count, "prefork", per_worker=own_port)
+    workers = cluster.start(count, pool, per_worker=own_port)
     cluster.wait_ready(workers, BOOT)
     return workers, ports
 
@@ -234,7 +236,88 @@ def test_the_status_page_in_headless_chromium(cluster: Cluster, tmp_path: Path) 
                           f"the page to show the new leader {took_over['identity']}",
                           lambda: page.text())
         assert f"Term\n{took_over['term']}" in text
+        # The killed leader is a former leader, never a follower; the schedule is
+        # dispatched by the leader the page shows.
+        text = wait_until(lambda: (t := page.text()) and
+                          f"dispatched by {took_over['identity']} (term {took_over['term']})"
+                          in t and t, 20, "the page to show the new dispatcher",
+                          lambda: page.text())
+        assert f"{started['identity']}\tformer leader" in text, text
         assert page.errors == []
         shot = Path(os.environ.get("SCREENSHOT") or tmp_path / "status.png")
         page.screenshot(shot)
         assert shot.read_bytes().startswith(b"\x89PNG")
+
+
+CARD = re.compile(r'id="(leader|term)"><span class="muted">[^<]*</span><b>([^<]*)</b>')
+DISPATCHED = re.compile(r"(last )?dispatched by <b>([^<]*)</b> \(term (\d+)")
+ROW = re.compile(r"<tr><td>([^<]*)</td><td>([^<]*)</td><td[^>]*>([^<]*)</td>")
+
+
+def page_contradictions(report: dict[str, Any], page: str, dead: str) -> list[str]:
+    """What a /status reply and a page (each read once) say that the lease they
+    show contradicts."""
+    wrong = []
+    election = report["election"]
+    holder, term = election["leader"], election["term"]
+    rows = {row.get("identity"): row for row in election["replicas"]}
+    if holder in rows and (rows[holder]["role"], rows[holder]["term"]) != ("leader", term):
+        wrong.append(f"/status: the leader's row {rows[holder]} under lease term {term}")
+    if holder != dead and dead in rows and rows[dead]["role"] == "follower":
+        wrong.append(f"/status: the killed leader shown as a follower {rows[dead]}")
+    owner = report["schedule"].get("dispatcher") or {}
+    if owner.get("leading") and (owner["identity"], owner["term"]) != (holder, term):
+        wrong.append(f"/status: dispatcher {owner} under {holder} term {term}")
+    cards = dict(CARD.findall(page))
+    page_rows = {ident: (role.removesuffix(" (silent: gone?)"), row_term)
+                 for ident, role, row_term in ROW.findall(page)}
+    shown = cards.get("leader")
+    if shown in page_rows and page_rows[shown] != ("leader", cards.get("term")):
+        wrong.append(f"page: the leader's row {page_rows[shown]} under Term {cards.get('term')}")
+    if shown != dead and page_rows.get(dead, ("",))[0] == "follower":
+        wrong.append("page: the killed leader shown as a follower")
+    for last, identity, owner_term in DISPATCHED.findall(page):
+        if not last and (identity, owner_term) != (shown, cards.get("term")):
+            wrong.append(f"page: dispatched by {identity} (term {owner_term}) while "
+                         f"{shown} (term {cards.get('term')}) leads")
+    return wrong
+
+
+def test_the_page_right_after_a_failover_agrees_with_itself(cluster: Cluster) -> None:
+    """Both survivors' /status and page, read every few ms from the kill of the
+    leader until both show its successor dispatching: the replica table gives
+    the new leader the lease's term and never calls the killed one a follower,
+    and the schedule is never "dispatched by" anyone but the leader shown."""
+    workers, ports = started_with_ports(cluster, 3, pool="threads")
+    leader, started = cluster.wait_leader(BOOT)
+    survivors = [w for w in workers if w is not leader]
+    dead = started["identity"]
+    for worker in survivors:  # every replica has recorded itself, the leader dispatches
+        wait_until(lambda w=worker: len(json.loads(get(ports[w.name], "/status")[2])[
+            "election"]["replicas"]) == 3 and (json.loads(get(ports[w.name], "/status")[2])[
+                "schedule"]["dispatcher"] or {}).get("identity") == dead,
+            20, f"{worker.name}'s page to list 3 replicas and the dispatcher", cluster.logs)
+    leader.signal(signal.SIGKILL)
+    leader.wait_exit(10)
+    wrong: list[str] = []
+    settled: dict[str, float] = {}
+    samples = 0
+    deadline = time.monotonic() + FAILOVER_BOUND + SLACK + 10
+    while len(settled) < len(survivors) or time.monotonic() < max(settled.values()) + 1.0:
+        assert time.monotonic() < deadline, (
+            f"the survivors' pages did not settle on a new dispatching leader: {settled}\n"
+            + cluster.logs())
+        for worker in survivors:
+            status, _, body = get(ports[worker.name], "/status")
+            page_status, _, page = get(ports[worker.name], "/")
+            assert status == page_status == 200, body
+            report = json.loads(body)
+            samples += 1
+            wrong += [f"{worker.name}: {w}" for w in page_contradictions(report, page, dead)]
+            owner = report["schedule"]["dispatcher"] or {}
+            holder = report["election"]["leader"]
+            if holder not in (None, dead) and owner.get("identity") == holder \
+                    and owner.get("leading") and worker.name not in settled:
+                settled[worker.name] = time.monotonic()
+    assert not wrong, f"{len(wrong)} contradictions in {samples} reads:\n" + \
+        "\n".join(dict.fromkeys(wrong))
