@@ -257,7 +257,8 @@ def test_setting_without_the_extra_fails_with_one_line(
         read_settings(app)
     message = str(error.value)
     assert "\n" not in message and "leader_django_celery_beat" in message
-    assert "pip install 'celery-leader[django]'" in message
+    assert "pip install django-celery-beat" in message
+    assert "'/path/to/celery-leader[django]'" in message
 
 
 def test_cli_schedule_lists_rows_marked_by_source(models: Any, app: Celery) -> None:

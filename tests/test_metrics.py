@@ -102,7 +102,9 @@ def test_without_the_extra_the_endpoint_says_how_to_enable_it(
     status, body = source.metrics_route()
     assert status == 501
     assert body.data.decode() == METRICS_EXTRA_MISSING
-    assert "pip install 'celery-leader[metrics]'" in METRICS_EXTRA_MISSING
+    # The package is on no index: what to install, and the extra from a checkout.
+    assert "pip install prometheus-client" in METRICS_EXTRA_MISSING
+    assert "pip install '/path/to/celery-leader[metrics]'" in METRICS_EXTRA_MISSING
 
 
 def test_task_counters_are_shared_with_forked_children() -> None:

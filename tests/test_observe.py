@@ -31,6 +31,8 @@ pytestmark = pytest.mark.integration
 
 APP = "tests.apps.observe_app"
 BOOT = 45.0
+ATOMIC_PUBLISH_LINE = ("celery-leader: ticks are published in the same atomic step as their "
+                       "claim is cleared")
 SLACK = 10.0
 
 
@@ -114,6 +116,11 @@ def test_metrics_across_a_failover(cluster: Cluster) -> None:
     before = wait_until(lambda: leader_dispatched(ports[leader.name]), 20,
                         "the leader's lateness histogram to observe ticks", cluster.logs)
     assert value(before, "celery_leader_is_leader", name=name) == 1
+    # What README.md says the worker logs at its first tick (the broker is the
+    # lease's Redis here); the ticks went through the herd path.
+    assert ATOMIC_PUBLISH_LINE in leader.log()
+    readme = " ".join((Path(__file__).resolve().parent.parent / "README.md").read_text().split())
+    assert ATOMIC_PUBLISH_LINE.removeprefix("celery-leader: ") in readme
     assert value(before, "celery_leader_term", name=name) == term
     assert value(before, "celery_leader_transitions_total", name=name, reason="acquired") == 1
     assert value(before, "celery_leader_schedule_ticks_dispatched_total", name=name) >= 2

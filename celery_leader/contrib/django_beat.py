@@ -1,5 +1,5 @@
 """django-celery-beat's tables as a source of the leader's schedule
-(``leader_django_celery_beat = True``; ``pip install 'celery-leader[django]'``).
+(``leader_django_celery_beat = True``; the ``django`` extra brings django-celery-beat).
 
 Every enabled ``django_celery_beat.models.PeriodicTask`` becomes an
 :class:`~celery_leader.schedule.entries.Entry` (``source="django"``) that the
