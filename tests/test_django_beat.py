@@ -276,3 +276,43 @@ def test_cli_schedule_lists_rows_marked_by_source(models: Any, app: Celery) -> N
     assert table.splitlines()[0].split()[-1] == "source"
     assert any(line.startswith("db-row") and line.endswith("django")
                for line in table.splitlines())
+
+
+def test_a_skipped_row_is_named_once(models: Any, app: Celery,
+                                     caplog: pytest.LogCaptureFixture) -> None:
+    from celery_leader.contrib.django_beat import DjangoBeatSource
+    from celery_leader.schedule_api import ScheduleStore
+
+    every = models.IntervalSchedule.objects.create(every=5, period="seconds")
+    task(models, "bad-args", interval=every, args="[1,")
+    source = DjangoBeatSource(app, ScheduleStore.for_app(app), poll=3600)
+    with caplog.at_level(logging.ERROR, "celery_leader.django_beat"):
+        source.cycle()
+    [line] = [r.getMessage() for r in caplog.records if "bad-args" in r.getMessage()]
+    assert line.count("bad-args") == 1 and line.count("django-celery-beat task") == 1, line
+    assert line.startswith("celery-leader: skipping django-celery-beat task 'bad-args': args "
+                           "is not valid JSON"), line
+
+
+def test_rows_are_changed_in_the_admin_not_through_the_schedule_api(
+        models: Any, app: Celery) -> None:
+    from celery_leader.contrib.django_beat import SOURCE
+    from celery_leader.schedule.entries import EntryError
+    from celery_leader.schedule_api import ScheduleStore, schedule_report
+    from celery_leader.sources import DJANGO_SOURCE
+
+    assert SOURCE == DJANGO_SOURCE
+    every = models.IntervalSchedule.objects.create(every=5, period="seconds")
+    task(models, "dj-cron", interval=every)
+    assert [row["source"] for row in schedule_report(app) if row["name"] == "dj-cron"] == [
+        "django"]
+    store = ScheduleStore.for_app(app)
+    for change in (store.disable, store.enable, store.remove, store.get,
+                   lambda name: store.update(name, enabled=False)):
+        with pytest.raises(EntryError) as error:
+            change("dj-cron")
+        assert str(error.value).startswith("'dj-cron' is a django-celery-beat task"), error.value
+        assert "Django admin" in str(error.value)
+    with pytest.raises(EntryError, match="no entry named 'nothing'"):
+        store.disable("nothing")
+    assert store.remove("nothing") is False
