@@ -8,6 +8,7 @@ import logging
 import os
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -316,3 +317,15 @@ def test_rows_are_changed_in_the_admin_not_through_the_schedule_api(
     with pytest.raises(EntryError, match="no entry named 'nothing'"):
         store.disable("nothing")
     assert store.remove("nothing") is False
+
+
+def test_rows_follow_the_default_catch_up_policy_the_readme_names(models: Any,
+                                                                  app: Celery) -> None:
+    """A row has no catch-up policy of its own: the leader's, "latest" by default,
+    applies (what it drops at a fail-over: tests/test_observe.py counts it)."""
+    every = models.IntervalSchedule.objects.create(every=1, period="seconds")
+    assert entry(app, task(models, "every-second", interval=every)).catch_up is None
+    assert read_settings(app).catch_up == "latest"
+    readme = " ".join((Path(__file__).resolve().parent.parent / "README.md").read_text().split())
+    assert 'default `CELERY_LEADER_CATCH_UP = "latest"` the new leader sends, of the ticks ' \
+           "each row missed meanwhile, only the last one, and drops the others" in readme
