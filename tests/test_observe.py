@@ -328,3 +328,33 @@ def test_the_page_right_after_a_failover_agrees_with_itself(cluster: Cluster) ->
                 settled[worker.name] = time.monotonic()
     assert not wrong, f"{len(wrong)} contradictions in {samples} reads:\n" + \
         "\n".join(dict.fromkeys(wrong))
+
+
+def test_the_pages_links_keep_the_token_in_headless_chromium(cluster: Cluster) -> None:
+    """Opened as /?token=..., the page's /status and /metrics links answer 200 in
+    a real browser (which sends no Authorization header)."""
+    if browser.chromium_binary() is None:
+        pytest.skip("no chromium binary: `make test` installs Debian's chromium "
+                    "(apt-get install -y chromium, as root); it could not here")
+    token = "link-token"
+    workers, ports = started_with_ports(cluster, 1, {"LEADER_HEALTHZ_TOKEN": token},
+                                        pool="threads")
+    cluster.wait_leader(BOOT)
+    base = f"http://127.0.0.1:{ports[workers[0].name]}"
+    with browser.chromium() as page:
+        page.navigate(f"{base}/?token={token}")
+        wait_until(lambda: "celery-leader election" in page.text(), 20, "the page to load",
+                   lambda: page.text())
+        links = page.call("Runtime.evaluate", returnByValue=True,
+                          expression="Array.from(document.links).map(a => a.href)")
+        hrefs = links["result"]["value"]
+        assert page.errors == []  # the page itself (a JSON reply makes the browser ask
+        # for /favicon.ico, which answers 401 without the token: not the page's doing)
+        assert hrefs == [f"{base}/status?token={token}", f"{base}/metrics?token={token}"]
+        for href, expected in zip(hrefs, ('"election"', "celery_leader_is_leader"),
+                                  strict=True):
+            page.navigate(href)
+            text = wait_until(lambda want=expected: (t := page.text()) and (
+                "unauthorized" in t or want in t) and t, 20, f"{href} to load",
+                lambda: page.text())
+            assert "unauthorized" not in text and expected in text, text[:300]
