@@ -53,7 +53,7 @@ def _iso(seconds: float | None) -> str | None:
 
 
 class ReplicaRegistry:
-    """Each worker's heartbeat in its election's slot (informational, not fenced)."""
+    """Each replica's heartbeat in its election's slot (informational, not fenced)."""
 
     def __init__(self, lock: RedisLock, identity: str, interval: float) -> None:
         # Bound: one field per replica of the election; silent ones are dropped by
