@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
+import shutil
 import signal
 import subprocess
 import urllib.error
@@ -133,9 +133,10 @@ def test_the_scrape_config_passes_promtool_check_config(tmp_path: Path) -> None:
 
 @contextlib.contextmanager
 def prometheus(tmp_path: Path, config: str) -> Iterator[int]:
-    binary = "/usr/bin/prometheus"
-    if not os.path.exists(binary):
-        pytest.skip("no prometheus server: `make test` installs Debian's prometheus package")
+    binary = shutil.which("prometheus")
+    if binary is None:
+        pytest.skip("no prometheus server: `make test` installs Debian's prometheus package "
+                    "(apt-get install -y prometheus, as root); it could not here")
     port = free_port()
     (tmp_path / "prometheus.yml").write_text(config)
     log = open(tmp_path / "prometheus.log", "wb")  # noqa: SIM115 - closed below
