@@ -37,7 +37,9 @@ def install(app: Any) -> Any:
         click.Option(["--leader-name"], help="celery-leader: election name (leader_name)."),
         click.Option(["--leader-identity"], help="celery-leader: this replica's identity."),
         click.Option(["--leader-healthz-port"], type=int,
-                     help="celery-leader: serve /healthz and /leader on this port."),
+                     help="celery-leader: serve /healthz, /metrics, /status, the "
+                          "status page (/) and /leader on this port "
+                          "(leader_healthz_port)."),
         click.Option(["--leader-beat/--no-leader-beat"], default=None,
                      help="celery-leader: the leader runs beat_schedule."),
     ):

@@ -348,7 +348,9 @@ def _django_celery_beat(name: str, value: Any) -> bool:
     enabled = _bool(name, value)
     if enabled and importlib.util.find_spec("django_celery_beat") is None:
         raise ConfigurationError(f"{name} is True but django-celery-beat is not installed; "
-                                 "install it with: pip install 'celery-leader[django]'")
+                                 "pip install django-celery-beat (or reinstall celery-leader "
+                                 "with its django extra: pip install "
+                                 "'/path/to/celery-leader[django]' from a checkout)")
     return enabled
 
 
