@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint typecheck tls-redis unit demo bench clean chromium postgres promtool
+.PHONY: test lint typecheck tls-redis unit demo bench clean chromium postgres promtool rabbitmq
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -48,11 +48,20 @@ promtool:
 	     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus)) \
 	      >/dev/null 2>&1 || echo "promtool not installed: the alert rule tests will skip"; }
 
+# RabbitMQ for the tests that run on it (tests/rabbitmq.py runs Debian's
+# rabbitmq-server as a child process on loopback; its service never starts):
+# installed where it is missing and we are root, else those tests skip.
+rabbitmq:
+	@test -x /usr/lib/rabbitmq/bin/rabbitmq-server || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rabbitmq-server) \
+	      >/dev/null 2>&1 || echo "rabbitmq-server not installed: the RabbitMQ tests will skip"; }
+
 # Two test processes (pytest-xdist): most tests wait on real processes and
 # Redis, so two share 2 cores well; TEST_PROCS=0 runs them in this process.
 TEST_PROCS ?= 2
 
-test: lint typecheck tls-redis chromium postgres promtool
+test: lint typecheck tls-redis chromium postgres promtool rabbitmq
 	$(PY) -m pytest -q -n $(TEST_PROCS) $(PYTEST_ARGS)
 
 demo: $(STAMP)

@@ -17,6 +17,7 @@ import redis
 
 from celery_leader.embedded import EmbeddedRedis
 from tests.django_db import postgres_db, postgres_server, sqlite_db  # noqa: F401 - fixtures
+from tests.rabbitmq import rabbitmq_server, rabbitmq_url  # noqa: F401 - fixtures
 from tests.tlsredis import Certificates, TLSRedis, new_certificates, remove_certificates
 
 DATABASES = 256
