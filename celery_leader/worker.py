@@ -22,6 +22,7 @@ from celery import bootsteps
 from kombu.transport import redis as kombu_redis
 
 from . import signals
+from .brokers import declare_broker_guarantees
 from .election.config import ConfigurationError, LeaderCallbacks
 from .election.elections import ROLE_WORKERS, mark_role
 from .election.elector import LeaderElector
@@ -277,15 +278,16 @@ class LeaderController:
         queue = self.settings.queue
         with self.app.connection_for_read() as connection:
             if not isinstance(connection.transport, kombu_redis.Transport):
-                log.warning("celery-leader: the broker is not Redis; leader queue %r is "
-                            "consumed through kombu (no in-flight recovery)", queue)
+                log.info("celery-leader: the broker is not Redis; leader queue %r is "
+                         "consumed through kombu (in-flight recovery by the broker's "
+                         "redelivery: leader-only tasks acknowledge late)", queue)
                 return False
             channel = connection.default_channel
             if self.hub is None or not same_redis(self.lock.client, channel.client):
-                log.warning("celery-leader: leader_redis_url is not the broker's Redis server "
-                            "and database; leader queue %r is consumed through kombu, and a "
-                            "message sent as a leader dies can be lost (celery/kombu#305)",
-                            queue)
+                log.info("celery-leader: leader_redis_url is not the broker's Redis server "
+                         "and database; leader queue %r is consumed through kombu, and a "
+                         "message sent as a leader dies can be lost (celery/kombu#305)",
+                         queue)
                 return False
             prefix = getattr(channel, "global_keyprefix", "") or ""
             lists: list[str] = []
@@ -374,6 +376,10 @@ class LeaderWorkerStep(bootsteps.StartStopStep):  # type: ignore[misc]
         global _controller
         self.controller = controller_for_worker(worker, kwargs)
         worker.celery_leader = self.controller
+        # Before the consumer reads each task's ack setting and before the pool forks.
+        declare_broker_guarantees(worker.app, self.controller.settings,
+                                  self.controller.lock.client,
+                                  bool(getattr(worker, "use_eventloop", False)))
         # Before the pool forks (start() now runs after it): children need it to
         # fence leader-only task runs.
         _controller = self.controller

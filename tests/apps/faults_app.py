@@ -2,8 +2,10 @@
 FAULTS_BEAT=1) a per-second tick on the default queue that every replica consumes.
 
 Env: REDIS_URL, the replica's broker and lease (its own TCP proxy in front of the
-real Redis, so a test can cut it off); EVENTS_URL, the real Redis the records go
-to directly (so what a replica records is never held by its own partition);
+real Redis, so a test can cut it off); BROKER_URL, another broker (e.g.
+RabbitMQ; the lease stays on REDIS_URL through leader_redis_url); EVENTS_URL,
+the real Redis the records go to directly (so what a replica records is never
+held by its own partition);
 LEADER_NAME, LEADER_LEASE / LEADER_RENEW / LEADER_RETRY.
 
 Records in ``test:events`` (JSON, ``at`` is ``time.monotonic()``, comparable across
@@ -30,11 +32,14 @@ from celery_leader.worker import current_controller
 
 REDIS_URL = os.environ["REDIS_URL"]
 EVENTS_URL = os.environ.get("EVENTS_URL", REDIS_URL)
+BROKER_URL = os.environ.get("BROKER_URL") or REDIS_URL
 LEADER_TASK = "tests.apps.faults_app.leader_noop"
+EARLY_TASK = "tests.apps.faults_app.leader_early"
 TICK_TASK = "tests.apps.faults_app.tick"
 
-app = Celery("faults_app", broker=REDIS_URL)
+app = Celery("faults_app", broker=BROKER_URL)
 app.conf.update(
+    leader_redis_url=REDIS_URL,
     leader_name=os.environ.get("LEADER_NAME", "faults_app"),
     leader_lease_duration=float(os.environ.get("LEADER_LEASE", "2.0")),
     leader_renew_deadline=float(os.environ.get("LEADER_RENEW", "1.4")),
@@ -87,6 +92,20 @@ def leader_noop(self: Any, label: str, seconds: float = 0.0) -> str:
            current_term=celery_leader.current_term(), leading=celery_leader.is_leader(),
            identity=_identity())
     time.sleep(seconds)
+    return label
+
+
+@leader_only
+@app.task(bind=True, name=EARLY_TASK)
+def leader_early(self: Any, label: str, seconds: float = 0.0) -> str:
+    """Celery's default early ack; records its start and its end."""
+    record("task_start", label=label, task_id=self.request.id,
+           term=getattr(self.request, "leader_term", 0),
+           current_term=celery_leader.current_term(), leading=celery_leader.is_leader(),
+           identity=_identity())
+    time.sleep(seconds)
+    record("task_done", label=label, task_id=self.request.id,
+           term=getattr(self.request, "leader_term", 0))
     return label
 
 

@@ -1,0 +1,133 @@
+"""What this worker's broker lets celery-leader promise, said at worker start.
+
+The guarantees differ by broker (README, "Guarantees and their limits"): on the
+lease's own Redis the leader queue is taken under the term with in-flight
+records (leaderqueue.py) and ticks are pushed by the script that clears their
+claim; on any other broker the leader queue is consumed through kombu and ticks
+are published after their claim.  A worker says which column it is in, once,
+at start, before it ever leads: the place an operator looks.
+
+Where the leader queue goes through kombu there is no in-flight record, so a
+leader-only task that acknowledges early (Celery's default) is gone from the
+broker once accepted, and a leader that dies mid-body loses it.  There,
+leader-only tasks are made to acknowledge late with reject-on-worker-lost: the
+message stays unacknowledged until its body ends, so the broker hands a dead
+leader's messages (running or merely prefetched) to the next consumer of the
+leader queue, which is the next leader, and the per-task-id ``done`` claim
+(taskruns.py) refuses a copy of a run that finished.  That is the same rule as
+on the lease's Redis: at least once for in-flight work, never on a follower,
+never again once finished.  It is chosen over recording kombu-consumed
+messages in the lease's Redis because the broker already keeps exactly this
+record (an unacknowledged delivery) on every transport kombu supports, and
+redelivers it when the consumer's connection dies, with no extra round trip
+per message and no second copy to keep consistent with the broker's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kombu.transport import redis as kombu_redis
+
+from .election.redact import secret_safe_logger
+from .schedule.publish import same_redis
+from .settings import LeaderSettings
+from .state import LEADER_ONLY_TASKS
+
+__all__ = ["OTHER_KOMBU", "RABBITMQ", "REDIS_ELSEWHERE", "REDIS_ON_LEASE", "broker_column",
+           "declare_broker_guarantees", "force_late_ack"]
+
+log = secret_safe_logger(__name__)
+
+REDIS_ON_LEASE = "Redis broker on the lease's Redis"
+REDIS_ELSEWHERE = "Redis broker elsewhere"
+RABBITMQ = "RabbitMQ"
+OTHER_KOMBU = "other kombu transport"
+INSPECT_TIMEOUT = 5.0
+"""Seconds the start-up look at a Redis broker may take (the broker may be down)."""
+
+
+def broker_column(app: Any, lease_client: Any, use_eventloop: bool) -> tuple[str, str]:
+    """(column, transport name) of the guarantees table for ``app``'s broker.
+
+    A Redis broker counts as the lease's only when it is the same server and
+    database and the worker runs an event loop (what the reliable leader queue
+    needs, worker.py); one that cannot be inspected now counts as elsewhere, the
+    column that promises less."""
+    with app.connection_for_read() as connection:
+        transport = connection.transport  # not connected yet: only its class
+        name = str(getattr(transport, "driver_name", "") or connection.transport_cls)
+        if isinstance(transport, kombu_redis.Transport):
+            if not use_eventloop:
+                return REDIS_ELSEWHERE, name
+            try:
+                connection.ensure_connection(max_retries=1, timeout=INSPECT_TIMEOUT)
+                same = same_redis(lease_client, connection.default_channel.client)
+            except Exception as exc:
+                log.warning("celery-leader: cannot inspect the Redis broker at start (%s); "
+                            "assuming it is not the lease's Redis", exc)
+                return REDIS_ELSEWHERE, name
+            return (REDIS_ON_LEASE if same else REDIS_ELSEWHERE), name
+        if getattr(transport, "driver_type", "") == "amqp":
+            return RABBITMQ, name
+        return OTHER_KOMBU, name
+
+
+def force_late_ack(app: Any) -> list[str]:
+    """Make every leader-only task of ``app`` acknowledge late and requeue on a
+    lost pool child; returns the names of those that did not already.  Must run
+    before the worker's consumer builds its task strategies (Celery reads
+    ``acks_late`` there) and before the pool forks (children read it too)."""
+    changed = []
+    for name, task in sorted(app.tasks.items()):
+        if name not in LEADER_ONLY_TASKS:
+            continue
+        if not (task.acks_late and task.reject_on_worker_lost):
+            changed.append(name)
+        # INVARIANT: through kombu, a leader-only message stays unacknowledged
+        # until its body ended, so a dead leader's in-flight work is redelivered.
+        task.acks_late = True
+        task.reject_on_worker_lost = True
+    return changed
+
+
+def declare_broker_guarantees(app: Any, settings: LeaderSettings, lease_client: Any,
+                              use_eventloop: bool) -> str:
+    """Find this worker's column, log what it means (WARNING, one line each),
+    and force late ack for leader-only tasks where the leader queue goes through
+    kombu.  Returns the column."""
+    column, transport = broker_column(app, lease_client, use_eventloop)
+    queue, beat = settings.queue, settings.beat
+    runs = ("run once by their start token" if settings.tick_run_once
+            else "not guarded when they run (leader_tick_run_once is off)")
+    if column == REDIS_ON_LEASE:
+        log.warning("celery-leader: guarantees column %r: leader queue %r taken under the "
+                    "term with in-flight records in Redis (a dead leader's messages run "
+                    "under the next term, whatever the task's ack setting)", column, queue)
+        if beat:
+            log.warning("celery-leader: guarantees column %r: ticks are pushed by the script "
+                        "that clears their claim (sent once), and %s", column, runs)
+        return column
+    forced = force_late_ack(app)
+    if column == RABBITMQ:
+        redelivery = ("the broker redelivers a dead leader's unacknowledged messages to the "
+                      "next leader as soon as its connection closes; a body running longer "
+                      "than RabbitMQ's consumer_timeout (30 min by default) has its channel "
+                      "closed and its message redelivered: raise consumer_timeout above the "
+                      "longest leader-only body")
+    elif column == REDIS_ELSEWHERE:
+        redelivery = ("kombu redelivers a dead leader's unacknowledged messages after the "
+                      "broker's visibility_timeout; a message sent as a leader dies can still "
+                      "be lost (celery/kombu#305)")
+    else:
+        redelivery = (f"in-flight work comes back when the {transport!r} transport "
+                      "redelivers an unacknowledged message")
+    log.warning("celery-leader: guarantees column %r (transport %r): leader queue %r is "
+                "consumed through kombu; leader-only tasks acknowledge late with "
+                "reject-on-worker-lost (made so here: %s); %s", column, transport, queue,
+                ", ".join(forced) or "none needed it", redelivery)
+    if beat:
+        log.warning("celery-leader: guarantees column %r: ticks are published after their "
+                    "claim (a leader frozen mid-publish can send one twice: same task id) and "
+                    "%s", column, runs)
+    return column

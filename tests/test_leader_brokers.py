@@ -1,0 +1,133 @@
+"""A leader-only message the leader was running when it died runs again under a
+later term, on every broker: real ``celery worker`` processes (prefork), the
+lease on the test's Redis, the broker either that same Redis (the leader queue's
+in-flight records, leaderqueue.py) or a real RabbitMQ (tests/rabbitmq.py: the
+leader queue consumed through kombu, in-flight work recovered by the broker's
+redelivery of an unacknowledged message).
+
+The task acks early (Celery's default): the case where the message is gone from
+the broker once accepted unless the worker makes it late-acked.  The whole
+leader (main process and pool children: a machine or container dying) is
+SIGKILLed in the middle of the body.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from celery import Celery
+
+from tests.celery_procs import FAILOVER_BOUND, Cluster, stopped_at_end, wait_until
+from tests.leader_runs import Interruption, check_leader_runs
+
+pytestmark = pytest.mark.integration
+
+APP = "tests.apps.faults_app"
+EARLY_TASK = "tests.apps.faults_app.leader_early"
+LEADER_QUEUE = "celery_leader"
+WORKER_ARGS = ("--without-mingle", "--without-gossip", "--without-heartbeat")
+BOOT = 45.0
+BODY = 30.0  # the cut-off body: far longer than the test waits for its rerun
+SETTLE = 2.0
+
+
+# The start-up line each broker's worker logs before it is ready (brokers.py).
+COLUMNS = {"redis": "guarantees column \"Redis broker on the lease's Redis\": leader queue",
+           "rabbitmq": "guarantees column 'RabbitMQ' (transport 'py-amqp'): leader queue "
+                       "'celery_leader' is consumed through kombu; leader-only tasks "
+                       "acknowledge late with reject-on-worker-lost (made so here: "
+                       "tests.apps.faults_app.leader_early"}
+
+
+@pytest.fixture(params=["redis", "rabbitmq"])
+def broker(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def broker_url(request: pytest.FixtureRequest, broker: str, redis_url: str) -> str:
+    """The broker: the lease's own Redis, or a real RabbitMQ (skips if not installed)."""
+    if broker == "redis":
+        return redis_url
+    return str(request.getfixturevalue("rabbitmq_url"))
+
+
+@pytest.fixture
+def cluster(request: pytest.FixtureRequest, tmp_path: Path, redis_url: str, broker_url: str,
+            election_name: str) -> Iterator[Cluster]:
+    made = Cluster(tmp_path, redis_url, election_name, app=APP,
+                   env={"EVENTS_URL": redis_url, "BROKER_URL": broker_url})
+    with stopped_at_end(request, made,
+                        lambda: f"worker output ({tmp_path}):\n{made.logs()}\n"
+                                f"{made.events.dump()}"):
+        yield made
+
+
+class Sender:
+    """A plain Celery app sending the early-ack leader-only task to the leader queue."""
+
+    def __init__(self, broker_url: str) -> None:
+        self.app = Celery("brokers-sender", broker=broker_url, set_as_current=False)
+        self.app.conf.broker_connection_retry_on_startup = True
+        self.sent: dict[str, str] = {}
+
+    def send(self, label: str, seconds: float = 0.0) -> str:
+        result = self.app.send_task(EARLY_TASK, args=[label, seconds], queue=LEADER_QUEUE)
+        self.sent[result.id] = label
+        return str(result.id)
+
+    def close(self) -> None:
+        self.app.close()
+
+
+def _runs(cluster: Cluster, task_id: str) -> list[dict[str, Any]]:
+    return [e for e in cluster.events.of("task_start") if e["task_id"] == task_id]
+
+
+def test_early_ack_message_cut_off_by_the_leaders_death_runs_under_a_later_term(
+        cluster: Cluster, broker: str, broker_url: str) -> None:
+    workers = cluster.start(2, "prefork", args=WORKER_ARGS)
+    cluster.wait_ready(workers, BOOT)
+    for worker in workers:  # said at start, before any leadership, at WARNING
+        before_ready = worker.log().split(" ready.", 1)[0]
+        assert f"WARNING/MainProcess] celery-leader: {COLUMNS[broker]}" in before_ready, (
+            worker.log())
+    leader, started = cluster.wait_leader(BOOT)
+    term = int(started["term"])
+    sender = Sender(broker_url)
+    try:
+        finished = sender.send("finished")
+        cluster.events.wait_kind("task_done", BOOT, where=lambda e: e["task_id"] == finished,
+                                 what="the first message to finish")
+        cut = sender.send("cut", seconds=BODY)
+        [running] = cluster.events.wait_kind("task_start", BOOT,
+                                             where=lambda e: e["task_id"] == cut,
+                                             what="the long body to start on the leader")
+        assert running["term"] == term, running
+        # The whole leader at once (main process and pool children), mid-body.
+        os.killpg(leader.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        assert leader.wait_exit(10) == -signal.SIGKILL
+        cluster.wait_leader(FAILOVER_BOUND + 15, after_term=term,
+                            among=[w for w in workers if w is not leader])
+        again = wait_until(lambda: [e for e in _runs(cluster, cut) if e["term"] > term],
+                           FAILOVER_BOUND + 15,
+                           "the cut-off message to run again under a later term",
+                           lambda: f"{cluster.logs()}\n{cluster.events.dump()}")
+        print(f"ran again {again[0]['at'] - killed:.2f} s after the kill, under term "
+              f"{again[0]['term']}")
+        time.sleep(SETTLE)  # a copy of the finished message would arrive by now
+        problems, excused = check_leader_runs(sender.sent, cluster.events.of("task_start"),
+                                              cluster.events.all(),
+                                              [Interruption(leader.pid, running["at"])])
+        assert not problems, "; ".join(problems)
+        assert excused, "the cut-off run was not run again"
+        assert len(_runs(cluster, finished)) == 1
+    finally:
+        sender.close()
