@@ -131,3 +131,38 @@ def test_early_ack_message_cut_off_by_the_leaders_death_runs_under_a_later_term(
         assert len(_runs(cluster, finished)) == 1
     finally:
         sender.close()
+
+
+def test_early_ack_message_that_finished_as_the_leader_died_never_runs_again(
+        cluster: Cluster, broker: str, broker_url: str) -> None:
+    """The worst moment for "never again once finished": the body has ended and
+    its task id is claimed ``done``, but the leader never acknowledged it (its
+    main process is stopped while the pool child finishes, then the whole leader
+    is SIGKILLed).  Through kombu the broker redelivers it to the next leader,
+    which must refuse it; on the lease's Redis its in-flight record ended with
+    the ``done`` claim, so nothing comes back at all."""
+    workers = cluster.start(2, "prefork", args=WORKER_ARGS)
+    cluster.wait_ready(workers, BOOT)
+    leader, started = cluster.wait_leader(BOOT)
+    term = int(started["term"])
+    sender = Sender(broker_url)
+    claims = cluster.events.client
+    try:
+        ended = sender.send("ended", seconds=1.0)
+        cluster.events.wait_kind("task_start", BOOT, where=lambda e: e["task_id"] == ended,
+                                 what="the body to start on the leader")
+        os.kill(leader.pid, signal.SIGSTOP)  # the main process: it acknowledges late
+        wait_until(lambda: claims.get(f"celery-leader:{{{cluster.election}}}:task:{ended}")
+                   == b"done", 15.0, "the body to end and its task id to be claimed done")
+        os.killpg(leader.pid, signal.SIGKILL)
+        assert leader.wait_exit(10) == -signal.SIGKILL
+        successor, _ = cluster.wait_leader(FAILOVER_BOUND + 15, after_term=term,
+                                           among=[w for w in workers if w is not leader])
+        if broker != "redis":  # the broker hands the unacknowledged copy to the new leader
+            wait_until(lambda: f"[{ended}] already ran; skipping duplicate" in successor.log(),
+                       15.0, "the new leader to refuse the finished message's copy",
+                       cluster.logs)
+        time.sleep(SETTLE)
+        assert len(_runs(cluster, ended)) == 1, cluster.events.dump()
+    finally:
+        sender.close()
