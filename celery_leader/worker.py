@@ -242,7 +242,10 @@ class LeaderController:
         dispatcher = getattr(consumer, "event_dispatcher", None)
         if unsent is not None and dispatcher is not None and getattr(dispatcher, "enabled", False):
             self._send_event(dispatcher, *unsent)
-        self._apply_queue_state()
+        # In the event loop, not now: the task consumer has no message handler until
+        # the loop starts, and on AMQP ``basic_consume`` reads the deliveries already
+        # waiting, so a leader (re)connecting with a backlog would die on them.
+        self._reconcile_queue()
 
     def detach_consumer(self) -> None:
         self.consumer = None

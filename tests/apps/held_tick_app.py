@@ -1,7 +1,8 @@
 """A schedule of one entry every 2 s whose ticks record themselves, a task that
 keeps a worker busy, and a short visibility timeout (tests/test_held_tick.py).
 
-Env: REDIS_URL, LEADER_NAME, VISIBILITY_TIMEOUT (seconds).  A standalone beat
+Env: REDIS_URL (broker and lease), BROKER_URL (another broker, e.g. RabbitMQ;
+the lease stays on REDIS_URL), LEADER_NAME, VISIBILITY_TIMEOUT (seconds).  A standalone beat
 dispatches (``leader_beat = False`` on the workers); each worker with
 ``-c 1`` and prefetch multiplier 1 takes one tick ahead while it is busy.
 """
@@ -19,8 +20,9 @@ from celery import Celery
 import celery_leader
 
 REDIS_URL = os.environ["REDIS_URL"]
-app = Celery("held_tick_app", broker=REDIS_URL)
+app = Celery("held_tick_app", broker=os.environ.get("BROKER_URL") or REDIS_URL)
 app.conf.update(
+    leader_redis_url=REDIS_URL,
     leader_name=os.environ.get("LEADER_NAME", "held_tick_app"),
     leader_lease_duration=2.0, leader_renew_deadline=1.4, leader_retry_period=0.3,
     leader_beat=False,
