@@ -35,7 +35,7 @@ from .settings import LeaderSettings
 from .state import LEADER_ONLY_TASKS
 
 __all__ = ["OTHER_KOMBU", "RABBITMQ", "REDIS_ELSEWHERE", "REDIS_ON_LEASE", "broker_column",
-           "declare_broker_guarantees", "force_late_ack"]
+           "broker_guarantees", "declare", "force_late_ack"]
 
 log = secret_safe_logger(__name__)
 
@@ -91,30 +91,33 @@ def force_late_ack(app: Any) -> list[str]:
     return changed
 
 
-def declare_broker_guarantees(app: Any, settings: LeaderSettings, lease_client: Any,
-                              use_eventloop: bool) -> str:
-    """Find this worker's column, log what it means (WARNING, one line each),
-    and force late ack for leader-only tasks where the leader queue goes through
-    kombu.  Returns the column."""
+def broker_guarantees(app: Any, settings: LeaderSettings, lease_client: Any,
+                      use_eventloop: bool) -> tuple[str, list[str]]:
+    """Find this worker's column and force late ack for leader-only tasks where the
+    leader queue goes through kombu (now: before the pool forks and the consumer
+    starts).  Returns the column and the lines that say what it means, logged by
+    :func:`declare` once the worker's own set-up succeeded (a worker stopped by a
+    configuration error prints that one line only)."""
     column, transport = broker_column(app, lease_client, use_eventloop)
     queue, beat = settings.queue, settings.beat
     runs = ("run once by their start token" if settings.tick_run_once
             else "not guarded when they run (leader_tick_run_once is off)")
+    prefix = f"celery-leader: guarantees column {column!r}"
     if column == REDIS_ON_LEASE:
-        log.warning("celery-leader: guarantees column %r: leader queue %r taken under the "
-                    "term with in-flight records in Redis (a dead leader's messages run "
-                    "under the next term, whatever the task's ack setting)", column, queue)
+        lines = [f"{prefix}: leader queue {queue!r} taken under the term with in-flight "
+                 "records in Redis (a dead leader's messages run under the next term, "
+                 "whatever the task's ack setting)"]
         if beat:
-            log.warning("celery-leader: guarantees column %r: ticks are pushed by the script "
-                        "that clears their claim (sent once), and %s", column, runs)
-        return column
+            lines.append(f"{prefix}: ticks are pushed by the script that clears their claim "
+                         f"(sent once), and {runs}")
+        return column, lines
     forced = force_late_ack(app)
     if column == RABBITMQ:
         redelivery = ("the broker redelivers a dead leader's unacknowledged messages to the "
                       "next leader as soon as its connection closes; a body running longer "
-                      "than RabbitMQ's consumer_timeout (30 min by default) has its channel "
-                      "closed and its message redelivered: raise consumer_timeout above the "
-                      "longest leader-only body")
+                      "than RabbitMQ's consumer_timeout (30 min by default) makes the broker "
+                      "close the channel and this worker shut down once the body ends: set "
+                      "consumer_timeout above the longest leader-only body")
     elif column == REDIS_ELSEWHERE:
         redelivery = ("kombu redelivers a dead leader's unacknowledged messages after the "
                       "broker's visibility_timeout; a message sent as a leader dies can still "
@@ -122,12 +125,16 @@ def declare_broker_guarantees(app: Any, settings: LeaderSettings, lease_client: 
     else:
         redelivery = (f"in-flight work comes back when the {transport!r} transport "
                       "redelivers an unacknowledged message")
-    log.warning("celery-leader: guarantees column %r (transport %r): leader queue %r is "
-                "consumed through kombu; leader-only tasks acknowledge late with "
-                "reject-on-worker-lost (made so here: %s); %s", column, transport, queue,
-                ", ".join(forced) or "none needed it", redelivery)
+    lines = [f"{prefix} (transport {transport!r}): leader queue {queue!r} is consumed "
+             "through kombu; leader-only tasks acknowledge late with reject-on-worker-lost "
+             f"(made so here: {', '.join(forced) or 'none needed it'}); {redelivery}"]
     if beat:
-        log.warning("celery-leader: guarantees column %r: ticks are published after their "
-                    "claim (a leader frozen mid-publish can send one twice: same task id) and "
-                    "%s", column, runs)
-    return column
+        lines.append(f"{prefix}: ticks are published after their claim (a leader frozen "
+                     f"mid-publish can send one twice: same task id) and {runs}")
+    return column, lines
+
+
+def declare(lines: list[str]) -> None:
+    """Log the guarantees lines (WARNING: seen at Celery's default log level)."""
+    for line in lines:
+        log.warning("%s", line)

@@ -22,7 +22,7 @@ from celery import bootsteps
 from kombu.transport import redis as kombu_redis
 
 from . import signals
-from .brokers import declare_broker_guarantees
+from .brokers import broker_guarantees, declare
 from .election.config import ConfigurationError, LeaderCallbacks
 from .election.elections import ROLE_WORKERS, mark_role
 from .election.elector import LeaderElector
@@ -380,9 +380,9 @@ class LeaderWorkerStep(bootsteps.StartStopStep):  # type: ignore[misc]
         self.controller = controller_for_worker(worker, kwargs)
         worker.celery_leader = self.controller
         # Before the consumer reads each task's ack setting and before the pool forks.
-        declare_broker_guarantees(worker.app, self.controller.settings,
-                                  self.controller.lock.client,
-                                  bool(getattr(worker, "use_eventloop", False)))
+        _, self.guarantees = broker_guarantees(worker.app, self.controller.settings,
+                                               self.controller.lock.client,
+                                               bool(getattr(worker, "use_eventloop", False)))
         # Before the pool forks (start() now runs after it): children need it to
         # fence leader-only task runs.
         _controller = self.controller
@@ -391,6 +391,7 @@ class LeaderWorkerStep(bootsteps.StartStopStep):  # type: ignore[misc]
     def start(self, worker: Any) -> None:
         with exit_on_configuration_error():
             self.controller.start(worker)
+        declare(self.guarantees)  # at start, before the consumer connects
 
     def stop(self, worker: Any) -> None:
         self.controller.begin_warm_shutdown()

@@ -44,7 +44,8 @@ APP_QUEUES = ("celery", "celery_leader")
 class RabbitMQ:
     """One throwaway broker; :meth:`start` waits until AMQP connections work."""
 
-    def __init__(self, consumer_timeout_ms: int = CONSUMER_TIMEOUT_MS) -> None:
+    def __init__(self, consumer_timeout_ms: int = CONSUMER_TIMEOUT_MS,
+                 channel_tick_ms: int | None = None) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="celery-leader-rabbitmq-"))
         self.node = f"rabbit-{uuid.uuid4().hex[:10]}@localhost"
         self.port = free_port()
@@ -52,6 +53,9 @@ class RabbitMQ:
         self.epmd_port = free_port()
         self.url = f"amqp://guest:guest@127.0.0.1:{self.port}//"
         self.consumer_timeout_ms = consumer_timeout_ms
+        # How often a channel checks its deliveries against consumer_timeout (60 s
+        # by default: a timeout fires up to that long after it is due).
+        self.channel_tick_ms = channel_tick_ms
         self.epmd: subprocess.Popen[bytes] | None = None
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -61,6 +65,9 @@ class RabbitMQ:
                           f"consumer_timeout = {self.consumer_timeout_ms}\n"
                           "log.console = true\nlog.console.level = warning\n"
                           "log.file = false\n")
+        if self.channel_tick_ms is not None:
+            (self.dir / "advanced.config").write_text(
+                f"[{{rabbit, [{{channel_tick_interval, {self.channel_tick_ms}}}]}}].\n")
         plugins = self.dir / "enabled_plugins"
         plugins.write_text("[].\n")
         env = {key: value for key, value in os.environ.items()

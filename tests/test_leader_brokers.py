@@ -25,6 +25,7 @@ from celery import Celery
 
 from tests.celery_procs import FAILOVER_BOUND, Cluster, stopped_at_end, wait_until
 from tests.leader_runs import Interruption, check_leader_runs
+from tests.rabbitmq import SERVER, RabbitMQ
 
 pytestmark = pytest.mark.integration
 
@@ -166,3 +167,57 @@ def test_early_ack_message_that_finished_as_the_leader_died_never_runs_again(
         assert len(_runs(cluster, ended)) == 1, cluster.events.dump()
     finally:
         sender.close()
+
+
+CONSUMER_TIMEOUT_MS = 3000
+
+
+@pytest.fixture
+def short_timeout_rabbitmq() -> Iterator[RabbitMQ]:
+    """A RabbitMQ of this test's own whose consumer_timeout is 3 s, checked every second."""
+    if not SERVER.exists():
+        pytest.skip("RabbitMQ is not installed (make test installs Debian's rabbitmq-server)")
+    server = RabbitMQ(consumer_timeout_ms=CONSUMER_TIMEOUT_MS, channel_tick_ms=1000)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.cleanup()
+
+
+def test_leader_only_body_longer_than_rabbitmqs_consumer_timeout_stops_the_leader(
+        request: pytest.FixtureRequest, tmp_path: Path, redis_url: str, election_name: str,
+        short_timeout_rabbitmq: RabbitMQ) -> None:
+    """What RabbitMQ's consumer_timeout does to a leader-only body that outlasts
+    it, now that leader-only tasks acknowledge late there (measured, for the
+    README): the broker closes the leader's channel (PRECONDITION_FAILED),
+    Celery calls that unrecoverable and the leader worker shuts down once the
+    body ended; the body runs once, and the next leader refuses the copy the
+    broker gave back.  So consumer_timeout must exceed the longest body."""
+    cluster = Cluster(tmp_path, redis_url, election_name, app=APP,
+                      env={"EVENTS_URL": redis_url, "BROKER_URL": short_timeout_rabbitmq.url})
+    with stopped_at_end(request, cluster,
+                        lambda: f"worker output ({tmp_path}):\n{cluster.logs()}\n"
+                                f"{cluster.events.dump()}"):
+        workers = cluster.start(2, "prefork", args=WORKER_ARGS)
+        cluster.wait_ready(workers, BOOT)
+        leader, started = cluster.wait_leader(BOOT)
+        sender = Sender(short_timeout_rabbitmq.url)
+        try:
+            long = sender.send("long", seconds=4 * CONSUMER_TIMEOUT_MS / 1000)
+            cluster.events.wait_kind("task_done", 60, where=lambda e: e["task_id"] == long,
+                                     what="the long body to end")
+            assert leader.wait_exit(30) == 1, leader.log()  # Celery's unrecoverable error
+            assert "PRECONDITION_FAILED - delivery acknowledgement on channel" in leader.log()
+            successor, _ = cluster.wait_leader(FAILOVER_BOUND + 15,
+                                               after_term=int(started["term"]),
+                                               among=[w for w in workers if w is not leader])
+            wait_until(lambda: f"[{long}] already ran; skipping duplicate" in successor.log(),
+                       15.0, "the next leader to refuse the long body's copy", cluster.logs)
+            after = sender.send("after")
+            cluster.events.wait_kind("task_done", 30, where=lambda e: e["task_id"] == after,
+                                     what="a later message to run on the next leader")
+            time.sleep(SETTLE)
+        finally:
+            sender.close()
+        assert len(_runs(cluster, long)) == 1, cluster.events.dump()
