@@ -83,6 +83,16 @@ class Sender:
         self.sent[result.id] = label
         return str(result.id)
 
+    def queue_state(self) -> str:
+        """The leader queue as the broker sees it (for a failure's report)."""
+        try:
+            with self.app.connection_for_write() as connection:
+                declared = connection.default_channel.queue_declare(LEADER_QUEUE, passive=True)
+                return (f"broker: {LEADER_QUEUE} has {declared.message_count} ready "
+                        f"message(s), {declared.consumer_count} consumer(s)")
+        except Exception as exc:
+            return f"broker: cannot look at {LEADER_QUEUE}: {exc!r}"
+
     def close(self) -> None:
         self.app.close()
 
@@ -104,8 +114,9 @@ def test_early_ack_message_cut_off_by_the_leaders_death_runs_under_a_later_term(
     sender = Sender(broker_url)
     try:
         finished = sender.send("finished")
-        cluster.events.wait_kind("task_done", BOOT, where=lambda e: e["task_id"] == finished,
-                                 what="the first message to finish")
+        wait_until(lambda: cluster.events.of("task_done", task_id=finished), BOOT,
+                   "the first message to finish",
+                   lambda: f"{sender.queue_state()}\n{cluster.logs()}\n{cluster.events.dump()}")
         cut = sender.send("cut", seconds=BODY)
         [running] = cluster.events.wait_kind("task_start", BOOT,
                                              where=lambda e: e["task_id"] == cut,
@@ -150,8 +161,8 @@ def test_early_ack_message_that_finished_as_the_leader_died_never_runs_again(
     claims = cluster.events.client
     try:
         ended = sender.send("ended", seconds=1.0)
-        cluster.events.wait_kind("task_start", BOOT, where=lambda e: e["task_id"] == ended,
-                                 what="the body to start on the leader")
+        wait_until(lambda: _runs(cluster, ended), BOOT, "the body to start on the leader",
+                   lambda: f"{sender.queue_state()}\n{cluster.logs()}\n{cluster.events.dump()}")
         os.kill(leader.pid, signal.SIGSTOP)  # the main process: it acknowledges late
         wait_until(lambda: claims.get(f"celery-leader:{{{cluster.election}}}:task:{ended}")
                    == b"done", 15.0, "the body to end and its task id to be claimed done")
