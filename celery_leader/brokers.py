@@ -47,30 +47,30 @@ INSPECT_TIMEOUT = 5.0
 """Seconds the start-up look at a Redis broker may take (the broker may be down)."""
 
 
-def broker_column(app: Any, lease_client: Any, use_eventloop: bool) -> tuple[str, str]:
-    """(column, transport name) of the guarantees table for ``app``'s broker.
+def broker_column(app: Any, lease_client: Any, use_eventloop: bool) -> tuple[str, str, str]:
+    """(column, transport name, note) of the guarantees table for ``app``'s broker.
 
     A Redis broker counts as the lease's only when it is the same server and
     database and the worker runs an event loop (what the reliable leader queue
     needs, worker.py); one that cannot be inspected now counts as elsewhere, the
-    column that promises less."""
+    column that promises less, and ``note`` says why."""
     with app.connection_for_read() as connection:
         transport = connection.transport  # not connected yet: only its class
         name = str(getattr(transport, "driver_name", "") or connection.transport_cls)
         if isinstance(transport, kombu_redis.Transport):
             if not use_eventloop:
-                return REDIS_ELSEWHERE, name
+                return REDIS_ELSEWHERE, name, ""
             try:
                 connection.ensure_connection(max_retries=1, timeout=INSPECT_TIMEOUT)
                 same = same_redis(lease_client, connection.default_channel.client)
             except Exception as exc:
-                log.warning("celery-leader: cannot inspect the Redis broker at start (%s); "
-                            "assuming it is not the lease's Redis", exc)
-                return REDIS_ELSEWHERE, name
-            return (REDIS_ON_LEASE if same else REDIS_ELSEWHERE), name
+                return REDIS_ELSEWHERE, name, (
+                    f"celery-leader: cannot inspect the Redis broker at start ({exc}); "
+                    "assuming it is not the lease's Redis")
+            return (REDIS_ON_LEASE if same else REDIS_ELSEWHERE), name, ""
         if getattr(transport, "driver_type", "") == "amqp":
-            return RABBITMQ, name
-        return OTHER_KOMBU, name
+            return RABBITMQ, name, ""
+        return OTHER_KOMBU, name, ""
 
 
 def force_late_ack(app: Any) -> list[str]:
@@ -98,7 +98,7 @@ def broker_guarantees(app: Any, settings: LeaderSettings, lease_client: Any,
     starts).  Returns the column and the lines that say what it means, logged by
     :func:`declare` once the worker's own set-up succeeded (a worker stopped by a
     configuration error prints that one line only)."""
-    column, transport = broker_column(app, lease_client, use_eventloop)
+    column, transport, note = broker_column(app, lease_client, use_eventloop)
     queue, beat = settings.queue, settings.beat
     runs = ("run once by their start token" if settings.tick_run_once
             else "not guarded when they run (leader_tick_run_once is off)")
@@ -112,6 +112,7 @@ def broker_guarantees(app: Any, settings: LeaderSettings, lease_client: Any,
                          f"(sent once), and {runs}")
         return column, lines
     forced = force_late_ack(app)
+    lines = [note] if note else []
     if column == RABBITMQ:
         redelivery = ("the broker redelivers a dead leader's unacknowledged messages to the "
                       "next leader as soon as its connection closes; a body running longer "
@@ -125,9 +126,10 @@ def broker_guarantees(app: Any, settings: LeaderSettings, lease_client: Any,
     else:
         redelivery = (f"in-flight work comes back when the {transport!r} transport "
                       "redelivers an unacknowledged message")
-    lines = [f"{prefix} (transport {transport!r}): leader queue {queue!r} is consumed "
-             "through kombu; leader-only tasks acknowledge late with reject-on-worker-lost "
-             f"(made so here: {', '.join(forced) or 'none needed it'}); {redelivery}"]
+    lines.append(f"{prefix} (transport {transport!r}): leader queue {queue!r} is consumed "
+                 "through kombu; leader-only tasks acknowledge late with "
+                 f"reject-on-worker-lost (made so here: {', '.join(forced) or 'none needed it'}"
+                 f"); {redelivery}")
     if beat:
         lines.append(f"{prefix}: ticks are published after their claim (a leader frozen "
                      f"mid-publish can send one twice: same task id) and {runs}")
