@@ -334,6 +334,13 @@ def controller_for_worker(worker: Any, options: dict[str, Any]) -> LeaderControl
                 "threads or solo"
             )
         settings = _with_cli_overrides(read_settings(app), options)
+        if options.get("beat") and settings.beat:
+            # INVARIANT: never two dispatchers: -B's stock beat would send every
+            # entry from every replica beside the leader's.
+            raise ConfigurationError(
+                "celery worker -B starts Celery's own beat beside celery-leader's dispatcher "
+                "(leader_beat is on), so every entry would be sent twice or more: drop -B "
+                "(the leader already sends beat_schedule), or set leader_beat = False")
         check_tls(app, settings)  # a certificate problem: one line now, not retries forever
         controller = LeaderController(app, settings, hostname=worker.hostname)
     lock = controller.lock
