@@ -52,7 +52,7 @@ from .state import LEADER_ONLY_TASKS, shared_leadership
 from .status import ReplicaRegistry, StatusSource, serve_status
 from .taskruns import done_ttl_ms
 from .taskstats import TaskStats
-from .tlscheck import check_tls
+from .tlscheck import check_credentials, check_tls
 
 __all__ = ["LeaderController", "LeaderQueueStep", "LeaderWorkerStep", "LeadershipHook",
            "controller_for_worker", "current_controller", "on_worker_shutdown", "run_elector"]
@@ -343,6 +343,7 @@ def controller_for_worker(worker: Any, options: dict[str, Any]) -> LeaderControl
                 "(the leader already sends beat_schedule), or set leader_beat = False")
         check_tls(app, settings)  # a certificate problem: one line now, not retries forever
         controller = LeaderController(app, settings, hostname=worker.hostname)
+        check_credentials(app, settings, controller.lock)  # one line now, not retries forever
     lock = controller.lock
     # Each new leader labels the election for `celery leader status --all`.
     controller.leadership_hooks.append(lambda term, stop: mark_role(lock, ROLE_WORKERS))

@@ -27,6 +27,7 @@ from .clock import Clock, SystemClock
 from .config import JITTER_FACTOR, LeaderElectionConfig, to_seconds
 from .record import LeaderElectionRecord
 from .redact import secret_safe_logger
+from .redislock import credentials_refused
 from .resourcelock import LockConflictError, Observation
 
 # Logger names are part of the interface (users configure them): the old module's.
@@ -87,6 +88,9 @@ class LeaderElector:
         self._last_conflict = False  # the last attempt found someone else's bytes
         self._failures = 0  # consecutive failed lock calls (back-off, log throttling)
         self._last_failure = ""
+        # Since when (monotonic) Redis has refused this replica's credentials,
+        # without a lock call succeeding since; None while it accepts them.
+        self._refused_since: float | None = None
         self.last_stop_reason = ""
         self._lease_listeners: list[Callable[[int, float], None]] = []
         self.stats = metrics.ElectionStats()  # counters only; read at scrape time
@@ -173,6 +177,14 @@ class LeaderElector:
             if self._running and now - self._last_loop > loop_bound + tolerance:
                 raise HealthCheckError(
                     f"election loop for {self._name} stalled for {now - self._last_loop:.1f}s"
+                )
+            # Refused credentials (a rotated password, a revoked ACL grant) are not
+            # an outage to wait out: a restart with the new secret fixes them.
+            refused_since = self._refused_since
+            if refused_since is not None and now - refused_since > self._lease + tolerance:
+                raise HealthCheckError(
+                    f"Redis has refused the credentials of lock {self._name} for "
+                    f"{now - refused_since:.1f}s ({self._last_failure})"
                 )
 
     # ------------------------------------------------------------------ control
@@ -274,13 +286,27 @@ class LeaderElector:
         self._failures += 1
         self.stats.lock_error(exc)
         message = f"{type(exc).__name__}: {exc}"
+        refused = credentials_refused(exc)
+        with self._state:
+            if refused and self._refused_since is None:
+                self._refused_since = self._clock.monotonic()
+            self.stats.credentials_refused = refused
         if message != self._last_failure:
             self._last_failure = message
+            if refused:
+                log.error("leader election %s: Redis refuses the credentials of lock %s "
+                          "(%s): fix the password or the ACL user's grants (the health "
+                          "check fails while this lasts)", self._name, self.lock.describe(),
+                          message)
+                return
             log.warning("leader election %s: lock %s failed (%s); retrying every %.1fs at most",
                         self._name, self.lock.describe(), message,
                         self._retry * MAX_BACKOFF_FACTOR)
 
     def _lock_recovered(self) -> None:
+        with self._state:
+            self._refused_since = None
+            self.stats.credentials_refused = False
         if self._failures:
             log.warning("leader election %s: lock %s reachable again after %d failed attempts",
                         self._name, self.lock.describe(), self._failures)
