@@ -343,6 +343,9 @@ def test_step_down_command_hands_leadership_to_another_replica(cluster: Cluster)
     events = cluster.events
     [stopped] = events.wait_kind("stopped_leading", 10, where=lambda e: e["pid"] == leader.pid)
     assert stopped["reason"] == "released"
+    # The worker's own line says the hand-over was asked for.
+    assert (f"{started['identity']} stopped leading (term {started['term']}): released "
+            "(step-down requested)") in leader.log()
     [next_start] = events.wait_kind("started_leading", 10,
                                     where=lambda e: e["term"] > started["term"])
     assert next_start["pid"] != leader.pid, (

@@ -494,6 +494,7 @@ class LeaderElector:
                 return
 
     def _hand_over(self, leadership: _Leadership) -> None:
+        requested = self._step_down.is_set() and not leadership.work_failed
         voluntary = self._step_down.is_set() or leadership.work_failed
         if leadership.work_failed:
             self._step_down.set()  # like step_down(): pause before contending again
@@ -514,7 +515,9 @@ class LeaderElector:
             self.try_acquire_or_renew()
         if leadership.ended.is_set():
             return
-        self._end(leadership, "released")
+        why = ("step-down requested" if requested else
+               "on_started_leading failed" if leadership.work_failed else "stopping")
+        self._end(leadership, "released", why)
         try:
             if self.lock.release(leadership.term):
                 self.lock.record_event(f"{self._identity} released the lease "
@@ -523,7 +526,8 @@ class LeaderElector:
             log.warning("leader election %s: release failed (%r); the lease will expire",
                         self._name, exc)
 
-    def _end(self, leadership: _Leadership, reason: str) -> None:
+    def _end(self, leadership: _Leadership, reason: str, why: str = "") -> None:
+        """End ``leadership``; ``why`` (the log line's only) says what asked for it."""
         # INVARIANT: exactly once per leadership, and is_leader() is false first.
         with self._state:
             if leadership.ended.is_set():
@@ -532,8 +536,8 @@ class LeaderElector:
             self._own_raw = None
             self._notify_lease(0, 0.0)
         leadership.stop.set()
-        log.info("leader election %s: %s stopped leading (term %d): %s", self._name,
-                 self._identity, leadership.term, reason)
+        log.info("leader election %s: %s stopped leading (term %d): %s%s", self._name,
+                 self._identity, leadership.term, reason, f" ({why})" if why else "")
         metrics.provider.set_leader(self._name, False)
         self.stats.stopped(self._identity, leadership.term, reason)
         self.last_stop_reason = reason
