@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 from celery import Celery
+from celery.schedules import crontab
 from click.testing import CliRunner, Result
 
 from celery_leader import cron
@@ -304,3 +305,21 @@ def test_a_real_worker_with_strict_settings_stops_on_a_typo(tmp_path: Path, redi
     finally:
         cluster.stop()
         cluster.events.close()
+
+
+def test_the_cli_shows_a_crontab_as_its_cron_fields(cli_app: Celery) -> None:
+    cli_app.conf.beat_schedule = {
+        "every-minute": {"task": "proj.job", "schedule": crontab()},
+        "office-hours": {"task": "proj.job", "schedule": crontab(
+            minute="*/15", hour="9-17", day_of_week="mon-fri")},
+        "twice-hourly": {"task": "proj.job", "schedule": crontab(minute={30, 0})},
+    }
+    table = leader_cli(cli_app, "schedule")
+    assert table.exit_code == 0, table.output
+    as_json = leader_cli(cli_app, "schedule", "--json")
+    rows = {row["name"]: row["schedule"] for row in json.loads(as_json.output)}
+    assert rows == {"every-minute": "* * * * *", "office-hours": "*/15 9-17 * * mon-fri",
+                    "twice-hourly": "0,30 * * * *"}
+    for text in rows.values():
+        assert f"  {text}  " in table.output, table.output
+    assert "crontab" not in table.output + as_json.output

@@ -228,14 +228,29 @@ def _pinned(sched: Any, now: datetime) -> Any:
 
 
 def describe_schedule(sched: Any) -> str:
+    """How the CLI and the page show a schedule: a crontab as its five cron
+    fields (``0 */3 * * mon-fri``), not Celery's ``<crontab: ... (m/h/dM/MY/d)>``."""
     if isinstance(sched, cron):
         return repr(sched)
+    if isinstance(sched, crontab):
+        return " ".join(_cron_field(getattr(sched, f"_orig_{field}")) for field in (
+            "minute", "hour", "day_of_month", "month_of_year", "day_of_week"))
     run_every = interval_of(sched)
     if run_every is not None:
         return f"every {run_every.total_seconds():g}s"
     if isinstance(sched, schedule) and not isinstance(sched, crontab):
         return f"every {sched.run_every.total_seconds():g}s"
     return repr(sched)
+
+
+def _cron_field(value: Any) -> str:
+    """One crontab field as given: ``"*/15"``, ``0``, or a set of values."""
+    if isinstance(value, (str, int)):
+        return str(value)
+    try:
+        return ",".join(str(item) for item in sorted(value))
+    except TypeError:
+        return str(value)
 
 
 # --------------------------------------------------------------------- parsing
