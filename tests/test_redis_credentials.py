@@ -6,8 +6,9 @@ required; NOPERM: an ACL user without the election's grants) exits 2 with one
 line naming ``leader_redis_url``, its password masked.  Before, it retried
 forever and ``/healthz`` said ok.
 
-Later (a password rotated, a grant revoked while running): the elector's health
-check fails once it has lasted past the lease and the check's tolerance, and
+Later (a password rotated, a grant revoked while running): ``/healthz`` (the
+worker's check, served) fails once it has lasted past the lease and the check's
+tolerance, and
 ``celery_leader_lock_credentials_refused`` reads 1 meanwhile; both recover when
 Redis accepts the credentials again.  Real Redis servers throughout (the
 session's, with ACL users of their own; one with ``requirepass``).
@@ -18,6 +19,8 @@ from __future__ import annotations
 import json
 import threading
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,6 +36,7 @@ from celery_leader import (
     LeaderElector,
     RedisLock,
 )
+from celery_leader.election.healthz import HealthzAdaptor, serve_healthz
 from celery_leader.election.metrics import election_families
 from celery_leader.testing import EmbeddedRedis
 from tests.celery_procs import Cluster, stopped_at_end
@@ -149,16 +153,28 @@ def test_credentials_refused_while_running_fail_the_health_check_after_a_bound(
                                   socket_connect_timeout=2.0)
     lock = RedisLock(client, name=election_name, identity="a")
     led = threading.Event()
+    adaptor = HealthzAdaptor.for_lease(LEASE)  # the worker's check
     elector = LeaderElector(LeaderElectionConfig(
         lock=lock, callbacks=LeaderCallbacks(lambda stop: (led.set(), stop.wait()),
                                              lambda: None),
-        lease_duration=LEASE, renew_deadline=RENEW, retry_period=RETRY, name=election_name))
+        lease_duration=LEASE, renew_deadline=RENEW, retry_period=RETRY, name=election_name,
+        watchdog=adaptor))
+    http = serve_healthz(adaptor, 0)
+
+    def healthz() -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{http.port}/healthz",
+                                        timeout=3) as reply:
+                return reply.status, reply.read().decode()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read().decode()
+
     stop = threading.Event()
     thread = threading.Thread(target=elector.run, args=(stop,), daemon=True)
     thread.start()
     try:
         assert led.wait(10), "never led"
-        elector.check(LEASE)
+        assert healthz() == (200, "ok\n")
         assert refused_gauge(elector, election_name) == 0.0  # exported from the start
         if change == "password-rotated":
             user.set("resetpass", f">{WRONG}")
@@ -169,16 +185,13 @@ def test_credentials_refused_while_running_fail_the_health_check_after_a_bound(
         wait_until(lambda: refused_gauge(elector, election_name) == 1.0, 10,
                    "the gauge to say the credentials are refused")
 
-        def unhealthy() -> bool:
-            try:
-                elector.check(LEASE)
-            except HealthCheckError as exc:
-                assert "refused the credentials" in str(exc), exc
-                return True
-            return False
-
-        wait_until(unhealthy, 2 * LEASE + 5, "the health check to fail")
+        wait_until(lambda: healthz()[0] == 500, 2 * LEASE + 5, "/healthz to fail")
         assert time.monotonic() - refused_at >= 2 * LEASE - RETRY
+        status, body = healthz()
+        assert status == 500 and "refused the credentials" in body, body
+        assert WRONG not in body and GOOD not in body
+        with pytest.raises(HealthCheckError, match="refused the credentials"):
+            elector.check(LEASE)
         # Redis accepts them again: healthy, and the gauge back at 0.
         if change == "password-rotated":
             user.set(f">{GOOD}")
@@ -186,8 +199,9 @@ def test_credentials_refused_while_running_fail_the_health_check_after_a_bound(
             user.set("+@all")
         wait_until(lambda: refused_gauge(elector, election_name) == 0.0, 10,
                    "the gauge to clear")
-        elector.check(LEASE)
+        assert healthz() == (200, "ok\n")
     finally:
+        http.close()
         stop.set()
         elector.stop()
         thread.join(10)
