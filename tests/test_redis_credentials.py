@@ -17,6 +17,9 @@ session's, with ACL users of their own; one with ``requirepass``).
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -39,7 +42,7 @@ from celery_leader import (
 from celery_leader.election.healthz import HealthzAdaptor, serve_healthz
 from celery_leader.election.metrics import election_families
 from celery_leader.testing import EmbeddedRedis
-from tests.celery_procs import Cluster, stopped_at_end
+from tests.celery_procs import ROOT, Cluster, stopped_at_end
 from tests.test_celery_worker import _without_root_warning
 from tests.waiting import wait_until
 
@@ -207,3 +210,32 @@ def test_credentials_refused_while_running_fail_the_health_check_after_a_bound(
         thread.join(10)
         client.close()
         user.close()
+
+
+@pytest.mark.integration
+def test_a_standalone_beat_with_refused_credentials_stops_with_one_line(
+        tmp_path: Path, redis_url: str, election_name: str) -> None:
+    user = AclUser(redis_url, ["+@all"])
+    url = user.url(WRONG)
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith(("LEADER_", "CELERY_"))}
+    env.update(REDIS_URL=redis_url, PYTHONUNBUFFERED="1", CONFIG_JSON=json.dumps(
+        {"CELERY_LEADER_REDIS_URL": url, "CELERY_LEADER_NAME": election_name}))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "tests.apps.config_app", "beat", "-S", "leader",
+         "-s", str(tmp_path / "beat-schedule"), "-l", "info"], cwd=ROOT, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    try:
+        _, stderr = process.communicate(timeout=45)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+        user.close()
+    assert process.returncode == 2, stderr
+    lines = [line for line in stderr.splitlines() if line.startswith("celery-leader:")]
+    assert lines == [f"celery-leader: configuration error: leader_redis_url "
+                     f"{url.replace(WRONG, '***')}: Redis refused the election's credentials "
+                     "(AuthenticationError: invalid username-password pair or user is "
+                     "disabled.); fix the password or the ACL user's grants"], stderr
+    assert WRONG not in stderr
