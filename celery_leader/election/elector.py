@@ -88,8 +88,8 @@ class LeaderElector:
         self._last_conflict = False  # the last attempt found someone else's bytes
         self._failures = 0  # consecutive failed lock calls (back-off, log throttling)
         self._last_failure = ""
-        # Since when (monotonic) Redis has refused this replica's credentials,
-        # without a lock call succeeding since; None while it accepts them.
+        # Since when (monotonic) every lock call has failed with Redis refusing
+        # this replica's credentials; None after a success or any other error.
         self._refused_since: float | None = None
         self.last_stop_reason = ""
         self._lease_listeners: list[Callable[[int, float], None]] = []
@@ -288,7 +288,9 @@ class LeaderElector:
         message = f"{type(exc).__name__}: {exc}"
         refused = credentials_refused(exc)
         with self._state:
-            if refused and self._refused_since is None:
+            if not refused:  # an outage is waited out, never a reason to restart
+                self._refused_since = None
+            elif self._refused_since is None:
                 self._refused_since = self._clock.monotonic()
             self.stats.credentials_refused = refused
         if message != self._last_failure:
