@@ -341,6 +341,11 @@ def controller_for_worker(worker: Any, options: dict[str, Any]) -> LeaderControl
                 "celery worker -B starts Celery's own beat beside celery-leader's dispatcher "
                 "(leader_beat is on), so every entry would be sent twice or more: drop -B "
                 "(the leader already sends beat_schedule), or set leader_beat = False")
+        if options.get("beat") and not settings.beat and not _leader_scheduler(
+                getattr(worker, "scheduler", None)):
+            log.warning("celery-leader: celery worker -B runs Celery's own beat in this worker "
+                        "(leader_beat is off): every replica started with -B sends every "
+                        "entry; add --scheduler leader so that only the leading one sends")
         check_tls(app, settings)  # a certificate problem: one line now, not retries forever
         controller = LeaderController(app, settings, hostname=worker.hostname)
         check_credentials(app, settings, controller.lock)  # one line now, not retries forever
@@ -348,6 +353,16 @@ def controller_for_worker(worker: Any, options: dict[str, Any]) -> LeaderControl
     # Each new leader labels the election for `celery leader status --all`.
     controller.leadership_hooks.append(lambda term, stop: mark_role(lock, ROLE_WORKERS))
     return controller
+
+
+def _leader_scheduler(scheduler: Any) -> bool:
+    """Whether -B's scheduler is celery-leader's (by name: the beat module is not
+    imported here)."""
+    if isinstance(scheduler, str):
+        return scheduler in ("leader", "celery_leader.beat:LeaderScheduler",
+                             "celery_leader.beat.LeaderScheduler")
+    return any(klass.__name__ == "LeaderScheduler" and klass.__module__ == "celery_leader.beat"
+               for klass in getattr(scheduler, "__mro__", ()))
 
 
 def _with_cli_overrides(settings: LeaderSettings, options: dict[str, Any]) -> LeaderSettings:

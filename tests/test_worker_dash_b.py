@@ -46,3 +46,18 @@ def test_worker_dash_b_with_the_leader_dispatcher_refuses_to_start(
         assert "leader_beat = False" in lines[0]
         assert "Traceback" not in log
     assert replicas.ticks() == []
+
+
+@pytest.mark.parametrize(("scheduler", "warned"), [
+    ([], True), (["--scheduler", "leader"], False)])
+def test_worker_dash_b_with_leader_beat_off_warns_unless_the_scheduler_is_the_leaders(
+        replicas: Replicas, tmp_path: Path, scheduler: list[str], warned: bool) -> None:
+    """leader_beat off: -B is the user's beat.  Celery's own would send every entry
+    from every replica started with it: one WARNING line says so."""
+    worker = replicas.worker("-B", "-s", str(tmp_path / "beat"), *scheduler,
+                             env={"LEADER_BEAT": "0"})
+    replicas.wait_workers_ready(BOOT)
+    warning = ("celery-leader: celery worker -B runs Celery's own beat in this worker "
+               "(leader_beat is off): every replica started with -B sends every entry; "
+               "add --scheduler leader so that only the leading one sends")
+    assert worker.log().count(warning) == (1 if warned else 0), worker.log()
