@@ -704,7 +704,7 @@ def _how_published(prepared: _Prepared, pushes: list[tuple[str, int]]) -> tuple[
     if _PUSH in prepared.modes:
         return True, ""
     if not prepared.atomic:
-        return False, "the leader_redis_url user may not push to the broker's queue"
+        return False, "the push into the broker's queue was refused to the leader_redis_url user"
     if any(index in prepared.rendered for _, index in pushes):
         return False, "the broker is not the lease's Redis"
     return False, "their messages are sent through send_task"
