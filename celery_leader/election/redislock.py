@@ -87,6 +87,13 @@ end
 local now = redis.call('TIME')
 local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 local version = redis.pcall('HINCRBY', KEYS[2], 'version', 1)
+-- INVARIANT: only a counter that is no hash of integers is called unusable; any
+-- other refusal (NOREPLICAS, OOM, READONLY, MISCONF) is returned unchanged.
+if type(version) == 'table' and not (string.find(tostring(version.err), 'WRONGTYPE', 1, true)
+    or string.find(tostring(version.err), 'not an integer', 1, true)
+    or string.find(tostring(version.err), 'overflow', 1, true)) then
+  return version
+end
 if type(version) == 'table' then
   return redis.error_reply('celery-leader: term counter ' .. KEYS[2] .. ' is unusable (' ..
     tostring(version.err) .. '); repair it by hand: deleting it restarts terms at 1')
