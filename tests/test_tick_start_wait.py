@@ -12,14 +12,16 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import redis
 
-from celery_leader import ClaimResult, LeaderElectionRecord, RedisLock
+from celery_leader import ClaimResult, LeaderElectionRecord, RedisLock, ReplicationError
 from celery_leader.embedded import EmbeddedRedis
 from celery_leader.schedule.tickstart import TickStartClaim
 from tests.tcpproxy import TcpProxy
+from tests.topologies import ClusterTopology
 from tests.waiting import wait_until
 
 
@@ -116,3 +118,28 @@ def test_without_a_replica_the_body_still_runs_after_the_timeout_with_a_warning(
                for r in caplog.records)
     assert not redis_client.hexists(keys[1], "tick-2")  # consumed: no copy runs
     assert claim.claim("tick-2", keys) is False
+
+
+def test_on_a_cluster_the_write_and_its_wait_go_to_the_key_s_node(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """No replicas in this cluster: every WAIT answers 0 after its timeout, from
+    the node that holds the key (a keyless WAIT would go to every primary)."""
+    with ClusterTopology(tmp_path) as cluster:
+        client = cluster.client()
+        try:
+            name = f"test-{uuid.uuid4().hex[:8]}"
+            lock = RedisLock(client, name, "a", wait_replicas=1, wait_timeout=0.1)
+            with pytest.raises(ReplicationError, match="term"):
+                lock.create(LeaderElectionRecord("a", 5.0))
+            written = lock.get().record  # written all the same, just not led on
+            assert written is not None
+            with caplog.at_level(logging.WARNING, logger="celery_leader.redislock"):
+                assert lock.claim("fire", written.term) is ClaimResult.CLAIMED
+            assert "not acknowledged" in caplog.text
+            keys = [lock.key("started"), lock.key("sent"), lock.key("sent-at")]
+            client.hset(keys[1], "tick-3", "record")
+            claim = TickStartClaim(lambda: client, wait_replicas=1, wait_timeout=0.1)
+            assert claim.claim("tick-3", keys) is True
+            assert not client.hexists(keys[1], "tick-3")
+        finally:
+            client.close()
