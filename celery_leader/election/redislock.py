@@ -258,8 +258,9 @@ class FencedScript:
         """A raw reply of :meth:`command`, as a call returns it."""
         result = unfenced(raw)
         if result is not FENCED and self._lock.wait_replicas > 0:
-            # Not yet the write's own connection (the caller holds it): a WAIT
-            # here proves nothing until the caller sends it after its commands.
+            # Known gap: the caller wrote on a connection it still holds, so
+            # this WAIT goes on another one, which wrote nothing, and is answered
+            # at once: it proves nothing until the caller sends WAIT on its own.
             self._lock.warn_unreplicated_unless(self._lock.client.wait(
                 self._lock.wait_replicas, round(self._lock.wait_timeout * 1000)),
                 "a fenced write")
