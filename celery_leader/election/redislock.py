@@ -259,8 +259,9 @@ class FencedScript:
         result = unfenced(raw)
         if result is not FENCED and self._lock.wait_replicas > 0:
             # Known gap: the caller wrote on a connection it still holds, so
-            # this WAIT goes on another one, which wrote nothing, and is answered
-            # at once: it proves nothing until the caller sends WAIT on its own.
+            # this WAIT goes on another one and covers only that one's earlier
+            # writes (none: answered at once): it proves nothing about the
+            # caller's until the caller sends WAIT on its own connection.
             self._lock.warn_unreplicated_unless(self._lock.client.wait(
                 self._lock.wait_replicas, round(self._lock.wait_timeout * 1000)),
                 "a fenced write")
