@@ -109,7 +109,9 @@ class LeaderController:
         self._reliable_queue: bool | None = None  # decided at the first leadership
         if settings.tick_run_once:
             # Every task of the app: a tick's copies run once, whichever queue it is on.
-            guard_tick_starts(app.tasks, TickStartClaim(lambda: self.lock.client))
+            guard_tick_starts(app.tasks, TickStartClaim(lambda: self.lock.client,
+                                                        wait_replicas=self.lock.wait_replicas,
+                                                        wait_timeout=self.lock.wait_timeout))
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         # /metrics, /status and / on the health port (status.py); the task counters
