@@ -271,17 +271,15 @@ class FencedScript:
                 lock.holder(), term, *args]
 
     def reply(self, raw: Any) -> Any:
-        """A raw reply of :meth:`command`, as a call returns it."""
-        result = unfenced(raw)
-        if result is not FENCED and self._lock.wait_replicas > 0:
-            # Known gap: the caller wrote on a connection it still holds, so
-            # this WAIT goes on another one and covers only that one's earlier
-            # writes (none: answered at once): it proves nothing about the
-            # caller's until the caller sends WAIT on its own connection.
-            self._lock.warn_unreplicated_unless(self._lock.client.wait(
-                self._lock.wait_replicas, round(self._lock.wait_timeout * 1000)),
-                "a fenced write")
-        return result
+        """A raw reply of :meth:`command`, as a call returns it (no WAIT: a caller
+        that sends several calls on its own connection must not pipeline while
+        :attr:`waits_for_replicas`)."""
+        return unfenced(raw)
+
+    @property
+    def waits_for_replicas(self) -> bool:
+        """A call follows its write with WAIT (``wait_replicas`` > 0)."""
+        return self._lock.wait_replicas > 0
 
     def load(self) -> None:
         """Make sure the server has the script (a sent command cannot reload it)."""

@@ -454,7 +454,10 @@ class HerdDispatcher:
 
     def _pipelining(self) -> bool:
         client = self.lease_client
+        # INVARIANT: a batch that must be acknowledged by replicas goes the ordinary
+        # way, its WAIT on the connection that wrote it (FencedScript.__call__).
         return (self.pipeline and isinstance(self.script, FencedScript)
+                and not self.script.waits_for_replicas
                 and type(client) is redis.Redis and self.atomic_allowed())
 
     def _dispatch_pipelined(self, batches: list[Sequence[Claim]], term: int) -> int:
