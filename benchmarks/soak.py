@@ -1,0 +1,476 @@
+"""Soak: Redis memory, key count and the leader's RSS over a long run at 200 ticks/s.
+
+What runs.  A throw-away embedded redis-server on loopback, both the broker and
+the election's Redis (database 0), and ``--workers`` real ``celery worker``
+processes (default 2, ``--pool solo``; ``--pool prefork -c N`` also works) of
+benchmarks/_soak_app.py: ``install(app)`` with ``leader_beat`` on, so the
+leading worker dispatches ``--entries`` interval entries of 1 s (default 200:
+200 ticks/s) and every worker runs ticks (each claims its start, as shipped).
+Alongside, a thread of this process sends the app's ``@leader_only`` task at
+``--leader-rate`` per second (default 20), taken by the leader from the leader
+queue.  Each body does one INCR on a counter key of its own, which is how the
+ticks run so far are counted (two keys in all, whatever the number of runs).
+
+What is sampled, every ``--sample`` seconds from the first tick run: ticks run
+and leader-only runs, DBSIZE, ``INFO memory`` ``used_memory``, the broker
+lists' lengths (a backlog would grow Redis for a reason of its own), the key
+count per family (SCAN of every key, digits and ids replaced: ``<n>``,
+``<id>``), and the RSS of the leading worker's process (VmRSS of
+/proc/<pid>/status; the leader is read from the lease record, every worker
+having an identity of its own; with prefork, its pool processes' RSS apart).
+
+The report: a table of the samples; the growth per 1,000 ticks run after
+``--warmup`` seconds (least-squares slope over the samples after warm-up, and
+(last - first) / ticks between them) of Redis ``used_memory``, keys and the
+leader's RSS, against the target of at most 2 KB per 1,000 ticks; and the
+largest key families at the end (count, and bytes from ``MEMORY USAGE`` of up
+to 20 keys of each, times the count).
+
+Every process started (redis-server, the workers, their pool processes) is
+stopped by PID at the end, also on error, Ctrl-C or SIGTERM; the workers also
+end by themselves within a second of this process's death
+(benchmarks/_child.py).  Every wait and loop is bounded.
+
+    .venv/bin/python benchmarks/soak.py [--seconds 600] [--warmup 60]
+        [--entries 200] [--leader-rate 20] [--workers 2] [--pool solo|prefork]
+        [-c 1] [--sample 10] [--json samples.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH_DIR = Path(__file__).resolve().parent
+APP_MODULE = "_soak_app"
+for _path in (str(ROOT), str(BENCH_DIR)):  # benchmark the working tree, installed or not
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
+
+import redis  # noqa: E402
+from leader_queue import BenchmarkError, machine, wait_until  # noqa: E402
+from leader_queue import Worker as _Worker  # noqa: E402
+
+from celery_leader.election.redislock import RedisLock  # noqa: E402
+from celery_leader.embedded import EmbeddedRedis  # noqa: E402
+
+ELECTION = "bench-soak"
+TARGET_BYTES_PER_1K = 2048.0
+FAMILY_SAMPLE = 20  # keys per family whose MEMORY USAGE is read at the end
+_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+                 r"|[0-9a-f]{32}", re.IGNORECASE)
+_NUMBER = re.compile(r"\d+")
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def family(key: bytes) -> str:
+    """The key with its ids and numbers replaced: one name per kind of key."""
+    text = key.decode(errors="replace")
+    return _NUMBER.sub("<n>", _ID.sub("<id>", text))
+
+
+def rss_kb(pid: int) -> int | None:
+    """VmRSS of ``pid`` in kB, or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as stream:
+            for line in stream:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return 0
+
+
+# --------------------------------------------------------------------- processes
+
+
+class Worker(_Worker):
+    """One ``celery worker`` of benchmarks/_soak_app.py with an identity of its
+    own; stopped by PID (benchmarks/leader_queue.py's Worker.stop)."""
+
+    def __init__(self, index: int, args: argparse.Namespace, redis_url: str,
+                 log_dir: str) -> None:
+        self.pool = f"{args.pool} #{index}"
+        self.identity = f"soak-w{index}"
+        self.log_path = os.path.join(log_dir, f"worker-{index}.log")
+        env = {key: value for key, value in os.environ.items()
+               if not key.startswith(("CELERY_", "LEADER_"))}
+        env.update(SOAK_REDIS_URL=redis_url, SOAK_ELECTION=ELECTION,
+                   SOAK_ENTRIES=str(args.entries), SOAK_WORKER="1", PYTHONUNBUFFERED="1",
+                   PYTHONPATH=os.pathsep.join(p for p in (str(BENCH_DIR), str(ROOT),
+                                                          os.environ.get("PYTHONPATH", ""))
+                                              if p))
+        self.command = [sys.executable, "-m", "celery", "-A", APP_MODULE, "worker",
+                        "--pool", args.pool, "-c", str(args.concurrency),
+                        "-n", f"soak{index}@%h", "--leader-identity", self.identity,
+                        "-l", "warning", "--without-gossip", "--without-mingle",
+                        "--without-heartbeat"]
+        with open(self.log_path, "wb") as out:
+            # Own session: a Ctrl-C reaches only this process, which stops it by PID.
+            self.process = subprocess.Popen(self.command, cwd=ROOT, env=env, stdout=out,
+                                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                            start_new_session=True)
+        self.children = {}
+
+    def rss(self) -> tuple[int | None, int]:
+        """(RSS of the main process, summed RSS of its pool processes), kB."""
+        return rss_kb(self.pid), sum(rss_kb(pid) or 0 for pid in self.find_children())
+
+
+class LeaderOnlySender:
+    """Sends the app's ``@leader_only`` task at ``rate`` per second from a thread
+    until stopped (or ``deadline``, monotonic)."""
+
+    def __init__(self, task: Any, rate: float, deadline: float) -> None:
+        self.task = task
+        self.interval = 1.0 / rate if rate > 0 else 0.0
+        self.deadline = deadline
+        self.sent = 0
+        self.errors = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        if self.interval > 0:
+            self._thread.start()
+
+    def _run(self) -> None:
+        begin = time.monotonic()
+        while not self._stop.is_set() and time.monotonic() < self.deadline:
+            delay = begin + self.sent * self.interval - time.monotonic()
+            if delay > 0 and self._stop.wait(delay):
+                return
+            try:
+                self.task.apply_async()
+            except Exception as exc:  # counted and reported
+                self.errors += 1
+                if self.errors == 1:
+                    log(f"  leader-only send failed: {exc!r}")
+            self.sent += 1
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(10)
+
+
+# --------------------------------------------------------------------- samples
+
+
+@dataclass
+class Sample:
+    elapsed: float  # seconds since the first tick ran
+    ticks: int
+    leader_runs: int
+    sent: int  # leader-only tasks sent so far
+    keys: int  # DBSIZE
+    used_memory: int
+    backlog: dict[str, int]  # broker list -> length
+    leader: str  # identity holding the lease
+    rss_kb: int  # the leader's main process
+    pool_rss_kb: int  # its pool processes (prefork), summed
+    families: dict[str, int] = field(default_factory=dict)
+
+
+class Sampler:
+    def __init__(self, client: redis.Redis, workers: Sequence[Worker],
+                 counters: Any, sender: LeaderOnlySender) -> None:
+        self.client = client
+        self.workers = {worker.identity: worker for worker in workers}
+        self.counters = counters
+        self.sender = sender
+        self.lock = RedisLock(client, name=ELECTION, identity="soak-observer")
+
+    def leader(self) -> str:
+        observation = self.lock.get()
+        record = observation.record
+        return record.holder_identity if record is not None else ""
+
+    def families(self) -> Counter[str]:
+        counts: Counter[str] = Counter()
+        for key in self.client.scan_iter(count=1000):
+            counts[family(key)] += 1
+        return counts
+
+    def take(self, elapsed: float) -> Sample:
+        for worker in self.workers.values():
+            worker.check_alive()
+        ticks, leader_runs = self.counters(self.client)
+        leader = self.leader()
+        worker = self.workers.get(leader)
+        rss, pool_rss = worker.rss() if worker is not None else (None, 0)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.dbsize()
+        pipe.info("memory")
+        for name in ("celery", "celery_leader"):
+            pipe.llen(name)
+        keys, memory, *lengths = pipe.execute()
+        families = self.families()
+        return Sample(elapsed=elapsed, ticks=ticks, leader_runs=leader_runs,
+                      sent=self.sender.sent, keys=int(keys),
+                      used_memory=int(memory["used_memory"]),
+                      backlog=dict(zip(("celery", "celery_leader"), map(int, lengths),
+                                       strict=True)),
+                      leader=leader, rss_kb=rss or 0, pool_rss_kb=pool_rss,
+                      families=dict(families))
+
+    def family_bytes(self, families: Counter[str]) -> dict[str, int]:
+        """Estimated bytes per family: mean MEMORY USAGE of a few keys x count."""
+        examples: dict[str, list[bytes]] = {}
+        for key in self.client.scan_iter(count=1000):
+            bucket = examples.setdefault(family(key), [])
+            if len(bucket) < FAMILY_SAMPLE:
+                bucket.append(key)
+        estimate = {}
+        for name, keys in examples.items():
+            sizes = [self.client.memory_usage(key) or 0 for key in keys]
+            estimate[name] = int(statistics.mean(sizes) * families.get(name, len(keys)))
+        return estimate
+
+
+# --------------------------------------------------------------------- report
+
+
+@dataclass
+class Growth:
+    measure: str
+    slope_per_1k: float  # least squares over the samples after warm-up
+    delta_per_1k: float  # (last - first) after warm-up, per 1,000 ticks
+    first: float
+    last: float
+    unit: str
+
+
+def growth(samples: Sequence[Sample], warmup: float) -> tuple[list[Growth], int]:
+    after = [s for s in samples if s.elapsed >= warmup]
+    if len(after) < 2 or after[-1].ticks <= after[0].ticks:
+        raise BenchmarkError(f"fewer than two samples with ticks after the {warmup:g} s "
+                             "warm-up: run longer or warm up less")
+    ticks = [float(s.ticks) for s in after]
+    span = after[-1].ticks - after[0].ticks
+    measures = (("Redis used_memory", "B", [float(s.used_memory) for s in after]),
+                ("Redis keys (DBSIZE)", "keys", [float(s.keys) for s in after]),
+                ("leader RSS", "B", [s.rss_kb * 1024.0 for s in after]))
+    results = []
+    for name, unit, values in measures:
+        slope = statistics.linear_regression(ticks, values).slope * 1000
+        results.append(Growth(name, slope, (values[-1] - values[0]) / span * 1000,
+                              values[0], values[-1], unit))
+    return results, span
+
+
+def fmt_bytes(value: float) -> str:
+    sign = "-" if value < 0 else ""
+    value = abs(value)
+    for unit, size in (("MB", 2**20), ("KB", 2**10)):
+        if value >= size:
+            return f"{sign}{value / size:,.2f} {unit}"
+    return f"{sign}{value:,.0f} B"
+
+
+def report(args: argparse.Namespace, command: str, header: str,
+           samples: Sequence[Sample], family_bytes: dict[str, int]) -> str:
+    prefork = args.pool == "prefork"
+    lines = [f"Command: `{command}`", "", header, "",
+             f"{args.workers} `celery worker --pool {args.pool} -c {args.concurrency}` "
+             f"processes (`install(app)`, `leader_beat` on), {args.entries} interval entries "
+             f"of 1 s ({args.entries} ticks/s), `@leader_only` sent at {args.leader_rate:g}/s; "
+             "embedded redis-server on loopback, broker and election alike (db 0). "
+             f"Sampled every {args.sample:g} s from the first tick run; warm-up "
+             f"{args.warmup:g} s.", ""]
+    head = ("| t (s) | ticks run | leader-only run | keys | used_memory | leader RSS "
+            + ("| pool RSS " if prefork else "") + "| backlog celery / leader queue "
+            "| leader |")
+    lines += [head, "|" + "---|" * (head.count("|") - 1)]
+    for s in samples:
+        lines.append(
+            f"| {s.elapsed:.0f} | {s.ticks:,} | {s.leader_runs:,} | {s.keys:,} "
+            f"| {fmt_bytes(s.used_memory)} | {fmt_bytes(s.rss_kb * 1024)} "
+            + (f"| {fmt_bytes(s.pool_rss_kb * 1024)} " if prefork else "")
+            + f"| {s.backlog['celery']:,} / {s.backlog['celery_leader']:,} | {s.leader} |")
+    last = samples[-1]
+    elapsed = last.elapsed or 1.0
+    lines += ["", f"Ticks run: {last.ticks:,} in {last.elapsed:.0f} s "
+              f"({last.ticks / elapsed:.1f}/s, target {args.entries}/s); leader-only: "
+              f"{last.leader_runs:,} run of {last.sent:,} sent; leaders seen: "
+              f"{', '.join(sorted({s.leader for s in samples}))}.", ""]
+    try:
+        results, span = growth(samples, args.warmup)
+    except BenchmarkError as exc:
+        lines.append(f"No growth figures: {exc}.")
+    else:
+        lines += [f"Growth per 1,000 ticks run after the {args.warmup:g} s warm-up "
+                  f"({span:,} ticks; target ≤ {fmt_bytes(TARGET_BYTES_PER_1K)} per 1,000 "
+                  "ticks for Redis and RSS):", "",
+                  "| measure | after warm-up → end | per 1,000 ticks, least squares "
+                  "| per 1,000 ticks, (last - first) | target |",
+                  "|---|---|---|---|---|"]
+        for g in results:
+            if g.unit == "B":
+                ok = g.slope_per_1k <= TARGET_BYTES_PER_1K
+                lines.append(f"| {g.measure} | {fmt_bytes(g.first)} → {fmt_bytes(g.last)} "
+                             f"| {fmt_bytes(g.slope_per_1k)} | {fmt_bytes(g.delta_per_1k)} "
+                             f"| {'meets' if ok else '**misses**'} ≤ 2 KB |")
+            else:
+                lines.append(f"| {g.measure} | {g.first:,.0f} → {g.last:,.0f} "
+                             f"| {g.slope_per_1k:,.2f} | {g.delta_per_1k:,.2f} "
+                             "| flat (does not grow with ticks) |")
+    first_after = next((s for s in samples if s.elapsed >= args.warmup), samples[0])
+    lines += ["", f"Key families at the end (top {args.top}; change since "
+              f"t = {first_after.elapsed:.0f} s; bytes: mean `MEMORY USAGE` of up to "
+              f"{FAMILY_SAMPLE} keys x count):", "",
+              "| key family | keys | change | est. bytes |", "|---|---|---|---|"]
+    top = sorted(last.families.items(), key=lambda kv: (-kv[1], kv[0]))[:args.top]
+    for name, count in top:
+        change = count - first_after.families.get(name, 0)
+        lines.append(f"| `{name}` | {count:,} | {change:+,} "
+                     f"| {fmt_bytes(family_bytes.get(name, 0))} |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------- main
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=600.0,
+                        help="run length from the first tick run (default %(default)s)")
+    parser.add_argument("--warmup", type=float, default=60.0,
+                        help="seconds at the start left out of the growth (default "
+                             "%(default)s)")
+    parser.add_argument("--entries", type=int, default=200,
+                        help="interval entries of 1 s = ticks per second (default "
+                             "%(default)s)")
+    parser.add_argument("--leader-rate", type=float, default=20.0,
+                        help="@leader_only tasks sent per second (default %(default)s; "
+                             "0: none)")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--pool", choices=("solo", "prefork"), default="solo")
+    parser.add_argument("-c", "--concurrency", type=int, default=1,
+                        help="pool processes per worker (prefork; solo: 1)")
+    parser.add_argument("--sample", type=float, default=10.0, help="seconds between samples")
+    parser.add_argument("--top", type=int, default=12, help="key families listed at the end")
+    parser.add_argument("--startup-timeout", type=float, default=120.0)
+    parser.add_argument("--json", help="also write the samples here")
+    args = parser.parse_args(argv)
+    for name in ("seconds", "entries", "workers", "concurrency", "sample", "top"):
+        if not getattr(args, name) > 0:
+            parser.error(f"--{name} must be > 0, got {getattr(args, name)}")
+    if args.pool == "solo" and args.concurrency != 1:
+        parser.error("-c: the solo pool runs one task at a time (use -c 1)")
+    if not 0 <= args.warmup < args.seconds:
+        parser.error(f"--warmup must be in [0, --seconds), got {args.warmup:g}")
+    if args.leader_rate < 0:
+        parser.error(f"--leader-rate must be >= 0, got {args.leader_rate:g}")
+    return args
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def run(args: argparse.Namespace, soak_app: Any, server: EmbeddedRedis, client: redis.Redis,
+        workers: list[Worker], log_dir: str) -> tuple[list[Sample], dict[str, int]]:
+    for index in range(args.workers):
+        workers.append(Worker(index, args, server.url, log_dir))
+        log(f"worker {index}: pid {workers[-1].pid} ({shlex.join(workers[-1].command[1:])})")
+
+    def ticking() -> bool:
+        for worker in workers:
+            worker.check_alive()
+        return bool(soak_app.counters(client)[0] > 0)
+
+    wait_until(ticking, args.startup_timeout, "the first tick to run", interval=0.1)
+    t0 = time.monotonic()
+    sender = LeaderOnlySender(soak_app.leader_task, args.leader_rate, t0 + args.seconds + 5)
+    sender.start()
+    sampler = Sampler(client, workers, soak_app.counters, sender)
+    samples: list[Sample] = []
+    try:
+        for index in range(int(args.seconds // args.sample) + 1):  # bounded
+            delay = t0 + index * args.sample - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            sample = sampler.take(time.monotonic() - t0)
+            samples.append(sample)
+            log(f"  t={sample.elapsed:5.0f}s ticks {sample.ticks:,} leader-only "
+                f"{sample.leader_runs:,}/{sample.sent:,} keys {sample.keys:,} used_memory "
+                f"{fmt_bytes(sample.used_memory)} leader {sample.leader} RSS "
+                f"{fmt_bytes(sample.rss_kb * 1024)} backlog {sample.backlog}")
+        return samples, sampler.family_bytes(Counter(samples[-1].families))
+    finally:
+        sender.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # started in the background
+        signal.signal(signal.SIGINT, _interrupt)
+    command = shlex.join([os.path.relpath(sys.executable), os.path.relpath(__file__),
+                          *(sys.argv[1:] if argv is None else argv)])
+    log_dir = tempfile.mkdtemp(prefix="celery-leader-bench-soak-")
+    server: EmbeddedRedis | None = None
+    client: redis.Redis | None = None
+    workers: list[Worker] = []
+    app: Any = None
+    load_before = os.getloadavg()
+    try:
+        server = EmbeddedRedis().start()
+        client = redis.Redis.from_url(server.url)
+        log(f"redis at {server.url} (pid {server.pid}); logs in {log_dir}")
+        os.environ.update(SOAK_REDIS_URL=server.url, SOAK_ELECTION=ELECTION,
+                          SOAK_ENTRIES=str(args.entries))
+        import _soak_app as soak_app  # the sender: the same app, its routes included
+
+        app = soak_app.app
+        samples, family_bytes = run(args, soak_app, server, client, workers, log_dir)
+        header = (f"Machine: {machine(client)}. Load average (1/5/15 min) "
+                  f"{'/'.join(f'{x:.2f}' for x in load_before)} at the start, "
+                  f"{'/'.join(f'{x:.2f}' for x in os.getloadavg())} at the end.")
+        print(report(args, command, header, samples, family_bytes), flush=True)
+        if args.json:
+            with open(args.json, "w") as stream:
+                json.dump({"command": command, "samples": [asdict(s) for s in samples]},
+                          stream, indent=1)
+        shutil.rmtree(log_dir, ignore_errors=True)  # kept only when something failed
+        return 0
+    except KeyboardInterrupt:
+        log(f"interrupted; stopping every process started (logs in {log_dir})")
+        return 130
+    except BenchmarkError as exc:
+        log(f"benchmark failed: {exc} (logs in {log_dir})")
+        return 1
+    finally:
+        for worker in workers:
+            worker.stop()
+        if app is not None:
+            app.close()
+        if client is not None:
+            client.close()
+        if server is not None:
+            server.cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
