@@ -13,18 +13,22 @@ ticks run so far are counted (two keys in all, whatever the number of runs).
 
 What is sampled, every ``--sample`` seconds from the first tick run: ticks run
 and leader-only runs, DBSIZE, ``INFO memory`` ``used_memory``, the broker
-lists' lengths (a backlog would grow Redis for a reason of its own), the key
-count per family (SCAN of every key, digits and ids replaced: ``<n>``,
-``<id>``), and the RSS of the leading worker's process (VmRSS of
+lists' lengths, the bytes of the work in flight (``MEMORY USAGE`` of the
+broker's queues and kombu's ``unacked`` keys, and of celery-leader's records of
+ticks pushed and not started and of leader-only messages taken and not
+finished: workers falling behind grow these with the backlog, not with the
+ticks run, so the growth is also given without them), the key count per
+family (SCAN of every key, digits and ids replaced: ``<n>``, ``<id>``), and
+the RSS of the leading worker's process (VmRSS of
 /proc/<pid>/status; the leader is read from the lease record, every worker
 having an identity of its own; with prefork, its pool processes' RSS apart).
 
 The report: a table of the samples; the growth per 1,000 ticks run after
 ``--warmup`` seconds (least-squares slope over the samples after warm-up, and
-(last - first) / ticks between them) of Redis ``used_memory``, keys and the
-leader's RSS, against the target of at most 2 KB per 1,000 ticks; and the
-largest key families at the end (count, and bytes from ``MEMORY USAGE`` of up
-to 20 keys of each, times the count).
+(last - first) / ticks between them) of Redis ``used_memory`` (also minus
+the work in flight), keys and the leader's RSS, against the target of at
+most 2 KB per 1,000 ticks; and the largest key families at the end (count,
+and bytes from ``MEMORY USAGE`` of up to 20 keys of each, times the count).
 
 Every process started (redis-server, the workers, their pool processes) is
 stopped by PID at the end, also on error, Ctrl-C or SIGTERM; the workers also
@@ -68,12 +72,22 @@ import redis  # noqa: E402
 from leader_queue import BenchmarkError, machine, wait_until  # noqa: E402
 from leader_queue import Worker as _Worker  # noqa: E402
 
-from celery_leader.election.redislock import RedisLock  # noqa: E402
+from celery_leader.election.redislock import RedisLock, key_of  # noqa: E402
 from celery_leader.embedded import EmbeddedRedis  # noqa: E402
+from celery_leader.leaderqueue import INFLIGHT_SUFFIX  # noqa: E402
 
 ELECTION = "bench-soak"
+KEY_PREFIX = "celery-leader"  # the app's leader_key_prefix (the default)
 TARGET_BYTES_PER_1K = 2048.0
 FAMILY_SAMPLE = 20  # keys per family whose MEMORY USAGE is read at the end
+QUEUES = ("celery", "celery_leader")  # the broker lists: the default and the leader queue
+# kombu's own keys holding messages: the queues, and the delivered-not-acked ones.
+BROKER_KEYS = (*QUEUES, "unacked", "unacked_index")
+# celery-leader's records of work in flight (bounded by it, not by the ticks run):
+# ticks pushed and not started yet (tickstart.py), leader-only messages taken
+# and not finished (leaderqueue.py).
+IN_FLIGHT_KEYS = tuple(key_of(KEY_PREFIX, ELECTION, ELECTION, suffix) for suffix in
+                       ("schedule:sent", "schedule:sent-at", INFLIGHT_SUFFIX))
 _ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
                  r"|[0-9a-f]{32}", re.IGNORECASE)
 _NUMBER = re.compile(r"\d+")
@@ -185,6 +199,8 @@ class Sample:
     sent: int  # leader-only tasks sent so far
     keys: int  # DBSIZE
     used_memory: int
+    broker_bytes: int  # MEMORY USAGE of BROKER_KEYS: messages waiting or unacked
+    in_flight_bytes: int  # MEMORY USAGE of IN_FLIGHT_KEYS
     backlog: dict[str, int]  # broker list -> length
     leader: str  # identity holding the lease
     rss_kb: int  # the leader's main process
@@ -222,15 +238,21 @@ class Sampler:
         pipe = self.client.pipeline(transaction=False)
         pipe.dbsize()
         pipe.info("memory")
-        for name in ("celery", "celery_leader"):
+        for name in QUEUES:
             pipe.llen(name)
-        keys, memory, *lengths = pipe.execute()
+        for name in (*BROKER_KEYS, *IN_FLIGHT_KEYS):
+            pipe.memory_usage(name, samples=0)
+        keys, memory, *rest = pipe.execute()
+        lengths = rest[:len(QUEUES)]
+        broker = rest[len(QUEUES):len(QUEUES) + len(BROKER_KEYS)]
+        in_flight = rest[len(QUEUES) + len(BROKER_KEYS):]
         families = self.families()
         return Sample(elapsed=elapsed, ticks=ticks, leader_runs=leader_runs,
                       sent=self.sender.sent, keys=int(keys),
                       used_memory=int(memory["used_memory"]),
-                      backlog=dict(zip(("celery", "celery_leader"), map(int, lengths),
-                                       strict=True)),
+                      broker_bytes=sum(int(size or 0) for size in broker),
+                      in_flight_bytes=sum(int(size or 0) for size in in_flight),
+                      backlog=dict(zip(QUEUES, map(int, lengths), strict=True)),
                       leader=leader, rss_kb=rss or 0, pool_rss_kb=pool_rss,
                       families=dict(families))
 
@@ -269,6 +291,8 @@ def growth(samples: Sequence[Sample], warmup: float) -> tuple[list[Growth], int]
     ticks = [float(s.ticks) for s in after]
     span = after[-1].ticks - after[0].ticks
     measures = (("Redis used_memory", "B", [float(s.used_memory) for s in after]),
+                ("Redis used_memory minus the work in flight", "B",
+                 [float(s.used_memory - s.broker_bytes - s.in_flight_bytes) for s in after]),
                 ("Redis keys (DBSIZE)", "keys", [float(s.keys) for s in after]),
                 ("leader RSS", "B", [s.rss_kb * 1024.0 for s in after]))
     results = []
@@ -298,14 +322,17 @@ def report(args: argparse.Namespace, command: str, header: str,
              "embedded redis-server on loopback, broker and election alike (db 0). "
              f"Sampled every {args.sample:g} s from the first tick run; warm-up "
              f"{args.warmup:g} s.", ""]
-    head = ("| t (s) | ticks run | leader-only run | keys | used_memory | leader RSS "
+    head = ("| t (s) | ticks run | leader-only run | keys | used_memory "
+            "| of which work in flight: broker / records | leader RSS "
             + ("| pool RSS " if prefork else "") + "| backlog celery / leader queue "
             "| leader |")
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
     for s in samples:
         lines.append(
             f"| {s.elapsed:.0f} | {s.ticks:,} | {s.leader_runs:,} | {s.keys:,} "
-            f"| {fmt_bytes(s.used_memory)} | {fmt_bytes(s.rss_kb * 1024)} "
+            f"| {fmt_bytes(s.used_memory)} | {fmt_bytes(s.broker_bytes)} / "
+            f"{fmt_bytes(s.in_flight_bytes)} "
+            f"| {fmt_bytes(s.rss_kb * 1024)} "
             + (f"| {fmt_bytes(s.pool_rss_kb * 1024)} " if prefork else "")
             + f"| {s.backlog['celery']:,} / {s.backlog['celery_leader']:,} | {s.leader} |")
     last = samples[-1]
@@ -313,7 +340,12 @@ def report(args: argparse.Namespace, command: str, header: str,
     lines += ["", f"Ticks run: {last.ticks:,} in {last.elapsed:.0f} s "
               f"({last.ticks / elapsed:.1f}/s, target {args.entries}/s); leader-only: "
               f"{last.leader_runs:,} run of {last.sent:,} sent; leaders seen: "
-              f"{', '.join(sorted({s.leader for s in samples}))}.", ""]
+              f"{', '.join(sorted({s.leader for s in samples}))}."]
+    if last.ticks / elapsed < 0.95 * args.entries:
+        lines.append(f"The workers fell behind the schedule (backlog at the end: "
+                     f"{last.backlog['celery']:,} messages): the work in flight grew with the "
+                     "backlog, hence the growth also given without it.")
+    lines.append("")
     try:
         results, span = growth(samples, args.warmup)
     except BenchmarkError as exc:
@@ -415,7 +447,9 @@ def run(args: argparse.Namespace, soak_app: Any, server: EmbeddedRedis, client: 
             samples.append(sample)
             log(f"  t={sample.elapsed:5.0f}s ticks {sample.ticks:,} leader-only "
                 f"{sample.leader_runs:,}/{sample.sent:,} keys {sample.keys:,} used_memory "
-                f"{fmt_bytes(sample.used_memory)} leader {sample.leader} RSS "
+                f"{fmt_bytes(sample.used_memory)} (in flight: broker "
+                f"{fmt_bytes(sample.broker_bytes)}, records {fmt_bytes(sample.in_flight_bytes)}) "
+                f"leader {sample.leader} RSS "
                 f"{fmt_bytes(sample.rss_kb * 1024)} backlog {sample.backlog}")
         return samples, sampler.family_bytes(Counter(samples[-1].families))
     finally:
