@@ -144,7 +144,7 @@ def _finish_run(request: Any, done: bool) -> None:
     if controller is None or task_id is None:
         return
     try:
-        controller.finish_run(task_id, done, TASK_CLAIM_TTL_MS,
+        controller.finish_run(task_id, done, controller.done_ttl_ms,
                               getattr(request, DELIVERY_HEADER, None))
     except Exception:
         log.exception("could not record the outcome of leader-only task %s", task_id)

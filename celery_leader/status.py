@@ -3,7 +3,9 @@
 
 Everything here is read-only.  Each worker also records itself, every few
 seconds, in ``<prefix>:{<name>}:replicas`` (identity -> role, term, when), so
-any replica's page can list the replicas of its election.
+any replica's page can list the replicas of its election; each forgets the
+replicas not heard from for ``forget_after``, so the hash holds the live
+replicas and those gone within that time.
 
 No Redis URL (nor any other setting that may carry a password) is shown.
 """
@@ -67,8 +69,16 @@ class ReplicaRegistry:
             log.debug("celery-leader: cannot record this replica: %s", exc)
 
     def run(self, stop: threading.Event, state: Callable[[], tuple[bool, int]]) -> None:
+        forget_at = 0.0
         while not stop.is_set():
             self.beat(*state())
+            if time.monotonic() >= forget_at:
+                # INVARIANT: a replica killed without its hdel is forgotten by the living
+                # ones even if no one reads the page: the hash holds the replicas of
+                # the last forget_after seconds, not every one that ever ran.
+                with contextlib.suppress(Exception):
+                    self.replicas()
+                forget_at = time.monotonic() + self.forget_after
             stop.wait(self.interval)
         with contextlib.suppress(Exception):  # else forgotten once the key expires
             self.lock.client.hdel(self.key, self.identity)

@@ -49,6 +49,7 @@ from .settings import (
 from .sources import entry_source
 from .state import LEADER_ONLY_TASKS, shared_leadership
 from .status import ReplicaRegistry, StatusSource
+from .taskruns import done_ttl_ms
 from .taskstats import TaskStats
 from .tlscheck import check_tls
 
@@ -98,6 +99,7 @@ class LeaderController:
         # Leader-only messages: taken under the term and never lost in flight
         # (leaderqueue.py) when the broker is the lease's Redis, else through kombu.
         self.finish_run = FinishRun(self.lock)
+        self.done_ttl_ms = done_ttl_ms(settings.transport_options)
         self.leader_queue = LeaderQueue(self.lock, settings.queue,
                                         keeps_record=LEADER_ONLY_TASKS.__contains__,
                                         deliver=self._call_in_loop, handler=self._task_handler,

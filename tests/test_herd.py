@@ -165,7 +165,8 @@ def test_a_template_is_not_shared_when_its_parts_cannot_be_reproduced(rig: Rig) 
 
 
 def _pending(runner: ScheduleRunner, job: Entry, fire_ms: int, term: int, task_id: str) -> str:
-    return pending_message(job, fire_ms, term, runner.lock.name, task_id)
+    return pending_message(job, fire_ms, term, runner.lock.name, task_id,
+                           tracked=runner.lost_ticks is not None)
 
 
 def test_entries_a_template_cannot_reproduce_are_sent_by_send_task(rig: Rig) -> None:

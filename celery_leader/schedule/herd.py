@@ -87,7 +87,7 @@ time (see docs/benchmarks.md, "Herds", for the longest measured)."""
 # Runs after OWNED_LUA (fenced + owned).  KEYS[4] state, [5] pending, [6]
 # runtime entries, [7] sent, [8] sent-at, [9] the batch chain, [10..] broker
 # lists and run records' hashes; ARGV[5] look-again delay ms, [6] kombu's
-# unacked key, [7] start-marker prefix ('' = ticks not tracked), [8] term, [9]
+# unacked key, [7] '' when ticks are not tracked (tickstart.py), [8] term, [9]
 # election (JSON), [10] the chain token this batch requires in KEYS[9] ('' =
 # none), [11] the token it leaves there once applied ('' = none), [12] R, the
 # number of run records,
@@ -97,7 +97,9 @@ time (see docs/benchmarks.md, "Herds", for the longest measured)."""
 # tag or ''> <entry>" (flags: runtime '1'/'0', mode 'q' push / 'p' pending copy
 # / 'c' claim only, then the list's KEYS index) and its message (the push, or
 # the pending copy).  Claims every tick whose fire time is later than its
-# entry's recorded one (a removed runtime entry: none) and counts the run of
+# entry's recorded one (a removed runtime entry: none), writes each claimed
+# tracked tick's start token (tickstart.py: with the message it pushes, or
+# without pushes beside a pending copy), and counts the run of
 # each claimed tick with a run record, in the same step (an entry source's
 # count: a claim without its count, or a count without its claim, cannot be);
 # decided for the whole batch before anything is written (the run records'
@@ -176,7 +178,8 @@ for _, k in ipairs(lists) do call_many('LPUSH', KEYS[k], pushes[k]) end
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local look_at = now + tonumber(ARGV[5])
-local unacked, started = cjson.encode(ARGV[6]), ARGV[7]
+local unacked, tracked = cjson.encode(ARGV[6]), ARGV[7] ~= ''
+local no_pushes = '{"pushes": [], "tags": [], "unacked": "", "copies": 0, "at": ' .. now .. '}\n'
 local term_election = ', "term": ' .. ARGV[8] .. ', "election": ' .. ARGV[9] .. ', "task_id": "'
 local states, pending, sent, sent_at, list_json = {}, {}, {}, {}, {}
 for j = 1, n do
@@ -185,20 +188,27 @@ for j = 1, n do
     states[#states + 1] = entry
     states[#states + 1] = '{"last": ' .. fire .. term_election .. ids[j]
       .. '", "skipped": ' .. (mode == 'c' and 'true' or 'false') .. '}'
-    local tick = entry .. '@' .. fire
+    local tick, record = entry .. '@' .. fire, nil
     if mode == 'p' then
       pending[#pending + 1] = tick
       pending[#pending + 1] = ARGV[first - 1 + 2 * j]
-    elseif mode == 'q' and started ~= '' then
+    end
+    -- INVARIANT: a tracked tick's start token is written by the call that claims it.
+    if mode == 'q' and tracked then
       -- The sent record (tickstart.py, READ_SENT_LUA): a JSON head, a newline,
       -- the message verbatim (not JSON-encoded a second time).
       local k = tonumber(string.sub(flags[j], 3))
       if not list_json[k] then list_json[k] = cjson.encode(KEYS[k]) end
       local message = ARGV[first - 1 + 2 * j]
-      sent[#sent + 1] = tick
-      sent[#sent + 1] = '{"pushes": [[' .. list_json[k] .. ', ' .. #message
+      record = '{"pushes": [[' .. list_json[k] .. ', ' .. #message
         .. ']], "tags": ["' .. tags[j] .. '"], "unacked": ' .. unacked
-        .. ', "started": ' .. cjson.encode(started .. tick) .. ', "copies": 0}\n' .. message
+        .. ', "copies": 0, "at": ' .. now .. '}\n' .. message
+    elseif mode == 'p' and tracked then
+      record = no_pushes  -- published after the call (another broker)
+    end
+    if record then
+      sent[#sent + 1] = tick
+      sent[#sent + 1] = record
       sent_at[#sent_at + 1] = look_at
       sent_at[#sent_at + 1] = tick
     end
@@ -249,7 +259,7 @@ class HerdKeys:
     entries: str
     sent: str
     sent_at: str
-    started_prefix: str  # '' when ticks are not tracked
+    tracked: bool  # each claimed tick gets a start token (tickstart.py)
     chain: str = ""  # the pipelined batches' chain token; '' = beside ``state``
 
     def __post_init__(self) -> None:
@@ -555,7 +565,7 @@ class HerdDispatcher:
         broker_keys: dict[str, int] = {}
         script_keys = [keys.state, keys.pending, keys.entries, keys.sent, keys.sent_at,
                        keys.chain]
-        args: list[Any] = [self.look_after_ms, "", keys.started_prefix, term,
+        args: list[Any] = [self.look_after_ms, "", "1" if keys.tracked else "", term,
                            self._election_json, chain[0], chain[1], 0]
         source = self.source()
         run_record = source.run_record if isinstance(source, RecordsRuns) else None
@@ -596,7 +606,8 @@ class HerdDispatcher:
                         rendered[index] = (Rendered(template.key, payload, tag), template)
                 if mode != _PUSH:
                     mode, tag = _PENDING, ""
-                    message = pending_message(entry, fire_ms, term, self.election, task_id)
+                    message = pending_message(entry, fire_ms, term, self.election, task_id,
+                                              tracked=keys.tracked)
                 if run_record is not None and entry.source:
                     record = run_record(entry)
                     if record is not None:
@@ -690,13 +701,15 @@ def _group_of(entry: Entry) -> tuple[str, str] | None:
         return None
 
 
-def pending_message(entry: Entry, fire_ms: int, term: int, election: str, task_id: str) -> str:
-    """A tick's pending copy: what any leader needs to send it (``_recover_pending``)."""
+def pending_message(entry: Entry, fire_ms: int, term: int, election: str, task_id: str,
+                    tracked: bool) -> str:
+    """A tick's pending copy: what any leader needs to send it (``_recover_pending``);
+    ``tracked``: its claim wrote its start token, so its message names the tick."""
     return json.dumps({
         "entry": entry.name, "task": entry.task, "args": list(entry.args),
         "kwargs": entry.kwargs, "options": jsonable_options(entry.options),
         "fire_ms": fire_ms, "term": term, "election": election,
-        "task_id": task_id}, default=str)
+        "task_id": task_id, "tracked": tracked}, default=str)
 
 
 def jsonable_options(options: dict[str, Any]) -> dict[str, Any]:

@@ -61,6 +61,9 @@ class RunRecord:
 class RecordsRuns(Protocol):
     """An :class:`EntrySource` that counts its entries' sent ticks (optional)."""
 
+    runs_key: str
+    """The hash of every run record (the leader forgets a removed entry's: forget.py)."""
+
     def run_record(self, entry: Entry) -> RunRecord | None:
         """Where a sent tick of ``entry`` is counted (None: not counted); called
         while the claim is prepared, so cheap and never waiting on the outside."""

@@ -171,7 +171,7 @@ class ScheduleStore:
         self.migrated_key = key("migrated")
         self.sent_key = key("sent")  # tickstart.py: pushed, not started yet
         self.sent_at_key = key("sent-at")
-        self.started_prefix = key("started:")
+        self.started_key = key("started")
         # The standalone beat's own progress before both modes shared one.
         legacy = f"{self.name}-beat"
         self.legacy_beat_election = legacy
