@@ -35,7 +35,7 @@ stopped by PID at the end, also on error, Ctrl-C or SIGTERM; the workers also
 end by themselves within a second of this process's death
 (benchmarks/_child.py).  Every wait and loop is bounded.
 
-    .venv/bin/python benchmarks/soak.py [--seconds 600] [--warmup 60]
+    .venv/bin/python benchmarks/soak.py [--seconds 600] [--warmup 120]
         [--entries 200] [--leader-rate 20] [--workers 2] [--pool solo|prefork]
         [-c 1] [--sample 10] [--json samples.json]
 """
@@ -303,6 +303,18 @@ def growth(samples: Sequence[Sample], warmup: float) -> tuple[list[Growth], int]
     return results, span
 
 
+def family_slope(samples: Sequence[Sample], name: str) -> float:
+    """Keys of family ``name`` per 1,000 ticks run (least squares); 0 when the
+    samples do not span any ticks."""
+    ticks = [float(s.ticks) for s in samples]
+    if len(samples) < 2 or ticks[-1] <= ticks[0]:
+        return 0.0
+    counts = [float(s.families.get(name, 0)) for s in samples]
+    if len(set(counts)) == 1:
+        return 0.0
+    return statistics.linear_regression(ticks, counts).slope * 1000
+
+
 def fmt_bytes(value: float) -> str:
     sign = "-" if value < 0 else ""
     value = abs(value)
@@ -367,15 +379,20 @@ def report(args: argparse.Namespace, command: str, header: str,
                 lines.append(f"| {g.measure} | {g.first:,.0f} → {g.last:,.0f} "
                              f"| {g.slope_per_1k:,.2f} | {g.delta_per_1k:,.2f} "
                              "| flat (does not grow with ticks) |")
-    first_after = next((s for s in samples if s.elapsed >= args.warmup), samples[0])
-    lines += ["", f"Key families at the end (top {args.top}; change since "
-              f"t = {first_after.elapsed:.0f} s; bytes: mean `MEMORY USAGE` of up to "
-              f"{FAMILY_SAMPLE} keys x count):", "",
-              "| key family | keys | change | est. bytes |", "|---|---|---|---|"]
-    top = sorted(last.families.items(), key=lambda kv: (-kv[1], kv[0]))[:args.top]
+    after = [s for s in samples if s.elapsed >= args.warmup] or list(samples)
+    first_after = after[0]
+    lines += ["", f"Key families at the end (top {args.top} by bytes; change since "
+              f"t = {first_after.elapsed:.0f} s, and keys per 1,000 ticks run after the "
+              f"warm-up, least squares; bytes: mean `MEMORY USAGE` of up to {FAMILY_SAMPLE} "
+              "keys x count):", "",
+              "| key family | keys | change | keys per 1,000 ticks | est. bytes |",
+              "|---|---|---|---|---|"]
+    top = sorted(last.families.items(),
+                 key=lambda kv: (-family_bytes.get(kv[0], 0), -kv[1], kv[0]))[:args.top]
     for name, count in top:
         change = count - first_after.families.get(name, 0)
         lines.append(f"| `{name}` | {count:,} | {change:+,} "
+                     f"| {family_slope(after, name):,.2f} "
                      f"| {fmt_bytes(family_bytes.get(name, 0))} |")
     return "\n".join(lines)
 
@@ -387,7 +404,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=600.0,
                         help="run length from the first tick run (default %(default)s)")
-    parser.add_argument("--warmup", type=float, default=60.0,
+    parser.add_argument("--warmup", type=float, default=120.0,
                         help="seconds at the start left out of the growth (default "
                              "%(default)s)")
     parser.add_argument("--entries", type=int, default=200,
@@ -401,7 +418,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("-c", "--concurrency", type=int, default=1,
                         help="pool processes per worker (prefork; solo: 1)")
     parser.add_argument("--sample", type=float, default=10.0, help="seconds between samples")
-    parser.add_argument("--top", type=int, default=12, help="key families listed at the end")
+    parser.add_argument("--top", type=int, default=20, help="key families listed at the end")
     parser.add_argument("--startup-timeout", type=float, default=120.0)
     parser.add_argument("--json", help="also write the samples here")
     args = parser.parse_args(argv)
