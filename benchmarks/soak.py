@@ -13,22 +13,25 @@ ticks run so far are counted (two keys in all, whatever the number of runs).
 
 What is sampled, every ``--sample`` seconds from the first tick run: ticks run
 and leader-only runs, DBSIZE, ``INFO memory`` ``used_memory``, the broker
-lists' lengths, the bytes of the work in flight (``MEMORY USAGE`` of the
-broker's queues and kombu's ``unacked`` keys, and of celery-leader's records of
-ticks pushed and not started and of leader-only messages taken and not
-finished: workers falling behind grow these with the backlog, not with the
-ticks run, so the growth is also given without them), the key count per
-family (SCAN of every key, digits and ids replaced: ``<n>``, ``<id>``), and
-the RSS of the leading worker's process (VmRSS of
+lists' lengths, the keys and bytes of every key family (a SCAN of every key,
+digits and ids replaced by ``<n>`` and ``<id>``, and each key's ``MEMORY
+USAGE``), and the RSS of the leading worker's process (VmRSS of
 /proc/<pid>/status; the leader is read from the lease record, every worker
 having an identity of its own; with prefork, its pool processes' RSS apart).
+The work in flight is sampled apart: the broker's queues and kombu's
+``unacked`` keys, and celery-leader's records of ticks pushed and not started
+and of leader-only messages taken and not finished.  Workers falling behind
+grow these with the backlog, not with the ticks run, so the growth is also
+given without them.
 
 The report: a table of the samples; the growth per 1,000 ticks run after
 ``--warmup`` seconds (least-squares slope over the samples after warm-up, and
 (last - first) / ticks between them) of Redis ``used_memory`` (also minus
-the work in flight), keys and the leader's RSS, against the target of at
-most 2 KB per 1,000 ticks; and the largest key families at the end (count,
-and bytes from ``MEMORY USAGE`` of up to 20 keys of each, times the count).
+the work in flight), of celery-leader's own keys but the work in flight (also
+but the leader-only claims, which are kept for a while after their run),
+of the key count and of the leader's RSS (also over the second half alone,
+which tells a step from a leak), against the target of at most 2 KB per
+1,000 ticks; and the largest key families at the end.
 
 Every process started (redis-server, the workers, their pool processes) is
 stopped by PID at the end, also on error, Ctrl-C or SIGTERM; the workers also
@@ -74,12 +77,11 @@ from leader_queue import Worker as _Worker  # noqa: E402
 
 from celery_leader.election.redislock import RedisLock, key_of  # noqa: E402
 from celery_leader.embedded import EmbeddedRedis  # noqa: E402
-from celery_leader.leaderqueue import INFLIGHT_SUFFIX  # noqa: E402
+from celery_leader.leaderqueue import INFLIGHT_SUFFIX, TASK_CLAIM_SUFFIX  # noqa: E402
 
 ELECTION = "bench-soak"
 KEY_PREFIX = "celery-leader"  # the app's leader_key_prefix (the default)
 TARGET_BYTES_PER_1K = 2048.0
-FAMILY_SAMPLE = 20  # keys per family whose MEMORY USAGE is read at the end
 QUEUES = ("celery", "celery_leader")  # the broker lists: the default and the leader queue
 # kombu's own keys holding messages: the queues, and the delivered-not-acked ones.
 BROKER_KEYS = (*QUEUES, "unacked", "unacked_index")
@@ -88,6 +90,9 @@ BROKER_KEYS = (*QUEUES, "unacked", "unacked_index")
 # and not finished (leaderqueue.py).
 IN_FLIGHT_KEYS = tuple(key_of(KEY_PREFIX, ELECTION, ELECTION, suffix) for suffix in
                        ("schedule:sent", "schedule:sent-at", INFLIGHT_SUFFIX))
+# The family of the leader-only claims (taskruns.py): kept for a while after the
+# run, so they grow with the leader-only traffic until the first expire.
+TASK_CLAIMS = key_of(KEY_PREFIX, ELECTION, ELECTION, f"{TASK_CLAIM_SUFFIX}<id>")
 _ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
                  r"|[0-9a-f]{32}", re.IGNORECASE)
 _NUMBER = re.compile(r"\d+")
@@ -205,7 +210,15 @@ class Sample:
     leader: str  # identity holding the lease
     rss_kb: int  # the leader's main process
     pool_rss_kb: int  # its pool processes (prefork), summed
-    families: dict[str, int] = field(default_factory=dict)
+    families: dict[str, int] = field(default_factory=dict)  # family -> keys
+    family_bytes: dict[str, int] = field(default_factory=dict)  # family -> MEMORY USAGE
+
+    def leader_state(self, claims: bool = True) -> int:
+        """Bytes of celery-leader's keys but its records of work in flight (and
+        but the leader-only claims when ``claims`` is false)."""
+        return sum(size for name, size in self.family_bytes.items()
+                   if name.startswith(f"{KEY_PREFIX}:") and name not in IN_FLIGHT_KEYS
+                   and (claims or name != TASK_CLAIMS))
 
 
 class Sampler:
@@ -222,11 +235,29 @@ class Sampler:
         record = observation.record
         return record.holder_identity if record is not None else ""
 
-    def families(self) -> Counter[str]:
+    def families(self) -> tuple[Counter[str], Counter[str]]:
+        """(keys, bytes) of every key family: a SCAN of every key and its
+        ``MEMORY USAGE`` (every element counted), pipelined by the thousand."""
         counts: Counter[str] = Counter()
+        sizes: Counter[str] = Counter()
+        batch: list[bytes] = []
+
+        def measure() -> None:
+            pipe = self.client.pipeline(transaction=False)
+            for key in batch:
+                pipe.memory_usage(key, samples=0)
+            for key, size in zip(batch, pipe.execute(), strict=True):
+                name = family(key)
+                counts[name] += 1
+                sizes[name] += int(size or 0)  # None: expired since the SCAN
+            batch.clear()
+
         for key in self.client.scan_iter(count=1000):
-            counts[family(key)] += 1
-        return counts
+            batch.append(key)
+            if len(batch) >= 1000:
+                measure()
+        measure()
+        return counts, sizes
 
     def take(self, elapsed: float) -> Sample:
         for worker in self.workers.values():
@@ -246,7 +277,7 @@ class Sampler:
         lengths = rest[:len(QUEUES)]
         broker = rest[len(QUEUES):len(QUEUES) + len(BROKER_KEYS)]
         in_flight = rest[len(QUEUES) + len(BROKER_KEYS):]
-        families = self.families()
+        families, family_bytes = self.families()
         return Sample(elapsed=elapsed, ticks=ticks, leader_runs=leader_runs,
                       sent=self.sender.sent, keys=int(keys),
                       used_memory=int(memory["used_memory"]),
@@ -254,20 +285,7 @@ class Sampler:
                       in_flight_bytes=sum(int(size or 0) for size in in_flight),
                       backlog=dict(zip(QUEUES, map(int, lengths), strict=True)),
                       leader=leader, rss_kb=rss or 0, pool_rss_kb=pool_rss,
-                      families=dict(families))
-
-    def family_bytes(self, families: Counter[str]) -> dict[str, int]:
-        """Estimated bytes per family: mean MEMORY USAGE of a few keys x count."""
-        examples: dict[str, list[bytes]] = {}
-        for key in self.client.scan_iter(count=1000):
-            bucket = examples.setdefault(family(key), [])
-            if len(bucket) < FAMILY_SAMPLE:
-                bucket.append(key)
-        estimate = {}
-        for name, keys in examples.items():
-            sizes = [self.client.memory_usage(key) or 0 for key in keys]
-            estimate[name] = int(statistics.mean(sizes) * families.get(name, len(keys)))
-        return estimate
+                      families=dict(families), family_bytes=dict(family_bytes))
 
 
 # --------------------------------------------------------------------- report
@@ -293,14 +311,28 @@ def growth(samples: Sequence[Sample], warmup: float) -> tuple[list[Growth], int]
     measures = (("Redis used_memory", "B", [float(s.used_memory) for s in after]),
                 ("Redis used_memory minus the work in flight", "B",
                  [float(s.used_memory - s.broker_bytes - s.in_flight_bytes) for s in after]),
+                ("celery-leader's keys but the work in flight (MEMORY USAGE)", "B",
+                 [float(s.leader_state()) for s in after]),
+                ("the same but the leader-only claims", "B",
+                 [float(s.leader_state(claims=False)) for s in after]),
                 ("Redis keys (DBSIZE)", "keys", [float(s.keys) for s in after]),
                 ("leader RSS", "B", [s.rss_kb * 1024.0 for s in after]))
     results = []
     for name, unit, values in measures:
-        slope = statistics.linear_regression(ticks, values).slope * 1000
-        results.append(Growth(name, slope, (values[-1] - values[0]) / span * 1000,
-                              values[0], values[-1], unit))
+        results.append(fit(name, unit, ticks, values))
+    # A step (e.g. when a backlog peaked) and a steady leak have the same slope
+    # over the window: the second half alone tells them apart.
+    half = [s for s in after if s.elapsed >= (after[0].elapsed + after[-1].elapsed) / 2]
+    if len(half) >= 2 and half[-1].ticks > half[0].ticks:
+        results.append(fit(f"leader RSS, second half (t ≥ {half[0].elapsed:.0f} s)", "B",
+                           [float(s.ticks) for s in half], [s.rss_kb * 1024.0 for s in half]))
     return results, span
+
+
+def fit(name: str, unit: str, ticks: Sequence[float], values: Sequence[float]) -> Growth:
+    slope = statistics.linear_regression(ticks, values).slope * 1000
+    return Growth(name, slope, (values[-1] - values[0]) / (ticks[-1] - ticks[0]) * 1000,
+                  values[0], values[-1], unit)
 
 
 def family_slope(samples: Sequence[Sample], name: str) -> float:
@@ -325,7 +357,7 @@ def fmt_bytes(value: float) -> str:
 
 
 def report(args: argparse.Namespace, command: str, header: str,
-           samples: Sequence[Sample], family_bytes: dict[str, int]) -> str:
+           samples: Sequence[Sample]) -> str:
     prefork = args.pool == "prefork"
     lines = [f"Command: `{command}`", "", header, "",
              f"{args.workers} `celery worker --pool {args.pool} -c {args.concurrency}` "
@@ -381,11 +413,11 @@ def report(args: argparse.Namespace, command: str, header: str,
                              "| flat (does not grow with ticks) |")
     after = [s for s in samples if s.elapsed >= args.warmup] or list(samples)
     first_after = after[0]
+    family_bytes = last.family_bytes
     lines += ["", f"Key families at the end (top {args.top} by bytes; change since "
               f"t = {first_after.elapsed:.0f} s, and keys per 1,000 ticks run after the "
-              f"warm-up, least squares; bytes: mean `MEMORY USAGE` of up to {FAMILY_SAMPLE} "
-              "keys x count):", "",
-              "| key family | keys | change | keys per 1,000 ticks | est. bytes |",
+              "warm-up, least squares; bytes: `MEMORY USAGE` summed):", "",
+              "| key family | keys | change | keys per 1,000 ticks | bytes |",
               "|---|---|---|---|---|"]
     top = sorted(last.families.items(),
                  key=lambda kv: (-family_bytes.get(kv[0], 0), -kv[1], kv[0]))[:args.top]
@@ -439,7 +471,7 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def run(args: argparse.Namespace, soak_app: Any, server: EmbeddedRedis, client: redis.Redis,
-        workers: list[Worker], log_dir: str) -> tuple[list[Sample], dict[str, int]]:
+        workers: list[Worker], log_dir: str) -> list[Sample]:
     for index in range(args.workers):
         workers.append(Worker(index, args, server.url, log_dir))
         log(f"worker {index}: pid {workers[-1].pid} ({shlex.join(workers[-1].command[1:])})")
@@ -468,7 +500,7 @@ def run(args: argparse.Namespace, soak_app: Any, server: EmbeddedRedis, client: 
                 f"{fmt_bytes(sample.broker_bytes)}, records {fmt_bytes(sample.in_flight_bytes)}) "
                 f"leader {sample.leader} RSS "
                 f"{fmt_bytes(sample.rss_kb * 1024)} backlog {sample.backlog}")
-        return samples, sampler.family_bytes(Counter(samples[-1].families))
+        return samples
     finally:
         sender.stop()
 
@@ -495,11 +527,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         import _soak_app as soak_app  # the sender: the same app, its routes included
 
         app = soak_app.app
-        samples, family_bytes = run(args, soak_app, server, client, workers, log_dir)
+        samples = run(args, soak_app, server, client, workers, log_dir)
         header = (f"Machine: {machine(client)}. Load average (1/5/15 min) "
                   f"{'/'.join(f'{x:.2f}' for x in load_before)} at the start, "
                   f"{'/'.join(f'{x:.2f}' for x in os.getloadavg())} at the end.")
-        print(report(args, command, header, samples, family_bytes), flush=True)
+        print(report(args, command, header, samples), flush=True)
         if args.json:
             with open(args.json, "w") as stream:
                 json.dump({"command": command, "samples": [asdict(s) for s in samples]},
