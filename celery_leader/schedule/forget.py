@@ -99,8 +99,10 @@ class RemovedEntries:
         """Forget what entries missing from the schedule (``scheduled`` False) left;
         False when this term is over."""
         state_key, first_seen_key, _ = self._keys
+        # HSCAN, not HKEYS: the documented ACL rule has it (runtime entries), and
+        # it never blocks Redis for a whole hash.
         names = {as_text(name) for key in (state_key, first_seen_key, runs_key) if key
-                 for name in self._client.hkeys(key)}
+                 for name, _ in self._client.hscan_iter(key, count=1000)}
         gone = sorted(name for name in names if not scheduled(name))
         forgotten: list[str] = []
         for start in range(0, len(gone), FORGET_CHUNK):
