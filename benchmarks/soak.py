@@ -210,6 +210,7 @@ class Sample:
     leader: str  # identity holding the lease
     rss_kb: int  # the leader's main process
     pool_rss_kb: int  # its pool processes (prefork), summed
+    worker_rss_kb: dict[str, int]  # identity -> RSS of every worker's main process
     families: dict[str, int] = field(default_factory=dict)  # family -> keys
     family_bytes: dict[str, int] = field(default_factory=dict)  # family -> MEMORY USAGE
 
@@ -266,6 +267,7 @@ class Sampler:
         leader = self.leader()
         worker = self.workers.get(leader)
         rss, pool_rss = worker.rss() if worker is not None else (None, 0)
+        every = {identity: rss_kb(w.pid) or 0 for identity, w in self.workers.items()}
         pipe = self.client.pipeline(transaction=False)
         pipe.dbsize()
         pipe.info("memory")
@@ -285,6 +287,7 @@ class Sampler:
                       in_flight_bytes=sum(int(size or 0) for size in in_flight),
                       backlog=dict(zip(QUEUES, map(int, lengths), strict=True)),
                       leader=leader, rss_kb=rss or 0, pool_rss_kb=pool_rss,
+                      worker_rss_kb=every,
                       families=dict(families), family_bytes=dict(family_bytes))
 
 
@@ -326,6 +329,11 @@ def growth(samples: Sequence[Sample], warmup: float) -> tuple[list[Growth], int]
     if len(half) >= 2 and half[-1].ticks > half[0].ticks:
         results.append(fit(f"leader RSS, second half (t ≥ {half[0].elapsed:.0f} s)", "B",
                            [float(s.ticks) for s in half], [s.rss_kb * 1024.0 for s in half]))
+    # A worker that never led runs ticks only: what grows in it too is not the leader's.
+    leaders = {s.leader for s in samples}
+    for identity in sorted(set(after[0].worker_rss_kb) - leaders):
+        results.append(fit(f"RSS of {identity}, never leading", "B", ticks,
+                           [s.worker_rss_kb.get(identity, 0) * 1024.0 for s in after]))
     return results, span
 
 
@@ -368,7 +376,8 @@ def report(args: argparse.Namespace, command: str, header: str,
              f"{args.warmup:g} s.", ""]
     head = ("| t (s) | ticks run | leader-only run | keys | used_memory "
             "| of which work in flight: broker / records | leader RSS "
-            + ("| pool RSS " if prefork else "") + "| backlog celery / leader queue "
+            + ("| pool RSS " if prefork else "") + "| RSS of the others "
+            "| backlog celery / leader queue "
             "| leader |")
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
     for s in samples:
@@ -378,6 +387,9 @@ def report(args: argparse.Namespace, command: str, header: str,
             f"{fmt_bytes(s.in_flight_bytes)} "
             f"| {fmt_bytes(s.rss_kb * 1024)} "
             + (f"| {fmt_bytes(s.pool_rss_kb * 1024)} " if prefork else "")
+            + "| " + ", ".join(fmt_bytes(kb * 1024) for identity, kb
+                               in sorted(s.worker_rss_kb.items()) if identity != s.leader)
+            + " "
             + f"| {s.backlog['celery']:,} / {s.backlog['celery_leader']:,} | {s.leader} |")
     last = samples[-1]
     elapsed = last.elapsed or 1.0
