@@ -177,6 +177,22 @@ def acl_denied(error: BaseException) -> bool:
              or "No permissions" in str(error)))
 
 
+# Redis's replies to credentials it does not accept (a password that changed,
+# none where one is required, an ACL user without a grant): no retry fixes them.
+CREDENTIAL_ERRORS = ("WRONGPASS", "NOAUTH", "NOPERM", "invalid password",
+                     "invalid username-password pair", "Authentication required",
+                     "without any password configured")
+
+
+def credentials_refused(error: BaseException) -> bool:
+    """Redis refused this client's credentials or its ACL user's permissions."""
+    if isinstance(error, (redis.exceptions.AuthenticationError,
+                          redis.exceptions.AuthorizationError)) or acl_denied(error):
+        return True
+    return isinstance(error, redis.exceptions.ResponseError) and any(
+        marker in str(error) for marker in CREDENTIAL_ERRORS)
+
+
 def key_of(key_prefix: str, name: str, hash_tag: str, suffix: str) -> str:
     """The key ``suffix`` of election ``name`` whose keys carry ``{hash_tag}``:
     the one key format of every election, schedule and claim key."""

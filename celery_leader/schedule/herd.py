@@ -163,8 +163,7 @@ for r = 13, first - 1, 4 do
     if tonumber(fires[j]) > tonumber(record.last) then record.last = fires[j] end
   end
 end
--- Pushes first, one LPUSH per list (in order): a user that may not push
--- fails here, before anything is written.
+-- One LPUSH per list (in order).
 local pushes, lists = {}, {}
 for j = 1, n do
   if codes[j] == '1' and string.sub(flags[j], 2, 2) == 'q' then
@@ -174,7 +173,6 @@ for j = 1, n do
     list[#list + 1] = ARGV[first - 1 + 2 * j]
   end
 end
-for _, k in ipairs(lists) do call_many('LPUSH', KEYS[k], pushes[k]) end
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local look_at = now + tonumber(ARGV[5])
@@ -214,12 +212,14 @@ for j = 1, n do
     end
   end
 end
+-- The writes a user may be refused come first, so a refusal (NOPERM) stops
+-- the call before any claim is written: the sent-at index (a member without
+-- its record is dropped by the sweep), then the pushes.
+if #sent_at > 0 then call_many('ZADD', KEYS[8], sent_at) end
+for _, k in ipairs(lists) do call_many('LPUSH', KEYS[k], pushes[k]) end
 if #states > 0 then call_many('HSET', KEYS[4], states) end
 if #pending > 0 then call_many('HSET', KEYS[5], pending) end
-if #sent > 0 then
-  call_many('HSET', KEYS[7], sent)
-  call_many('ZADD', KEYS[8], sent_at)
-end
+if #sent > 0 then call_many('HSET', KEYS[7], sent) end
 for _, k in ipairs(run_keys) do
   local values = {}
   for _, entry in ipairs(run_order[k]) do
@@ -305,6 +305,7 @@ class HerdDispatcher:
                  sent_pending: set[str],
                  claimed: Callable[[Claim], None] = lambda claim: None,
                  sent: Callable[[str, int, float], None] = lambda tick, term, now: None,
+                 published: Callable[[bool, str], None] = lambda atomic, why: None,
                  batch_size: int = HERD_BATCH, pipeline: bool = True,
                  source: Callable[[], EntrySource | None] = lambda: None) -> None:
         self.app = app
@@ -325,6 +326,9 @@ class HerdDispatcher:
         self.sent_pending = sent_pending
         self.claimed = claimed
         self.sent = sent
+        # How ticks reach the broker, told once (the runner logs it at the first tick).
+        self.published = published
+        self._told_how = False
         # The runner's entry source, if any: its sent ticks are counted in the
         # claiming script when it keeps a count (source.RecordsRuns).
         self.source = source
@@ -555,6 +559,9 @@ class HerdDispatcher:
                          batch[index].entry.name, ticks[index])
             elif code != HERD_ALREADY_CLAIMED:
                 raise RuntimeError(f"HERD_DISPATCH_LUA returned {code!r} for {ticks[index]}")
+        if not self._told_how and (pushes or _PUSH in modes):
+            self._told_how = True
+            self.published(*_how_published(prepared, pushes))
         if pushes:
             self._publish_pending(prepared, pushes, term)
 
@@ -690,6 +697,17 @@ class HerdDispatcher:
             self.sent_pending.update(names)
             self.lease_client.hdel(self.keys.pending, *names)  # an error: run() retries
             self.sent_pending.difference_update(names)
+
+
+def _how_published(prepared: _Prepared, pushes: list[tuple[str, int]]) -> tuple[bool, str]:
+    """Whether a batch's ticks were pushed by the claiming script, and if not why."""
+    if _PUSH in prepared.modes:
+        return True, ""
+    if not prepared.atomic:
+        return False, "the leader_redis_url user may not push to the broker's queue"
+    if any(index in prepared.rendered for _, index in pushes):
+        return False, "the broker is not the lease's Redis"
+    return False, "their messages are sent through send_task"
 
 
 def _group_of(entry: Entry) -> tuple[str, str] | None:

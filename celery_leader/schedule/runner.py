@@ -72,7 +72,7 @@ from .herd import (
 from .metrics import SKIPPED_GRACE, SKIPPED_POLICY, ScheduleStats
 from .options import ScheduleOptions
 from .publish import Unsupported, capture_redis_publish
-from .source import EntrySource, RecordsRuns
+from .source import EntrySource, RunRecordsHash
 from .store import ScheduleStore, from_ms, next_fire_time, to_ms
 from .tickstart import LostTicks, TickKeys
 
@@ -302,6 +302,7 @@ class ScheduleRunner:
                            if settings.tick_run_once else None)
         # None until the first publish tells whether the broker is the lease's Redis.
         self.atomic_publish: bool | None = None
+        self._told_how = False  # _tell_how_published
         self._warned_unsupported: set[str] = set()
         self._wake = threading.Event()
         self._unsent = False
@@ -315,6 +316,8 @@ class ScheduleRunner:
         self._warm_horizon: datetime | None = None
         self._dispatched = 0
         self.stats = ScheduleStats(per_entry=per_entry_metrics)
+        if per_entry_metrics:  # beat_schedule's entries at 0 from start-up (metrics.py)
+            self.stats.known(self.config_entries)
         # Ticks due now are claimed and published in fenced batches (herd.py).
         self.herd = HerdDispatcher(
             app, self.store.client, self._herd_script,
@@ -331,6 +334,7 @@ class ScheduleRunner:
             sent_pending=self._sent_pending,
             claimed=self._herd_claimed,
             sent=self.stats.sent,
+            published=self._tell_how_published,
             source=lambda: self.source)
 
     @property
@@ -561,7 +565,7 @@ class ScheduleRunner:
         """Forget the progress of entries the schedule no longer has (forget.py);
         False when the term is over."""
         source = self.source
-        runs_key = source.runs_key if isinstance(source, RecordsRuns) else None
+        runs_key = source.runs_key if isinstance(source, RunRecordsHash) else None
         config, held = self.config_entries, loaded.held
         return self.removed_entries.forget(
             term, lambda name: name in config or name in held, runs_key)
@@ -908,6 +912,18 @@ class ScheduleRunner:
         self._send_task(data, producer, sentinels["leader_fire_time"],
                         sentinels["leader_term"], sentinels["__tick__"])
 
+    def _tell_how_published(self, atomic: bool, why: str) -> None:
+        """The one line, at the first tick sent (one at a time or in a herd), that
+        says whether ticks are pushed in the step that clears their claim."""
+        if self._told_how:
+            return
+        self._told_how = True
+        if atomic:
+            log.info("celery-leader: ticks are published in the same atomic step as their "
+                     "claim is cleared")
+        else:
+            log.info("celery-leader: ticks are published after their claim (%s)", why)
+
     def _forbid_atomic(self, error: Exception) -> None:
         self.atomic_publish = False
         log.warning("celery-leader: the leader_redis_url user may not push to the "
@@ -926,9 +942,8 @@ class ScheduleRunner:
                                            broker_keys=broker_keys)
             if self.atomic_publish is None:
                 self.atomic_publish = pushes is not None
-                log.info("celery-leader: ticks are published %s", "in the same atomic step "
-                         "as their claim is cleared" if pushes is not None else
-                         "after their claim (the broker is not the lease's Redis)")
+                self._tell_how_published(pushes is not None,
+                                         "the broker is not the lease's Redis")
             if pushes is None:
                 return False
             sent = (self.ticks.sent_record(pushes, broker_keys.get("unacked", ""))

@@ -61,9 +61,16 @@ class RunRecord:
 class RecordsRuns(Protocol):
     """An :class:`EntrySource` that counts its entries' sent ticks (optional)."""
 
-    runs_key: str
-    """The hash of every run record (the leader forgets a removed entry's: forget.py)."""
-
     def run_record(self, entry: Entry) -> RunRecord | None:
         """Where a sent tick of ``entry`` is counted (None: not counted); called
         while the claim is prepared, so cheap and never waiting on the outside."""
+
+
+@runtime_checkable
+class RunRecordsHash(Protocol):
+    """A :class:`RecordsRuns` source whose run records all live in one hash
+    (optional): the leader forgets there the records of entries gone from the
+    schedule for a day (forget.py), so the hash does not keep every row that
+    ever existed."""
+
+    runs_key: str
