@@ -202,6 +202,7 @@ class Sample:
     ticks: int
     leader_runs: int
     sent: int  # leader-only tasks sent so far
+    send_errors: int  # sends that raised
     keys: int  # DBSIZE
     used_memory: int
     broker_bytes: int  # MEMORY USAGE of BROKER_KEYS: messages waiting or unacked
@@ -281,7 +282,7 @@ class Sampler:
         in_flight = rest[len(QUEUES) + len(BROKER_KEYS):]
         families, family_bytes = self.families()
         return Sample(elapsed=elapsed, ticks=ticks, leader_runs=leader_runs,
-                      sent=self.sender.sent, keys=int(keys),
+                      sent=self.sender.sent, send_errors=self.sender.errors, keys=int(keys),
                       used_memory=int(memory["used_memory"]),
                       broker_bytes=sum(int(size or 0) for size in broker),
                       in_flight_bytes=sum(int(size or 0) for size in in_flight),
@@ -395,7 +396,9 @@ def report(args: argparse.Namespace, command: str, header: str,
     elapsed = last.elapsed or 1.0
     lines += ["", f"Ticks run: {last.ticks:,} in {last.elapsed:.0f} s "
               f"({last.ticks / elapsed:.1f}/s, target {args.entries}/s); leader-only: "
-              f"{last.leader_runs:,} run of {last.sent:,} sent; leaders seen: "
+              f"{last.leader_runs:,} run of {last.sent:,} sent"
+              + (f" ({last.send_errors:,} sends failed)" if last.send_errors else "")
+              + "; leaders seen: "
               f"{', '.join(sorted({s.leader for s in samples}))}."]
     if last.ticks / elapsed < 0.95 * args.entries:
         lines.append(f"The workers fell behind the schedule (backlog at the end: "
