@@ -58,6 +58,7 @@ import sys
 import tempfile
 import threading
 import time
+import tracemalloc
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -123,6 +124,13 @@ def rss_kb(pid: int) -> int | None:
 # --------------------------------------------------------------------- processes
 
 
+def trace_dir(log_dir: str) -> str:
+    """Where the workers write their tracemalloc snapshots (``--tracemalloc``)."""
+    path = os.path.join(log_dir, "tracemalloc")
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
 class Worker(_Worker):
     """One ``celery worker`` of benchmarks/_soak_app.py with an identity of its
     own; stopped by PID (benchmarks/leader_queue.py's Worker.stop)."""
@@ -136,6 +144,8 @@ class Worker(_Worker):
                if not key.startswith(("CELERY_", "LEADER_"))}
         env.update(SOAK_REDIS_URL=redis_url, SOAK_ELECTION=ELECTION,
                    SOAK_ENTRIES=str(args.entries), SOAK_WORKER="1", PYTHONUNBUFFERED="1",
+                   SOAK_TRACEMALLOC_DIR=trace_dir(log_dir) if args.tracemalloc else "",
+                   SOAK_TRACEMALLOC_EVERY=str(args.tracemalloc),
                    PYTHONPATH=os.pathsep.join(p for p in (str(BENCH_DIR), str(ROOT),
                                                           os.environ.get("PYTHONPATH", ""))
                                               if p))
@@ -366,7 +376,7 @@ def fmt_bytes(value: float) -> str:
 
 
 def report(args: argparse.Namespace, command: str, header: str,
-           samples: Sequence[Sample]) -> str:
+           samples: Sequence[Sample], traced: Sequence[str] = ()) -> str:
     prefork = args.pool == "prefork"
     lines = [f"Command: `{command}`", "", header, "",
              f"{args.workers} `celery worker --pool {args.pool} -c {args.concurrency}` "
@@ -441,6 +451,8 @@ def report(args: argparse.Namespace, command: str, header: str,
         lines.append(f"| `{name}` | {count:,} | {change:+,} "
                      f"| {family_slope(after, name):,.2f} "
                      f"| {fmt_bytes(family_bytes.get(name, 0))} |")
+    if traced:
+        lines += ["", *traced]
     return "\n".join(lines)
 
 
@@ -468,6 +480,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--top", type=int, default=20, help="key families listed at the end")
     parser.add_argument("--startup-timeout", type=float, default=120.0)
     parser.add_argument("--json", help="also write the samples here")
+    parser.add_argument("--tracemalloc", type=float, default=0.0, metavar="SECONDS",
+                        help="trace the workers' Python allocations, a snapshot every "
+                             "SECONDS, and report what grew in the leader after the warm-up "
+                             "(slows the workers down; default: off)")
     args = parser.parse_args(argv)
     for name in ("seconds", "entries", "workers", "concurrency", "sample", "top"):
         if not getattr(args, name) > 0:
@@ -476,6 +492,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("-c: the solo pool runs one task at a time (use -c 1)")
     if not 0 <= args.warmup < args.seconds:
         parser.error(f"--warmup must be in [0, --seconds), got {args.warmup:g}")
+    if args.tracemalloc < 0:
+        parser.error(f"--tracemalloc must be >= 0, got {args.tracemalloc:g}")
     if args.leader_rate < 0:
         parser.error(f"--leader-rate must be >= 0, got {args.leader_rate:g}")
     return args
@@ -486,7 +504,7 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def run(args: argparse.Namespace, soak_app: Any, server: EmbeddedRedis, client: redis.Redis,
-        workers: list[Worker], log_dir: str) -> list[Sample]:
+        workers: list[Worker], log_dir: str) -> tuple[list[Sample], float]:
     for index in range(args.workers):
         workers.append(Worker(index, args, server.url, log_dir))
         log(f"worker {index}: pid {workers[-1].pid} ({shlex.join(workers[-1].command[1:])})")
@@ -498,6 +516,7 @@ def run(args: argparse.Namespace, soak_app: Any, server: EmbeddedRedis, client: 
 
     wait_until(ticking, args.startup_timeout, "the first tick to run", interval=0.1)
     t0 = time.monotonic()
+    t0_wall = time.time()
     sender = LeaderOnlySender(soak_app.leader_task, args.leader_rate, t0 + args.seconds + 5)
     sender.start()
     sampler = Sampler(client, workers, soak_app.counters, sender)
@@ -515,9 +534,45 @@ def run(args: argparse.Namespace, soak_app: Any, server: EmbeddedRedis, client: 
                 f"{fmt_bytes(sample.broker_bytes)}, records {fmt_bytes(sample.in_flight_bytes)}) "
                 f"leader {sample.leader} RSS "
                 f"{fmt_bytes(sample.rss_kb * 1024)} backlog {sample.backlog}")
-        return samples
+        return samples, t0_wall
     finally:
         sender.stop()
+
+
+def allocations(args: argparse.Namespace, samples: Sequence[Sample], workers: Sequence[Worker],
+                log_dir: str, t0_wall: float) -> list[str]:
+    """What grew in the leader's Python heap after the warm-up: its first and
+    last tracemalloc snapshots written after it, compared by line."""
+    leaders = {s.leader for s in samples}
+    if len(leaders) != 1:
+        return [f"No allocation report: the lease changed hands ({', '.join(sorted(leaders))})."]
+    pid = next(w.pid for w in workers if w.identity == samples[-1].leader)
+    folder = trace_dir(log_dir)
+    snaps = sorted((os.path.getmtime(os.path.join(folder, name)), os.path.join(folder, name))
+                   for name in os.listdir(folder)
+                   if name.startswith(f"{pid}-") and name.endswith(".snap"))
+    snaps = [(at - t0_wall, path) for at, path in snaps if at - t0_wall >= args.warmup]
+    if len(snaps) < 2:
+        return ["No allocation report: fewer than two snapshots after the warm-up."]
+    (first_at, first), (last_at, last) = snaps[0], snaps[-1]
+    ignore = [tracemalloc.Filter(False, tracemalloc.__file__),
+              tracemalloc.Filter(False, "<frozen importlib._bootstrap*>")]
+    old = tracemalloc.Snapshot.load(first).filter_traces(ignore)
+    new = tracemalloc.Snapshot.load(last).filter_traces(ignore)
+    diff = new.compare_to(old, "lineno")
+    total = sum(d.size_diff for d in diff)
+    lines = [f"Python allocations of the leader (pid {pid}, tracemalloc) from t = "
+             f"{first_at:.0f} s to t = {last_at:.0f} s: {fmt_bytes(total)} in all; the "
+             f"lines that grew most:", "",
+             "| grew by | blocks | now | allocated at |", "|---|---|---|---|"]
+    for stat in sorted(diff, key=lambda d: -d.size_diff)[:args.top]:
+        frame = stat.traceback[0]
+        where = frame.filename
+        for marker in ("site-packages/", str(ROOT) + "/"):
+            where = where.split(marker, 1)[-1]
+        lines.append(f"| {fmt_bytes(stat.size_diff)} | {stat.count_diff:+,} "
+                     f"| {fmt_bytes(stat.size)} | `{where}:{frame.lineno}` |")
+    return lines
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -542,11 +597,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         import _soak_app as soak_app  # the sender: the same app, its routes included
 
         app = soak_app.app
-        samples = run(args, soak_app, server, client, workers, log_dir)
+        samples, t0_wall = run(args, soak_app, server, client, workers, log_dir)
+        traced = allocations(args, samples, workers, log_dir, t0_wall) \
+            if args.tracemalloc else []
         header = (f"Machine: {machine(client)}. Load average (1/5/15 min) "
                   f"{'/'.join(f'{x:.2f}' for x in load_before)} at the start, "
                   f"{'/'.join(f'{x:.2f}' for x in os.getloadavg())} at the end.")
-        print(report(args, command, header, samples), flush=True)
+        print(report(args, command, header, samples, traced), flush=True)
         if args.json:
             with open(args.json, "w") as stream:
                 json.dump({"command": command, "samples": [asdict(s) for s in samples]},
