@@ -39,6 +39,7 @@ from .schedule.runner import ScheduleRunner
 from .settings import exit_on_configuration_error, read_settings
 from .sources import entry_source
 from .status import ReplicaRegistry, StatusSource, serve_status
+from .tlscheck import check_credentials
 
 log = secret_safe_logger(__name__)
 
@@ -56,6 +57,7 @@ class LeaderScheduler(Scheduler):  # type: ignore[misc]
             identity = settings.default_identity(f"beat@{socket.gethostname()}")
             self.leader_settings = settings
             self.lock: RedisLock = settings.beat_lock(identity)
+            check_credentials(app, settings, self.lock)  # one line, not retries forever
             self.healthz = HealthzAdaptor.for_lease(settings.lease_duration)
             self.elector: LeaderElector = settings.elector(
                 self.lock, LeaderCallbacks(on_started_leading=self._lead,

@@ -69,6 +69,7 @@ class LeaderSettings:
     metrics_per_entry: bool = False
     metrics_per_task: bool = False
     django_celery_beat: bool = False
+    strict_settings: bool = False
     transport_options: dict[str, Any] = field(default_factory=dict)
 
     def __repr__(self) -> str:
@@ -124,6 +125,12 @@ _warned_lock = threading.Lock()
 def unknown_settings(app: Any) -> list[str]:
     """One message per ``leader_*`` / ``CELERY_LEADER_*`` name in the app's config
     that celery-leader does not read (a typo would silently run on the default)."""
+    return [f"{key!r} is not a celery-leader setting and is ignored; {hint}"
+            for key, hint in _unknown_settings(app)]
+
+
+def _unknown_settings(app: Any) -> list[tuple[str, str]]:
+    """(name, hint) of each unknown ``leader_*`` / ``CELERY_LEADER_*`` name."""
     suffixes = {name.removeprefix("leader_") for name in KNOWN_SETTINGS}
     messages = []
     for key in sorted(str(k) for k in app.conf):
@@ -139,7 +146,7 @@ def unknown_settings(app: Any) -> list[str]:
         match = closest(suffix, suffixes)
         hint = (f"did you mean {prefix + spell(match)!r}?" if match else "valid names: "
                 + ", ".join(prefix + spell(name) for name in sorted(suffixes)))
-        messages.append(f"{key!r} is not a celery-leader setting and is ignored; {hint}")
+        messages.append((key, hint))
     return messages
 
 
@@ -162,6 +169,11 @@ def read_settings(app: Any) -> LeaderSettings:
         value = setting(app, name, default)
         return check(name, value) if value is not default or default is None else value
 
+    strict = get("leader_strict_settings", False, _bool)
+    if strict and (unknown := _unknown_settings(app)):
+        key, hint = unknown[0]
+        raise ConfigurationError(f"{key!r} is not a celery-leader setting ({hint}); "
+                                 "leader_strict_settings makes this an error")
     warn_unknown_settings(app)
     url = setting(app, "leader_redis_url", None)
     if url is None:
@@ -206,6 +218,7 @@ def read_settings(app: Any) -> LeaderSettings:
         metrics_per_entry=get("leader_metrics_per_entry", False, _bool),
         metrics_per_task=get("leader_metrics_per_task", False, _bool),
         django_celery_beat=get("leader_django_celery_beat", False, _django_celery_beat),
+        strict_settings=strict,
         transport_options=dict(setting(app, "broker_transport_options", None) or {}),
     )
     check_wait_timeouts(settings)

@@ -53,7 +53,7 @@ from .state import LEADER_ONLY_TASKS, shared_leadership
 from .status import ReplicaRegistry, StatusSource, serve_status
 from .taskruns import done_ttl_ms
 from .taskstats import TaskStats
-from .tlscheck import check_tls
+from .tlscheck import check_credentials, check_tls
 
 __all__ = ["LeaderController", "LeaderQueueStep", "LeaderWorkerStep", "LeadershipHook",
            "controller_for_worker", "current_controller", "on_worker_shutdown", "run_elector"]
@@ -110,7 +110,9 @@ class LeaderController:
         self._reliable_queue: bool | None = None  # decided at the first leadership
         if settings.tick_run_once:
             # Every task of the app: a tick's copies run once, whichever queue it is on.
-            guard_tick_starts(app.tasks, TickStartClaim(lambda: self.lock.client))
+            guard_tick_starts(app.tasks, TickStartClaim(lambda: self.lock.client,
+                                                        wait_replicas=self.lock.wait_replicas,
+                                                        wait_timeout=self.lock.wait_timeout))
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         # /metrics, /status and / on the health port (status.py); the task counters
@@ -339,12 +341,35 @@ def controller_for_worker(worker: Any, options: dict[str, Any]) -> LeaderControl
                 "threads or solo"
             )
         settings = _with_cli_overrides(read_settings(app), options)
+        if options.get("beat") and settings.beat:
+            # INVARIANT: never two dispatchers: -B's stock beat would send every
+            # entry from every replica beside the leader's.
+            raise ConfigurationError(
+                "celery worker -B starts Celery's own beat beside celery-leader's dispatcher "
+                "(leader_beat is on), so every entry would be sent twice or more: drop -B "
+                "(the leader already sends beat_schedule), or set leader_beat = False")
+        if options.get("beat") and not settings.beat and not _leader_scheduler(
+                getattr(worker, "scheduler", None)):
+            log.warning("celery-leader: celery worker -B runs Celery's own beat in this worker "
+                        "(leader_beat is off): every replica started with -B sends every "
+                        "entry; add --scheduler leader so that only the leading one sends")
         check_tls(app, settings)  # a certificate problem: one line now, not retries forever
         controller = LeaderController(app, settings, hostname=worker.hostname)
+        check_credentials(app, settings, controller.lock)  # one line now, not retries forever
     lock = controller.lock
     # Each new leader labels the election for `celery leader status --all`.
     controller.leadership_hooks.append(lambda term, stop: mark_role(lock, ROLE_WORKERS))
     return controller
+
+
+def _leader_scheduler(scheduler: Any) -> bool:
+    """Whether -B's scheduler is celery-leader's (by name: the beat module is not
+    imported here)."""
+    if isinstance(scheduler, str):
+        return scheduler in ("leader", "celery_leader.beat:LeaderScheduler",
+                             "celery_leader.beat.LeaderScheduler")
+    return any(klass.__name__ == "LeaderScheduler" and klass.__module__ == "celery_leader.beat"
+               for klass in getattr(scheduler, "__mro__", ()))
 
 
 def _with_cli_overrides(settings: LeaderSettings, options: dict[str, Any]) -> LeaderSettings:

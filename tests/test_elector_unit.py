@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
+import redis
 
 from celery_leader import (
     ClaimResult,
@@ -773,3 +774,36 @@ def test_failing_work_steps_down_and_lets_a_follower_take_over(
         clock.advance(LEASE)
         wait_until(lambda: len(attempts) == 2, 5.0, message="a leads again")
     assert rec.events[:4] == ["started", "stopped", "started", "stopped"]
+
+
+def test_refused_credentials_fail_check_after_the_bound_but_an_outage_never_does(
+        store: FakeStore, clock: FakeClock) -> None:
+    """Pure logic of the bound (the real Redis case: tests/test_redis_credentials.py):
+    lease + tolerance of nothing but refused credentials; any other error, or a
+    success, starts the count again."""
+    a, lock, _ = make(store, "a", clock)
+    refused = redis.exceptions.AuthenticationError("invalid username-password pair")
+    lock.fail_with = refused
+    assert not a.try_acquire_or_renew()
+    assert a.stats.credentials_refused
+    clock.now = T0 + LEASE + 0.5  # within lease + tolerance
+    a.check(0.5)
+    clock.now = T0 + LEASE + 0.5 + EPS
+    with pytest.raises(HealthCheckError, match="refused the credentials"):
+        a.check(0.5)
+    # Redis goes down meanwhile: an outage is waited out, whatever came before.
+    lock.fail_with = ConnectionError("down")
+    assert not a.try_acquire_or_renew()
+    assert not a.stats.credentials_refused
+    clock.now += 10 * LEASE
+    a.check(0.5)
+    # Refused again, then accepted: healthy at once.
+    lock.fail_with = refused
+    assert not a.try_acquire_or_renew()
+    clock.now += LEASE + 1.0
+    with pytest.raises(HealthCheckError):
+        a.check(0.5)
+    lock.fail_with = None
+    assert a.try_acquire_or_renew()
+    a.check(0.5)
+    assert not a.stats.credentials_refused

@@ -537,3 +537,12 @@ def test_the_loop_builds_templates_while_idle_before_the_herd(rig: Rig) -> None:
         runner.wake()
         thread.join(10)
     assert not thread.is_alive()
+
+
+def test_batches_acknowledged_by_replicas_are_not_pipelined(rig: Rig) -> None:
+    """A pipelined batch's WAIT would go on another connection and prove nothing."""
+    lock, _ = rig.lead("a")
+    runner = rig.runner(lock)
+    assert runner.herd._pipelining()
+    lock.wait_replicas = 1
+    assert not runner.herd._pipelining()

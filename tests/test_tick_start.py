@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from celery_leader.schedule.tickstart import (
     read_sent_record,
     sent_record,
 )
+from tests.celery_procs import wait_until
 from tests.dispatch import fire as dispatch
 from tests.test_atomic_publish import FIRE, PATHS, Rig
 
@@ -218,67 +220,60 @@ def _run_with_request(task: Any, headers: dict[str, Any], label: str) -> Any:
         task.pop_request()
 
 
-@pytest.mark.integration
-def test_a_real_worker_runs_a_tick_once_whatever_copies_reach_it(
-        tmp_path: Path, redis_url: str, election_name: str) -> None:
-    from tests.celery_procs import Cluster, wait_until
+@contextmanager
+def one_worker(tmp_path: Path, redis_url: str,
+               election_name: str) -> Iterator[tuple[Any, redis.Redis, list[str], Celery]]:
+    """A real prefork worker with install(app); the tick keys of its election and a
+    sender app; everything stopped afterwards, whatever happened."""
+    from tests.celery_procs import Cluster
 
     client = redis.Redis.from_url(redis_url)
     cluster = Cluster(tmp_path, redis_url, election_name)
+    sender = Celery("sender", broker=redis_url, set_as_current=False)
     try:
         cluster.start(1, pool="prefork")
         cluster.wait_ready(timeout=45)
-        keys = [f"celery-leader:{{{election_name}}}:schedule:started",
-                f"celery-leader:{{{election_name}}}:schedule:sent",
-                f"celery-leader:{{{election_name}}}:schedule:sent-at"]
+        keys = [f"celery-leader:{{{election_name}}}:schedule:{suffix}"
+                for suffix in ("started", "sent", "sent-at")]
+        yield cluster, client, keys, sender
+    finally:
+        sender.close()
+        cluster.stop()
+        cluster.events.close()
+        client.close()
+
+
+@pytest.mark.integration
+def test_a_real_worker_runs_a_tick_once_whatever_copies_reach_it(
+        tmp_path: Path, redis_url: str, election_name: str) -> None:
+    with one_worker(tmp_path, redis_url, election_name) as (cluster, client, keys, sender):
         # The token a leader's claim writes (sent_record without pushes: another broker).
         client.hset(keys[1], "t@1", sent_record([], [], "", at_ms=int(time.time() * 1000)))
-        sender = Celery("sender", broker=redis_url, set_as_current=False)
         for copy in range(3):
             sender.send_task("tests.apps.leader_app.plain_work", args=[f"copy{copy}"],
                              headers={"leader_tick": "t@1", "leader_tick_keys": keys})
-        sender.close()
         wait_until(lambda: cluster.logs().count("already started; skipping") == 2, 30,
                    "two copies to be skipped", cluster.logs)
         assert len(cluster.events.of("plain_start")) == 1, cluster.events.dump()
         assert not client.hexists(keys[1], "t@1")  # the token is consumed ...
         assert client.zcard(keys[0]) == 1  # ... its attempt remembered (ATTEMPT_TTL_MS)
-    finally:
-        cluster.stop()
-        cluster.events.close()
-        client.close()
 
 
 @pytest.mark.integration
 def test_a_tick_that_expired_before_it_started_consumes_its_token_without_running(
         tmp_path: Path, redis_url: str, election_name: str) -> None:
     """Celery revokes it before its body: its token would otherwise wait a week."""
-    from tests.celery_procs import Cluster, wait_until
-
-    client = redis.Redis.from_url(redis_url)
-    cluster = Cluster(tmp_path, redis_url, election_name)
-    try:
-        cluster.start(1, pool="prefork")
-        cluster.wait_ready(timeout=45)
-        keys = [f"celery-leader:{{{election_name}}}:schedule:started",
-                f"celery-leader:{{{election_name}}}:schedule:sent",
-                f"celery-leader:{{{election_name}}}:schedule:sent-at"]
+    with one_worker(tmp_path, redis_url, election_name) as (cluster, client, keys, sender):
         client.hset(keys[1], "t@2", sent_record([], [], "", at_ms=int(time.time() * 1000)))
         client.zadd(keys[2], {"t@2": time.time() * 1000 + 60_000})
-        sender = Celery("sender", broker=redis_url, set_as_current=False)
         sender.send_task("tests.apps.leader_app.plain_work", args=["expired"],
                          expires=datetime.now(UTC) - timedelta(seconds=5),
                          headers={"leader_tick": "t@2", "leader_tick_keys": keys})
-        sender.close()
         wait_until(lambda: not client.hexists(keys[1], "t@2"), 30,
                    "the expired tick's token to be consumed", cluster.logs)
         assert client.zcard(keys[2]) == 0
         assert "revoked before it started" in cluster.logs()
         assert not cluster.events.of("plain_start"), cluster.events.dump()
-    finally:
-        cluster.stop()
-        cluster.events.close()
-        client.close()
 
 
 def test_a_tick_in_a_backlog_longer_than_the_search_gets_no_copy_until_it_is_shorter(

@@ -141,6 +141,7 @@ class ElectionStats:
         self.renew_seconds = Histogram(RENEW_BUCKETS)
         self.renew_failures = 0
         self.lock_errors: dict[str, int] = {}
+        self.credentials_refused = False  # the last lock call: Redis refused our credentials
         self.recent: collections.deque[Transition] = collections.deque(maxlen=recent)
         self.leading_since = 0.0  # wall clock; 0 while not leading
 
@@ -201,6 +202,9 @@ def election_families(name: str, elector: ElectionView) -> list[Family]:
                "Lock calls that raised, by exception class (Redis down, timeouts, ...)",
                ("name", "kind"),
                {(name, kind): float(n) for kind, n in sorted(stats.lock_errors.items())}),
+        Family("celery_leader_lock_credentials_refused", "gauge",
+               "1 while Redis refuses this replica's credentials for the lock (WRONGPASS, "
+               "NOAUTH, NOPERM)", ("name",), {key: 1.0 if stats.credentials_refused else 0.0}),
         Family("celery_leader_observed_holder_info", "gauge",
                "1 for the holder this replica last saw in the lease",
                ("name", "holder"), {(name, holder): 1.0} if holder else {}),

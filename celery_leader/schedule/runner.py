@@ -528,12 +528,16 @@ class ScheduleRunner:
             if time.monotonic() >= forget_at:
                 forget_at = time.monotonic() + FORGET_EVERY
                 if not self._forget_removed(loaded, term):
+                    log.info("celery-leader: term %d is over (seen while forgetting "
+                             "removed entries)", term)
                     return
             if time.monotonic() >= next_check:
                 next_check = time.monotonic() + self.settings.retry_period
                 if self._unsent and not self._recover_pending(term):
                     return
                 if self.lost_ticks is not None and not self.lost_ticks.repush(term):
+                    log.info("celery-leader: term %d is over (seen by the sweep of ticks "
+                             "not started)", term)
                     return
                 current = self.store.version()
                 changed, version = current != version, current

@@ -66,7 +66,7 @@ from celery.exceptions import Ignore
 from celery.signals import task_revoked
 
 from ..election.redact import secret_safe_logger
-from ..election.redislock import FENCED, RedisLock, as_text
+from ..election.redislock import FENCED, RedisLock, as_text, script_then_wait
 
 # Logger names are part of the interface (users configure them): the old module's.
 log = secret_safe_logger("celery_leader.tickstart")
@@ -280,11 +280,26 @@ def _some(ticks: list[str]) -> str:
 
 
 class TickStartClaim:
-    """Runs a tick's body only for the copy that claims its start first."""
+    """Runs a tick's body only for the copy that claims its start first.
 
-    def __init__(self, client: Callable[[], Any]) -> None:
+    With ``wait_replicas`` = n > 0 (the lock's ``leader_wait_replicas``) the
+    claim is followed, on its own connection, by ``WAIT n`` before the body
+    runs: a replica that acknowledged it holds the consumed token and, earlier
+    in the stream, the leader's claim of the tick, so a fail-over to it neither
+    sends the tick again nor lets a second copy start.  One WAIT round trip per
+    tick.  Not acknowledged within ``wait_timeout``: the body runs anyway, with
+    a warning naming the tick.  The token is consumed on the primary, so
+    refusing would lose the tick whenever the primary survives (nobody sends it
+    again); running doubles it only if the primary then dies before a replica
+    catches up.
+    """
+
+    def __init__(self, client: Callable[[], Any], wait_replicas: int = 0,
+                 wait_timeout: float = 0.5) -> None:
         self._client = client
         self._script: Any = None
+        self._wait_replicas = wait_replicas
+        self._wait_timeout = wait_timeout
 
     def claim(self, tick: str, keys: list[str], give_up_after: float = CLAIM_GIVE_UP_S) -> bool:
         """True: run it.  False: another copy started (or Redis stayed unreachable:
@@ -299,7 +314,15 @@ class TickStartClaim:
             try:
                 # Asked again with the same attempt if a reply is lost: never a false "copy".
                 # INVARIANT: asked again only within CLAIM_GIVE_UP_S < ATTEMPT_TTL_MS.
-                return bool(self._script(keys=keys, args=[tick, attempt, ATTEMPT_TTL_MS]) == 1)
+                started, acknowledged = script_then_wait(
+                    client, self._script, keys, [tick, attempt, ATTEMPT_TTL_MS],
+                    self._wait_replicas, self._wait_timeout)
+                if started == 1 and not acknowledged:
+                    log.warning("celery-leader: the start of tick %s was not acknowledged by "
+                                "%d replica(s) within %.2fs; running it anyway (a Redis "
+                                "fail-over before the replica catches up can run it twice)",
+                                tick, self._wait_replicas, self._wait_timeout)
+                return bool(started == 1)
             except Exception as exc:
                 if time.monotonic() >= deadline:
                     log.error("celery-leader: could not claim the start of tick %s (%s); "
