@@ -26,9 +26,11 @@ $(UV_STAMP): uv.lock
 	touch $(UV_STAMP)
 
 # The venv is exactly the lock (--locked: it fails, saying so, when pyproject.toml
-# changed and uv.lock was not refreshed); the project itself is installed editable.
+# changed and uv.lock was not refreshed): the dev extra for the tests and the demo,
+# the bench extra for benchmarks/; the project itself is installed editable.
 $(STAMP): pyproject.toml uv.lock $(UV_STAMP)
-	UV_PROJECT_ENVIRONMENT=$(VENV) $(UV) sync --quiet --locked --extra dev --python $(PY)
+	UV_PROJECT_ENVIRONMENT=$(VENV) $(UV) sync --quiet --locked --extra dev --extra bench \
+	  --python $(PY)
 	touch $(STAMP)
 
 # Refresh uv.lock to the newest versions pyproject.toml allows; `make` then installs it.

@@ -173,6 +173,10 @@ class MessageTemplate:
                                keep_pieces=False)
 
 
+# celery.utils.saferepr's default depth, what Celery used before task_repr_maxlevels.
+SAFEREPR_MAXLEVELS = 3
+
+
 def _seconds_after(now: datetime, seconds: float) -> str:
     # Celery's own formula (app/amqp.py, as_task_v2), so the strings match: the
     # seconds added in UTC, the same instant across a DST change. Written out (it is
@@ -301,8 +305,9 @@ def _entry_parts(app: Any, payload: str,
         embed = body[2]
     except (ValueError, KeyError, TypeError, IndexError):
         return None
+    # Celery before 5.7 has no task_repr_maxlevels: its saferepr's default, 3, applies.
     parts = EntryParts(embed, int(app.amqp.argsrepr_maxsize), int(app.amqp.kwargsrepr_maxsize),
-                       int(app.conf.task_repr_maxlevels))
+                       int(app.conf.get("task_repr_maxlevels", SAFEREPR_MAXLEVELS)))
     try:
         filled = parts.fill(*shared)
     except (TypeError, ValueError):
