@@ -82,7 +82,7 @@ bench: $(STAMP)
 # leader-queue, metrics and Django integration tests. test-latest also type-checks
 # against the newest versions (what the next `make lock` brings); the oldest are not
 # type-checked (redis-py 5.x types every reply as maybe-awaitable).
-# Outside `make test`'s time budget: ~N min each on 2 cores.
+# Outside `make test`'s time budget: 6-10 min each on 2 shared cores.
 COMPAT_TESTS := tests/test_scheduler_unit.py tests/test_elector_unit.py tests/test_config.py \
 	tests/test_settings.py tests/test_cron.py tests/test_record.py tests/test_user_errors.py \
 	tests/test_redislock.py tests/test_elector_redis.py tests/test_celery_worker.py \
