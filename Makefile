@@ -79,9 +79,10 @@ bench: $(STAMP)
 # The versions pyproject.toml declares, tested: the lowest it allows for each direct
 # dependency (the library's, its extras' and the dev tools'), resp. the newest, each in
 # a venv of its own, not from the lock: the unit tests and the worker, schedule,
-# leader-queue, metrics and Django integration tests. test-latest also type-checks
-# against the newest versions (what the next `make lock` brings); the oldest are not
-# type-checked (redis-py 5.x types every reply as maybe-awaitable).
+# leader-queue, metrics, Django, Sentinel, Cluster and TLS integration tests.
+# test-latest also type-checks against the newest versions (what the next `make lock`
+# brings); the oldest are not type-checked (redis-py 5.x types every reply as
+# maybe-awaitable).
 # Outside `make test`'s time budget: 6-10 min each on 2 shared cores.
 COMPAT_TESTS := tests/test_scheduler_unit.py tests/test_elector_unit.py tests/test_config.py \
 	tests/test_settings.py tests/test_cron.py tests/test_record.py tests/test_user_errors.py \
@@ -90,7 +91,8 @@ COMPAT_TESTS := tests/test_scheduler_unit.py tests/test_elector_unit.py tests/te
 	tests/test_schedule_modes.py tests/test_schedule_shared.py tests/test_runtime_entries.py \
 	tests/test_beat_stop.py tests/test_herd.py tests/test_herd_runs.py \
 	tests/test_leader_queue.py tests/test_leader_only_claims.py tests/test_metrics.py \
-	tests/test_django_beat.py tests/test_django_beat_procs.py tests/test_django_beat_standalone.py
+	tests/test_django_beat.py tests/test_django_beat_procs.py tests/test_django_beat_standalone.py \
+	tests/test_topologies.py tests/test_tls.py
 COMPAT_EXTRAS := dev,metrics,django
 # The packages whose resolved versions each run prints first.
 COMPAT_SHOW := celery kombu redis croniter django-celery-beat prometheus-client django psycopg \
