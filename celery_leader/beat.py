@@ -11,6 +11,10 @@ schedule's hash slot) and share the schedule's progress and its dispatcher
 claim with the worker-embedded mode: a beat leader dispatches only while the
 schedule is not owned by a live worker leader with ``leader_beat = True``.
 
+With ``leader_healthz_port`` set, each beat serves ``/healthz`` (a probe for
+its pod), ``/metrics``, ``/status`` and the status page there, as a worker does
+(status.py): its own election (``<leader_name>-beat``) and the schedule.
+
 ``celery_leader.is_leader()`` and ``current_term()`` answer for a worker's
 election (the page its pool children share) and stay false/0 in a beat
 process, leading or not; here ask ``scheduler.elector.is_leader()``.
@@ -27,12 +31,15 @@ from celery.beat import Scheduler
 from .election.config import LeaderCallbacks
 from .election.elections import ROLE_BEAT, StepDownListener, mark_role
 from .election.elector import LeaderElector
+from .election.healthz import HealthzAdaptor, HealthzServer
 from .election.redact import secret_safe_logger
 from .election.redislock import RedisLock
 from .election.running import run_while_leading, start_elector_thread
 from .schedule.runner import ScheduleRunner
 from .settings import exit_on_configuration_error, read_settings
 from .sources import entry_source
+from .status import ReplicaRegistry, StatusSource, serve_status
+from .tlscheck import check_credentials
 
 log = secret_safe_logger(__name__)
 
@@ -50,12 +57,23 @@ class LeaderScheduler(Scheduler):  # type: ignore[misc]
             identity = settings.default_identity(f"beat@{socket.gethostname()}")
             self.leader_settings = settings
             self.lock: RedisLock = settings.beat_lock(identity)
+            check_credentials(app, settings, self.lock)  # one line, not retries forever
+            self.healthz = HealthzAdaptor.for_lease(settings.lease_duration)
             self.elector: LeaderElector = settings.elector(
                 self.lock, LeaderCallbacks(on_started_leading=self._lead,
-                                           on_stopped_leading=lambda: None))
+                                           on_stopped_leading=lambda: None),
+                watchdog=self.healthz)
             self.runner = ScheduleRunner(app, self.lock, settings,
                                          still_leading=self.elector.is_leader,
+                                         per_entry_metrics=settings.metrics_per_entry,
                                          source=entry_source(app, settings, self.lock))
+        # The health port: the same endpoints as a worker's, for this election.
+        self.replicas = ReplicaRegistry(self.lock, identity,
+                                        interval=max(settings.retry_period,
+                                                     settings.lease_duration / 3))
+        self.status_source = StatusSource(self.lock.name, identity, self.elector,
+                                          self.replicas, self.runner.store, self.runner, None)
+        self.http: HealthzServer | None = None
         # No control consumer here: `celery leader step-down` reaches beat through Redis.
         self.step_down_listener = StepDownListener(self.elector, self.lock,
                                                    poll=settings.lease_duration)
@@ -65,7 +83,16 @@ class LeaderScheduler(Scheduler):  # type: ignore[misc]
 
     def setup_schedule(self) -> None:
         # beat_schedule was validated by ScheduleRunner; the stock store is unused.
+        settings = self.leader_settings
+        if settings.healthz_port is not None:  # before the elector: a bad port, no lead
+            with exit_on_configuration_error():
+                self.http = serve_status(self.healthz, self.status_source,
+                                         settings.healthz_port, settings.healthz_host,
+                                         settings.healthz_token)
         self._thread = start_elector_thread(self.elector, self._stop)
+        threading.Thread(target=self.replicas.run, name="celery-leader-replicas", daemon=True,
+                         args=(self._stop, lambda: (self.elector.is_leader(),
+                                                    self.elector.term))).start()
         self.step_down_listener.start()
 
     def _lead(self, stop: threading.Event) -> None:
@@ -89,10 +116,13 @@ class LeaderScheduler(Scheduler):  # type: ignore[misc]
 
     def close(self) -> None:
         self.step_down_listener.stop()
-        self.elector.stop()
+        self.elector.stop()  # sets _stop: the replica heartbeat ends too
         if self._thread is not None:
             self._thread.join(self.leader_settings.renew_deadline
                               + 2 * self.leader_settings.retry_period)
+        if self.http is not None:
+            self.http.close()
+            self.http = None
 
     @property
     def info(self) -> str:

@@ -1,5 +1,11 @@
 """``@leader_only``: tasks (and plain functions) that only the leader runs.
 
+Either order of ``@leader_only`` and ``@app.task`` makes a leader-only task: put
+below ``@app.task``, it marks the function, and the task whose body it is gets
+the task's guard (registered for routing when the app finalizes, the worker
+starts or the task is first sent, and applied whenever the body runs as that
+task), never the plain function's "return None on a follower".
+
 A leader-only task is routed to ``leader_queue``, which only the current leader
 consumes, so a message waits there while nobody leads.  The check that matters
 is made again in the pool child when the body is about to run, against the
@@ -13,6 +19,7 @@ import functools
 from collections.abc import Callable
 from typing import Any, TypeVar, overload
 
+from celery._state import get_current_task
 from celery.exceptions import Ignore, Reject
 from celery.local import PromiseProxy
 
@@ -25,11 +32,15 @@ from .taskstats import DUPLICATE, REQUEUED, STARTED
 from .worker import current_controller
 
 __all__ = ["LEADER_ONLY_TASKS", "POLICIES", "TASK_CLAIM_TTL_MS", "TASK_START_LUA",
-           "NotLeaderError", "leader_only"]
+           "NotLeaderError", "adopt_leader_only_tasks", "leader_only"]
 
 log = secret_safe_logger(__name__)
 
 POLICIES = ("requeue", "skip", "raise")
+# The attribute @leader_only sets on a function it wraps: its policy.  A task
+# whose body carries it is a leader-only task (@leader_only below @app.task).
+_FUNCTION_POLICY = "_leader_only_function_policy"
+_MAX_WRAPPERS = 32  # how deep _runs_under looks through wrappers of a task's run
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -45,7 +56,7 @@ def leader_only(target: None = None, *, on_follower: str = "requeue") -> Callabl
 
 
 def leader_only(target: Any = None, *, on_follower: str = "requeue") -> Any:
-    """Restrict a Celery task (put it above ``@app.task``) or a function to the leader.
+    """Restrict a Celery task (above or below ``@app.task``) or a function to the leader.
 
     ``on_follower``: ``"requeue"`` puts the message back for the leader (tasks),
     ``"skip"`` ends it as ignored (returns None for functions), ``"raise"``
@@ -78,13 +89,59 @@ def _is_task(obj: Any) -> bool:
 def _guard_function(fun: F, policy: str) -> F:
     @functools.wraps(fun)
     def guarded(*args: Any, **kwargs: Any) -> Any:
+        task = get_current_task()
+        if task is not None and _runs_under(task, guarded):
+            # The body of a task (@leader_only below @app.task): the task's guard,
+            # with its fenced claim, never the function's.
+            # With bind=True the task itself comes first: not the message's.
+            bound = bool(args) and args[0] is task
+            return _run_guarded(task, policy, lambda: fun(*args, **kwargs),
+                                args[1:] if bound else args, kwargs)
         if current_term():
             return fun(*args, **kwargs)
         if policy == "raise":
             raise NotLeaderError(f"{fun.__qualname__} runs only on the leader")
         return None
 
+    setattr(guarded, _FUNCTION_POLICY, policy)
     return guarded  # type: ignore[return-value]
+
+
+def _runs_under(task: Any, body: Any) -> bool:
+    """Whether ``body`` is the function ``task`` runs, under whatever wrapped
+    ``run`` since (the tick guard wraps every task's; ``run`` is a bound method
+    with ``bind=True``)."""
+    run = getattr(task, "run", None)
+    for _ in range(_MAX_WRAPPERS):
+        run = getattr(run, "__func__", run)
+        if run is body:
+            return True
+        run = getattr(run, "__wrapped__", None)
+        if run is None:
+            return False
+    return False
+
+
+def adopt(task: Any) -> bool:
+    """Register ``task`` as leader-only when its body is a @leader_only function
+    (the decorators in the other order); True when it is leader-only."""
+    if getattr(task, "_leader_only_policy", None) is not None:
+        return True
+    run = getattr(task, "run", None)
+    policy = getattr(getattr(run, "__func__", run), _FUNCTION_POLICY, None)
+    if policy is None:  # (functools.wraps copies it onto a wrapper of the body)
+        return False
+    task._leader_only_policy = policy
+    LEADER_ONLY_TASKS[task.name] = policy
+    return True
+
+
+def adopt_leader_only_tasks(app: Any) -> None:
+    """Register every task of ``app`` whose body is a @leader_only function:
+    called once the app is finalized and when a worker starts, so routing,
+    the leader queue and the task counters know them before the first message."""
+    for task in list(app.tasks.values()):
+        adopt(task)
 
 
 def _guard_task(task: Any, policy: str) -> None:
@@ -96,27 +153,35 @@ def _guard_task(task: Any, policy: str) -> None:
 
     @functools.wraps(original_run)
     def guarded_run(*args: Any, **kwargs: Any) -> Any:
-        request = task.request
-        term = current_term()
-        started = _start_run(request.id, term) if term else ClaimResult.FENCED
-        if started is ClaimResult.ALREADY_CLAIMED:  # it ran or runs under this term
-            _count(task.name, DUPLICATE)
-            log.info("leader-only task %s[%s] already ran; skipping duplicate",
-                     task.name, request.id)
-            raise Ignore()
-        if started is ClaimResult.FENCED:
-            return _on_follower(task, request, policy, args, kwargs)
-        _count(task.name, STARTED)
-        request.leader_term = term
-        try:
-            result = original_run(*args, **kwargs)
-        except BaseException:
-            _finish_run(request, done=False)  # a retry or redelivery may run it again
-            raise
-        _finish_run(request, done=True)
-        return result
+        return _run_guarded(task, policy, lambda: original_run(*args, **kwargs), args, kwargs)
 
     task.run = guarded_run
+
+
+def _run_guarded(task: Any, policy: str, call: Callable[[], Any], args: Any,
+                 kwargs: Any) -> Any:
+    """Run a leader-only task's body once per leadership: claimed under the
+    current term (fenced), else the on_follower policy (``args`` and ``kwargs``
+    are the message's, for a requeue)."""
+    request = task.request
+    term = current_term()
+    started = _start_run(request.id, term) if term else ClaimResult.FENCED
+    if started is ClaimResult.ALREADY_CLAIMED:  # it ran or runs under this term
+        _count(task.name, DUPLICATE)
+        log.info("leader-only task %s[%s] already ran; skipping duplicate",
+                 task.name, request.id)
+        raise Ignore()
+    if started is ClaimResult.FENCED:
+        return _on_follower(task, request, policy, args, kwargs)
+    _count(task.name, STARTED)
+    request.leader_term = term
+    try:
+        result = call()
+    except BaseException:
+        _finish_run(request, done=False)  # a retry or redelivery may run it again
+        raise
+    _finish_run(request, done=True)
+    return result
 
 
 def _count(task: str, outcome: int) -> None:
@@ -144,7 +209,7 @@ def _finish_run(request: Any, done: bool) -> None:
     if controller is None or task_id is None:
         return
     try:
-        controller.finish_run(task_id, done, TASK_CLAIM_TTL_MS,
+        controller.finish_run(task_id, done, controller.done_ttl_ms,
                               getattr(request, DELIVERY_HEADER, None))
     except Exception:
         log.exception("could not record the outcome of leader-only task %s", task_id)

@@ -29,7 +29,7 @@ from .schedule.runner import (
 )
 from .schedule.store import FIRST_SEEN_LUA, REMOVE_RUNTIME_ENTRY_LUA, next_fire_time
 from .settings import beat_lock, read_settings
-from .sources import external_entries
+from .sources import DJANGO_SOURCE, external_entries
 
 __all__ = [
     "ADOPT_PENDING_LUA",
@@ -65,6 +65,20 @@ class ScheduleStore(store.ScheduleStore):
     def for_app(cls, app: Any) -> ScheduleStore:
         settings = read_settings(app)
         return cls(app, settings.lock(API_IDENTITY), entries_name=settings.name)
+
+    def managed_elsewhere(self, name: str) -> str | None:
+        """A django-celery-beat row is listed with the schedule, but lives in the
+        database: it is enabled, disabled, changed and deleted there."""
+        try:
+            entry = external_entries(self.app, read_settings(self.app)).get(name)
+        except Exception:  # no Django, no database: the plain "no entry" answer
+            return None
+        if entry is None:
+            return None
+        if entry.source == DJANGO_SOURCE:
+            return ("a django-celery-beat task (a PeriodicTask row): enable, disable, change "
+                    "or delete it in the Django admin (or through the model), not here")
+        return f"a {entry.source} entry: manage it where {entry.source} keeps it, not here"
 
 
 def schedule_report(app: Any) -> list[dict[str, Any]]:

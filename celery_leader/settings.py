@@ -25,10 +25,11 @@ from .election.config import (
     default_identity,
     to_seconds,
     validate_timings,
+    validate_wait,
 )
 from .election.elector import LeaderElector
 from .election.redact import redact, redact_options, redact_text, redact_url, secret_safe_logger
-from .election.redisclient import REDIS_SCHEMES, redis_client_from_url
+from .election.redisclient import REDIS_SCHEMES, default_socket_timeout, redis_client_from_url
 from .election.redislock import RedisLock
 from .schedule.options import CATCH_UP_POLICIES, app_setting, closest
 from .schedule.runner import beat_election_name
@@ -68,6 +69,7 @@ class LeaderSettings:
     metrics_per_entry: bool = False
     metrics_per_task: bool = False
     django_celery_beat: bool = False
+    strict_settings: bool = False
     transport_options: dict[str, Any] = field(default_factory=dict)
 
     def __repr__(self) -> str:
@@ -108,7 +110,8 @@ class LeaderSettings:
     def redis_client(self) -> Any:
         """A new redis-py client (and connection pool) for ``leader_redis_url``."""
         return redis_client_from_url(self.redis_url, self.redis_options,
-                                     self.retry_period, self.transport_options)
+                                     self.retry_period, self.transport_options,
+                                     wait_timeout=self.wait_timeout if self.wait_replicas else 0.0)
 
 
 # Every leader_* setting, one per LeaderSettings field (transport_options is
@@ -122,6 +125,12 @@ _warned_lock = threading.Lock()
 def unknown_settings(app: Any) -> list[str]:
     """One message per ``leader_*`` / ``CELERY_LEADER_*`` name in the app's config
     that celery-leader does not read (a typo would silently run on the default)."""
+    return [f"{key!r} is not a celery-leader setting and is ignored; {hint}"
+            for key, hint in _unknown_settings(app)]
+
+
+def _unknown_settings(app: Any) -> list[tuple[str, str]]:
+    """(name, hint) of each unknown ``leader_*`` / ``CELERY_LEADER_*`` name."""
     suffixes = {name.removeprefix("leader_") for name in KNOWN_SETTINGS}
     messages = []
     for key in sorted(str(k) for k in app.conf):
@@ -137,7 +146,7 @@ def unknown_settings(app: Any) -> list[str]:
         match = closest(suffix, suffixes)
         hint = (f"did you mean {prefix + spell(match)!r}?" if match else "valid names: "
                 + ", ".join(prefix + spell(name) for name in sorted(suffixes)))
-        messages.append(f"{key!r} is not a celery-leader setting and is ignored; {hint}")
+        messages.append((key, hint))
     return messages
 
 
@@ -160,6 +169,11 @@ def read_settings(app: Any) -> LeaderSettings:
         value = setting(app, name, default)
         return check(name, value) if value is not default or default is None else value
 
+    strict = get("leader_strict_settings", False, _bool)
+    if strict and (unknown := _unknown_settings(app)):
+        key, hint = unknown[0]
+        raise ConfigurationError(f"{key!r} is not a celery-leader setting ({hint}); "
+                                 "leader_strict_settings makes this an error")
     warn_unknown_settings(app)
     url = setting(app, "leader_redis_url", None)
     if url is None:
@@ -204,9 +218,30 @@ def read_settings(app: Any) -> LeaderSettings:
         metrics_per_entry=get("leader_metrics_per_entry", False, _bool),
         metrics_per_task=get("leader_metrics_per_task", False, _bool),
         django_celery_beat=get("leader_django_celery_beat", False, _django_celery_beat),
+        strict_settings=strict,
         transport_options=dict(setting(app, "broker_transport_options", None) or {}),
     )
+    check_wait_timeouts(settings)
     return settings
+
+
+def check_wait_timeouts(settings: LeaderSettings) -> None:
+    """The WAIT timeout against the lock client's socket timeout and the renew
+    deadline, naming the settings (the derived socket timeout always fits)."""
+    explicit = settings.redis_options.get("socket_timeout", _UNSET)
+    if explicit is _UNSET:
+        socket_timeout: float | None = default_socket_timeout(
+            settings.retry_period, settings.wait_timeout if settings.wait_replicas else 0.0)
+    elif isinstance(explicit, (int, float)) and not isinstance(explicit, bool):
+        socket_timeout = float(explicit)
+    else:
+        # None: redis-py waits as long as it takes.  Anything else is no number
+        # of seconds, and redis-py names it when it connects.
+        socket_timeout = None
+    validate_wait(settings.wait_replicas, settings.wait_timeout, socket_timeout,
+                  settings.renew_deadline,
+                  names=("leader_wait_timeout", "leader_redis_options['socket_timeout']",
+                         "leader_renew_deadline"))
 
 
 def leader_queue(app: Any) -> str:
@@ -326,7 +361,9 @@ def _django_celery_beat(name: str, value: Any) -> bool:
     enabled = _bool(name, value)
     if enabled and importlib.util.find_spec("django_celery_beat") is None:
         raise ConfigurationError(f"{name} is True but django-celery-beat is not installed; "
-                                 "install it with: pip install 'celery-leader[django]'")
+                                 "pip install django-celery-beat (or reinstall celery-leader "
+                                 "with its django extra: pip install "
+                                 "'/path/to/celery-leader[django]' from a checkout)")
     return enabled
 
 

@@ -12,6 +12,9 @@ from .schedule.source import EntrySource
 from .schedule.store import ScheduleStore
 from .settings import LeaderSettings
 
+DJANGO_SOURCE = "django"
+"""The ``source`` of django-celery-beat's entries (contrib/django_beat.py's SOURCE)."""
+
 
 def entry_source(app: Any, settings: LeaderSettings, lock: RedisLock) -> EntrySource | None:
     """The source the settings ask for (None: only beat_schedule and runtime entries).

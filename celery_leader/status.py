@@ -1,9 +1,13 @@
 """What the health port shows besides ``/healthz``: ``/metrics`` (Prometheus),
-``/status`` (JSON) and ``/`` (a self-contained HTML page that reloads itself).
+``/status`` (JSON) and ``/`` (a self-contained HTML page that reloads itself),
+on workers and standalone beats alike.
 
-Everything here is read-only.  Each worker also records itself, every few
+Everything here is read-only.  Each replica also records itself, every few
 seconds, in ``<prefix>:{<name>}:replicas`` (identity -> role, term, when), so
-any replica's page can list the replicas of its election.
+any replica's page can list the replicas of its election; each forgets the
+replicas not heard from for ``forget_after``, so the hash holds the live
+replicas and those gone within that time.  Every replica's page shows the
+schedule as Redis holds it, whoever dispatches it.
 
 No Redis URL (nor any other setting that may carry a password) is shown.
 """
@@ -18,9 +22,11 @@ import time
 from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 from typing import Any
+from urllib.parse import quote
 
+from .election.config import ConfigurationError
 from .election.elector import LeaderElector
-from .election.healthz import Body, Route
+from .election.healthz import Body, HealthzAdaptor, HealthzServer, PageRoute, Route, serve_healthz
 from .election.metrics import (
     METRICS_EXTRA_MISSING,
     Collect,
@@ -31,6 +37,7 @@ from .election.metrics import (
 from .election.redact import secret_safe_logger
 from .election.redislock import RedisLock, as_text
 from .schedule.runner import ScheduleRunner
+from .schedule.store import ScheduleStore
 from .taskstats import TaskStats
 
 log = secret_safe_logger(__name__)
@@ -48,9 +55,11 @@ def _iso(seconds: float | None) -> str | None:
 
 
 class ReplicaRegistry:
-    """Each worker's heartbeat in its election's slot (informational, not fenced)."""
+    """Each replica's heartbeat in its election's slot (informational, not fenced)."""
 
     def __init__(self, lock: RedisLock, identity: str, interval: float) -> None:
+        # Bound: one field per replica of the election; silent ones are dropped by
+        # the next reader after forget_after.
         self.lock = lock
         self.identity = identity
         self.interval = interval
@@ -67,8 +76,16 @@ class ReplicaRegistry:
             log.debug("celery-leader: cannot record this replica: %s", exc)
 
     def run(self, stop: threading.Event, state: Callable[[], tuple[bool, int]]) -> None:
+        forget_at = 0.0
         while not stop.is_set():
             self.beat(*state())
+            if time.monotonic() >= forget_at:
+                # INVARIANT: a replica killed without its hdel is forgotten by the living
+                # ones even if no one reads the page: the hash holds the replicas of
+                # the last forget_after seconds, not every one that ever ran.
+                with contextlib.suppress(Exception):
+                    self.replicas()
+                forget_at = time.monotonic() + self.forget_after
             stop.wait(self.interval)
         with contextlib.suppress(Exception):  # else forgotten once the key expires
             self.lock.client.hdel(self.key, self.identity)
@@ -93,16 +110,18 @@ class ReplicaRegistry:
 
 
 class StatusSource:
-    """One worker's view: its elector, its schedule runner (if it dispatches), its
-    leader-only task counters."""
+    """One replica's view: its elector, the schedule as Redis holds it (``store``),
+    what its own schedule runner counted (if it has one), its leader-only task
+    counters (a worker's)."""
 
     def __init__(self, name: str, identity: str, elector: LeaderElector,
-                 registry: ReplicaRegistry, scheduler: ScheduleRunner | None,
-                 task_stats: TaskStats | None) -> None:
+                 registry: ReplicaRegistry, store: ScheduleStore,
+                 scheduler: ScheduleRunner | None, task_stats: TaskStats | None) -> None:
         self.name = name
         self.identity = identity
         self.elector = elector
         self.registry = registry
+        self.store = store
         self.scheduler = scheduler
         self.task_stats = task_stats
 
@@ -133,8 +152,9 @@ class StatusSource:
         elector = self.elector
         record = elector.observed_record()
         holder = record.holder_identity if record else ""
+        term = record.term if record else 0
         try:
-            replicas = self._with_live_roles(self.registry.replicas(), holder)
+            replicas = self._with_live_roles(self.registry.replicas(), holder, term)
         except Exception as exc:
             replicas = [{"error": type(exc).__name__}]
         election = {
@@ -151,46 +171,62 @@ class StatusSource:
                         "term": t.term, "reason": t.reason or None}
                        for t in reversed(elector.stats.recent)]
         return {"generated_at": _iso(time.time()), "election": election,
-                "schedule": self._schedule(limit), "transitions": transitions}
+                "schedule": self._schedule(limit, holder, term), "transitions": transitions}
 
     def _with_live_roles(self, replicas: list[dict[str, Any]],
-                         holder: str) -> list[dict[str, Any]]:
+                         holder: str, term: int) -> list[dict[str, Any]]:
         """Roles from the lease this replica sees now, not from heartbeats that may
-        predate a fail-over (so the table agrees with the header); this replica's
-        own row is its live state."""
+        predate a fail-over, so the table agrees with the header: the holder leads
+        with the lease's term; a replica whose last heartbeat said it led an older
+        term is a former leader (dead, or not yet heard as a follower); this
+        replica's own row is its live state."""
         rows = []
         for row in replicas:
-            row = dict(row, role="leader" if holder and row["identity"] == holder
-                       else "follower")
+            if holder and row["identity"] == holder:
+                row = dict(row, role="leader", term=term)
+            elif row["role"] == "leader":
+                row = dict(row, role="former leader")  # its term: the one it led
+            else:
+                row = dict(row, role="follower")
             if row["identity"] == self.identity:
-                row.update(term=self.elector.term if self.elector.is_leader() else 0,
+                leading = self.elector.is_leader()
+                row.update(role="leader" if leading else "follower",
+                           term=self.elector.term if leading else 0,
                            seen_seconds_ago=0.0, stale=False)
             rows.append(row)
-        return sorted(rows, key=lambda r: (r["role"] != "leader", r["identity"]))
+        order = {"leader": 0, "follower": 1}
+        return sorted(rows, key=lambda r: (order.get(r["role"], 2), r["identity"]))
 
-    def _schedule(self, limit: int) -> dict[str, Any]:
-        runner = self.scheduler
-        if runner is None:
-            return {"enabled": False}
+    def _schedule(self, limit: int, holder: str, term: int) -> dict[str, Any]:
+        store, runner = self.store, self.scheduler
         try:
-            rows = runner.store.report()
-            owner = runner.store.owner()
-        except Exception as exc:  # Redis down: say so, keep the election part
-            return {"enabled": True, "error": type(exc).__name__}
-        lateness = runner.stats.last_lateness
+            rows = store.report()
+            owner = store.owner()
+            pending = int(store.client.hlen(store.pending_key))
+        except Exception as exc:  # Redis down, a bad beat_schedule: say so, keep the rest
+            return {"runner_here": runner is not None, "error": type(exc).__name__}
+        lateness = runner.stats.last_lateness if runner is not None else {}
         for row in rows:
             late = lateness.get(row["name"])
             row["lateness_seconds"] = round(late, 3) if late is not None else None
         last_ticks = sorted((r for r in rows if r["last_fire_time"]),
                             key=lambda r: r["last_fire_time"], reverse=True)[:10]
-        sent_here = [{"entry": t.entry, "fire_time": _iso(t.fire_time),
-                      "sent_at": _iso(t.sent_at), "lateness_seconds": round(t.lateness, 3),
-                      "term": t.term} for t in reversed(runner.stats.recent)]
+        sent_here = [] if runner is None else [
+            {"entry": t.entry, "fire_time": _iso(t.fire_time), "sent_at": _iso(t.sent_at),
+             "lateness_seconds": round(t.lateness, 3), "term": t.term}
+            for t in reversed(runner.stats.recent)]
+        dispatcher = None
+        if owner is not None:
+            dispatcher = {key: owner.get(key) for key in ("identity", "election", "term",
+                                                          "mode", "leading")}
+            if owner.get("election") == self.name:
+                # Judged against the lease the header shows, so the page never says
+                # one replica leads while another dispatches for a live term.
+                dispatcher["leading"] = (owner.get("identity") == holder
+                                         and owner.get("term") == term)
         return {
-            "enabled": True,
-            "dispatcher": None if owner is None else {
-                key: owner.get(key) for key in ("identity", "election", "term", "mode",
-                                                "leading")},
+            "runner_here": runner is not None,
+            "dispatcher": dispatcher,
             "entries_total": len(rows),
             "entries": rows[:limit],
             "truncated": len(rows) > limit,
@@ -198,18 +234,34 @@ class StatusSource:
                             "term": r["term"], "election": r["election"]}
                            for r in last_ticks],
             "sent_here": sent_here,
-            "pending_ticks": runner._pending_ticks(),
+            "pending_ticks": pending,
         }
 
     def status_route(self) -> tuple[int, Any]:
         return 200, self.status()
 
-    def page_route(self) -> tuple[int, Any]:
-        return 200, Body("text/html; charset=utf-8", render_page(self.status()).encode())
+    def page_route(self, token: str = "") -> tuple[int, Any]:
+        return 200, Body("text/html; charset=utf-8",
+                         render_page(self.status(), token).encode())
 
     def routes(self) -> dict[str, Route]:
-        return {"/": self.page_route, "/status": self.status_route,
-                "/metrics": self.metrics_route}
+        return {"/status": self.status_route, "/metrics": self.metrics_route}
+
+    def pages(self) -> dict[str, PageRoute]:
+        return {"/": self.page_route}
+
+
+def serve_status(adaptor: HealthzAdaptor, source: StatusSource, port: int, host: str,
+                 token: str | None, routes: dict[str, Route] | None = None) -> HealthzServer:
+    """``/healthz``, ``/metrics``, ``/status``, the page (and ``routes``) on the
+    health port; a port that cannot be served is a ConfigurationError naming it."""
+    try:
+        return serve_healthz(adaptor, port, host=host, routes={**(routes or {}),
+                                                               **source.routes()},
+                             token=token, pages=source.pages())
+    except OSError as exc:  # before the elector starts: this replica never leads
+        raise ConfigurationError(f"leader_healthz_port {port} cannot be served on "
+                                 f"{host}: {exc.strerror or exc}") from None
 
 
 # -- the page -------------------------------------------------------------------
@@ -239,7 +291,21 @@ def _table(headers: Iterable[str], rows: Iterable[Iterable[Any]], empty: str) ->
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def render_page(status: dict[str, Any]) -> str:
+def _dispatcher_line(owner: dict[str, Any] | None) -> str:
+    """Who dispatches the schedule, as the record in Redis and the lease say."""
+    if owner is None:
+        return "no leader has dispatched the schedule yet"
+    who = (f"<b>{html.escape(str(owner.get('identity')))}</b> (term "
+           f"{html.escape(str(owner.get('term')))}"
+           + ("" if owner.get("mode") != "beat" else
+              f", standalone beat election {html.escape(str(owner.get('election')))}")
+           + ")")
+    if owner.get("leading"):
+        return f"dispatched by {who}"
+    return f"last dispatched by {who}, which no longer leads: the next leader takes it over"
+
+
+def render_page(status: dict[str, Any], token: str = "") -> str:
     """The status page: no script, no external resource; it reloads itself."""
     election = status["election"]
     me = election["this_replica"]
@@ -262,16 +328,11 @@ def render_page(status: dict[str, Any]) -> str:
                          ([t["at"], t["event"], t["identity"], t["term"], t["reason"]]
                           for t in status["transitions"]), "none seen by this replica")
     schedule = status["schedule"]
-    if not schedule.get("enabled"):
-        schedule_html = '<p class="muted">this worker does not run the schedule ' \
-                        '(leader_beat = False)</p>'
-    elif "error" in schedule:
+    if "error" in schedule:
         schedule_html = f'<p>schedule unavailable: {html.escape(schedule["error"])}</p>'
     else:
-        owner = schedule["dispatcher"] or {}
         schedule_html = (
-            f'<p>dispatched by <b>{html.escape(str(owner.get("identity", "nobody yet")))}</b>'
-            f' (term {html.escape(str(owner.get("term", "-")))}); '
+            f"<p>{_dispatcher_line(schedule['dispatcher'])}; "
             f'{schedule["entries_total"]} entries, {schedule["pending_ticks"]} pending ticks'
             + (f"; the first {len(schedule['entries'])} shown" if schedule["truncated"] else "")
             + "</p>"
@@ -284,6 +345,8 @@ def render_page(status: dict[str, Any]) -> str:
             + _table(["entry", "fire time", "term", "election"],
                      ([t["entry"], t["fire_time"], t["term"], t["election"]]
                       for t in schedule["last_ticks"]), "no tick yet"))
+    # The token the page was opened with, kept by its links (a browser sends no header).
+    query = f"?token={quote(token, safe='')}" if token else ""
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         f'<meta http-equiv="refresh" content="{REFRESH_SECONDS}">'
@@ -293,6 +356,7 @@ def render_page(status: dict[str, Any]) -> str:
         f"<h1>celery-leader election <code>{html.escape(election['name'])}</code></h1>"
         f'<p class="muted">as seen by {html.escape(me["identity"])} at '
         f'{html.escape(str(status["generated_at"]))}; reloads every {REFRESH_SECONDS} s. '
-        'JSON: <a href="status">/status</a>, Prometheus: <a href="metrics">/metrics</a></p>'
+        f'JSON: <a href="status{query}">/status</a>, '
+        f'Prometheus: <a href="metrics{query}">/metrics</a></p>'
         f"{card_html}<h2>Replicas</h2>{replicas}<h2>Schedule</h2>{schedule_html}"
         f"<h2>Transitions seen by this replica</h2>{transitions}</body></html>\n")

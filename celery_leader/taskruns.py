@@ -3,14 +3,15 @@ protocol whose end is leaderqueue's FINISH_RUN_LUA (the claim marked ``done``,
 or deleted so a retry may run it).
 
 Claim key: ``task_claim_key(lock, task_id)`` (``<prefix>:{<name>}:task:<id>``),
-``running:<term>:<attempt>`` while a run lasts, ``done`` after it.
+``running:<term>:<attempt>`` while a run lasts (TASK_CLAIM_TTL_MS), ``done``
+after it, for as long as a copy can still be delivered (:func:`done_ttl_ms`).
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import redis
@@ -42,6 +43,22 @@ return 1
 TASK_STARTED, TASK_DUPLICATE = 1, 0
 
 TASK_CLAIM_TTL_MS = 24 * 3600 * 1000
+"""How long a run's ``running:`` claim lasts: longer than any body runs."""
+DONE_AFTER_REDELIVERY_S = 300
+"""Margin past the broker's redelivery delay during which ``done`` is kept."""
+
+
+def done_ttl_ms(transport_options: Mapping[str, Any]) -> int:
+    """How long a finished task id stays ``done``: as long as a copy of its
+    message can still arrive, i.e. kombu's ``visibility_timeout`` (its redelivery
+    of an unacknowledged message; 1 hour by default) plus a margin.  So the
+    claims of finished runs are bounded by the leader-only messages finished in
+    that window, not by every one that ever ran."""
+    try:
+        visibility = float(transport_options.get("visibility_timeout", 3600))
+    except (TypeError, ValueError):
+        visibility = 3600.0
+    return int((max(visibility, 3600.0) + DONE_AFTER_REDELIVERY_S) * 1000)
 
 # What is retried: the request may not have reached Redis, or its reply was
 # lost.  Anything else (NOPERM, a script error) would fail the same way again.

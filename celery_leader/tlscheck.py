@@ -12,6 +12,11 @@ ConfigurationError naming the setting (``leader_redis_url``,
 ``leader_redis_options['ssl_ca_certs']``, ...); anything else (Redis down, a
 timeout) is left to the elector, which retries it like any outage.  Nothing
 here prints the URL: it may carry a password.
+
+:func:`check_credentials` does the same for credentials: a password Redis does
+not accept (WRONGPASS, NOAUTH) or an ACL user without the grants the election
+needs (NOPERM) becomes one ConfigurationError naming ``leader_redis_url``, its
+password masked.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from .election.config import ConfigurationError
+from .election.redact import redact_url
+from .election.redislock import RedisLock, credentials_refused
 from .settings import LeaderSettings, setting
 
 TLS_SCHEMES = ("rediss", "sentinels")
@@ -258,3 +265,23 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return str(exc)
+
+
+def check_credentials(app: Any, settings: LeaderSettings, lock: RedisLock) -> None:
+    """Raise ConfigurationError when the election's Redis refuses its credentials.
+
+    One read of the lease, as the elector's first attempt makes it (a script on
+    the lease key): WRONGPASS, NOAUTH and NOPERM are settings to fix, not an
+    outage to wait out.  Any other error is left to the elector's retries."""
+    try:
+        lock.get()
+    except Exception as exc:
+        if not credentials_refused(exc):
+            return
+        names = _Names(app, settings)
+        where = ("leader_redis_url" if not names.inherited
+                 else "leader_redis_url (not set: broker_url's)")
+        reason = " ".join(f"{type(exc).__name__}: {exc}".split())
+        raise ConfigurationError(
+            f"{where} {redact_url(settings.redis_url)}: Redis refused the election's "
+            f"credentials ({reason}); fix the password or the ACL user's grants") from None

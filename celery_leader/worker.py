@@ -25,7 +25,7 @@ from . import signals
 from .election.config import ConfigurationError, LeaderCallbacks
 from .election.elections import ROLE_WORKERS, mark_role
 from .election.elector import LeaderElector
-from .election.healthz import HealthzAdaptor, HealthzServer, serve_healthz
+from .election.healthz import HealthzAdaptor, HealthzServer
 from .election.redact import secret_safe_logger
 from .election.redislock import RedisLock
 from .election.running import (
@@ -37,6 +37,7 @@ from .election.running import (
 from .leaderqueue import DEFAULT_PREFETCH, FinishRun, LeaderQueue
 from .schedule.publish import same_redis
 from .schedule.runner import ScheduleRunner
+from .schedule.store import ScheduleStore
 from .schedule.tickstart import TickStartClaim, guard_tick_starts
 from .settings import (
     LeaderSettings,
@@ -48,9 +49,10 @@ from .settings import (
 )
 from .sources import entry_source
 from .state import LEADER_ONLY_TASKS, shared_leadership
-from .status import ReplicaRegistry, StatusSource
+from .status import ReplicaRegistry, StatusSource, serve_status
+from .taskruns import done_ttl_ms
 from .taskstats import TaskStats
-from .tlscheck import check_tls
+from .tlscheck import check_credentials, check_tls
 
 __all__ = ["LeaderController", "LeaderQueueStep", "LeaderWorkerStep", "LeadershipHook",
            "controller_for_worker", "current_controller", "on_worker_shutdown", "run_elector"]
@@ -98,6 +100,7 @@ class LeaderController:
         # Leader-only messages: taken under the term and never lost in flight
         # (leaderqueue.py) when the broker is the lease's Redis, else through kombu.
         self.finish_run = FinishRun(self.lock)
+        self.done_ttl_ms = done_ttl_ms(settings.transport_options)
         self.leader_queue = LeaderQueue(self.lock, settings.queue,
                                         keeps_record=LEADER_ONLY_TASKS.__contains__,
                                         deliver=self._call_in_loop, handler=self._task_handler,
@@ -106,7 +109,9 @@ class LeaderController:
         self._reliable_queue: bool | None = None  # decided at the first leadership
         if settings.tick_run_once:
             # Every task of the app: a tick's copies run once, whichever queue it is on.
-            guard_tick_starts(app.tasks, TickStartClaim(lambda: self.lock.client))
+            guard_tick_starts(app.tasks, TickStartClaim(lambda: self.lock.client,
+                                                        wait_replicas=self.lock.wait_replicas,
+                                                        wait_timeout=self.lock.wait_timeout))
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         # /metrics, /status and / on the health port (status.py); the task counters
@@ -115,8 +120,11 @@ class LeaderController:
         self.replicas = ReplicaRegistry(self.lock, self.identity,
                                         interval=max(settings.retry_period,
                                                      settings.lease_duration / 3))
+        # Every worker's page shows the schedule as Redis holds it, whoever dispatches.
+        store = (self.scheduler.store if self.scheduler is not None
+                 else ScheduleStore(app, self.lock, entries_name=settings.name))
         self.status_source = StatusSource(settings.name, self.identity, self.elector,
-                                          self.replicas, self.scheduler, self.task_stats)
+                                          self.replicas, store, self.scheduler, self.task_stats)
         self._transition = threading.Lock()
         self._started_term = 0
         self._accepting = True  # false once warm shutdown began
@@ -134,15 +142,10 @@ class LeaderController:
         self.worker = worker
         self.hub = getattr(worker, "hub", None)
         port, host = self.settings.healthz_port, self.settings.healthz_host
-        if port is not None:
-            try:
-                self.http = serve_healthz(self.healthz, port, host=host,
-                                          routes={"/leader": self.status_route,
-                                                  **self.status_source.routes()},
-                                          token=self.settings.healthz_token)
-            except OSError as exc:  # before the elector starts: this replica never leads
-                raise ConfigurationError(f"leader_healthz_port {port} cannot be served on "
-                                         f"{host}: {exc.strerror or exc}") from None
+        if port is not None:  # before the elector starts: a bad port, and it never leads
+            self.http = serve_status(self.healthz, self.status_source, port, host,
+                                     self.settings.healthz_token,
+                                     routes={"/leader": self.status_route})
         self._thread = start_elector_thread(self.elector, self._stop)
         threading.Thread(target=self.replicas.run, name="celery-leader-replicas", daemon=True,
                          args=(self._stop, lambda: (self.elector.is_leader(),
@@ -333,12 +336,35 @@ def controller_for_worker(worker: Any, options: dict[str, Any]) -> LeaderControl
                 "threads or solo"
             )
         settings = _with_cli_overrides(read_settings(app), options)
+        if options.get("beat") and settings.beat:
+            # INVARIANT: never two dispatchers: -B's stock beat would send every
+            # entry from every replica beside the leader's.
+            raise ConfigurationError(
+                "celery worker -B starts Celery's own beat beside celery-leader's dispatcher "
+                "(leader_beat is on), so every entry would be sent twice or more: drop -B "
+                "(the leader already sends beat_schedule), or set leader_beat = False")
+        if options.get("beat") and not settings.beat and not _leader_scheduler(
+                getattr(worker, "scheduler", None)):
+            log.warning("celery-leader: celery worker -B runs Celery's own beat in this worker "
+                        "(leader_beat is off): every replica started with -B sends every "
+                        "entry; add --scheduler leader so that only the leading one sends")
         check_tls(app, settings)  # a certificate problem: one line now, not retries forever
         controller = LeaderController(app, settings, hostname=worker.hostname)
+        check_credentials(app, settings, controller.lock)  # one line now, not retries forever
     lock = controller.lock
     # Each new leader labels the election for `celery leader status --all`.
     controller.leadership_hooks.append(lambda term, stop: mark_role(lock, ROLE_WORKERS))
     return controller
+
+
+def _leader_scheduler(scheduler: Any) -> bool:
+    """Whether -B's scheduler is celery-leader's (by name: the beat module is not
+    imported here)."""
+    if isinstance(scheduler, str):
+        return scheduler in ("leader", "celery_leader.beat:LeaderScheduler",
+                             "celery_leader.beat.LeaderScheduler")
+    return any(klass.__name__ == "LeaderScheduler" and klass.__module__ == "celery_leader.beat"
+               for klass in getattr(scheduler, "__mro__", ()))
 
 
 def _with_cli_overrides(settings: LeaderSettings, options: dict[str, Any]) -> LeaderSettings:

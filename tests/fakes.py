@@ -11,7 +11,8 @@ it, with the semantics of :class:`celery_leader.RedisLock`:
   passes term 0, and is kept when the caller presents the stored holder + term;
 - ``release`` and ``claim`` succeed only for the stored holder and term.
 
-There is no server-side TTL: tests expire a lease with :meth:`FakeStore.expire`.
+There is no server-side TTL: tests expire a lease with :meth:`FakeStore.expire`,
+and set ``store.ttl`` for the remaining lifetime a read reports (None: unknown).
 Failures are injected per lock (``lock.fail_with = ConnectionError(...)``) or
 with a hook that runs before every call (``lock.before_call``).
 """
@@ -86,6 +87,7 @@ class FakeStore:
         self.server_time = server_time  # the "lock server's" wall clock, in seconds
         self.guard = threading.Lock()
         self.released = 0  # successful releases, for assertions
+        self.ttl: float | None = None  # what reads report as the lease's remaining TTL
 
     def lock(self, identity: str) -> FakeLock:
         return FakeLock(self, identity)
@@ -113,9 +115,9 @@ class FakeStore:
         if raw is None:
             return Observation(raw=None, record=None)
         try:
-            return Observation(raw=raw, record=LeaderElectionRecord.from_json(raw))
+            return Observation(raw=raw, record=LeaderElectionRecord.from_json(raw), ttl=self.ttl)
         except MalformedRecordError as exc:
-            return Observation(raw=raw, record=None, error=str(exc))
+            return Observation(raw=raw, record=None, ttl=self.ttl, error=str(exc))
 
     def holds_term(self, identity: str, instance: str, term: int) -> bool:
         record = self.record()

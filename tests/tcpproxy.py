@@ -192,6 +192,12 @@ class TcpProxy:
         with self._lock:
             return len(self._pipes)
 
+    def accepted(self) -> int:
+        """How many connections clients opened through this proxy so far (also
+        those it could not connect upstream: each one a client's attempt)."""
+        with self._lock:
+            return self._ids
+
     def close(self) -> None:
         """Stop the thread and close every socket (RST: nothing is owed to anyone)."""
         with self._lock:

@@ -346,6 +346,9 @@ def test_step_down_command_hands_leadership_to_another_replica(cluster: Cluster)
     events = cluster.events
     [stopped] = events.wait_kind("stopped_leading", 10, where=lambda e: e["pid"] == leader.pid)
     assert stopped["reason"] == "released"
+    # The worker's own line says the hand-over was asked for.
+    assert (f"{started['identity']} stopped leading (term {started['term']}): released "
+            "(step-down requested)") in leader.log()
     [next_start] = events.wait_kind("started_leading", 10,
                                     where=lambda e: e["term"] > started["term"])
     assert next_start["pid"] != leader.pid, (
@@ -401,3 +404,31 @@ def test_leadership_in_pool_children_and_on_follower_policies(cluster: Cluster) 
     assert postrun[ids[4]]["state"] == "FAILURE"
     assert "NotLeaderError" in postrun[ids[4]]["retval"]
     assert "runs only on the leader" in postrun[ids[4]]["retval"]
+
+
+def test_app_task_above_leader_only_runs_each_call_once_on_the_leader(cluster: Cluster) -> None:
+    """``@app.task`` above ``@leader_only`` (the other order from the README's) is
+    a leader-only task too: routed to the leader queue, and a message forced onto
+    a follower is requeued for the leader, never "succeeded" without running."""
+    cluster.app = "tests.apps.policy_app"
+    workers, leader, started = boot(
+        cluster, 2, "prefork", per_worker=lambda name: {"args": ["-Q", f"celery,q.{name}"]})
+    follower = next(w for w in workers if w is not leader)
+    ids = cluster.send(
+        {"task": "reversed_work", "args": ["routed-{i}"], "count": 10},
+        {"task": "reversed_work", "args": ["forced-{i}"], "count": 4,
+         "options": {"queue": f"q.{follower.name}"}},
+    )
+    events = cluster.events
+    events.wait_for(lambda evs: {e["task_id"] for e in evs if e["kind"] == "task_postrun"
+                                 and e["state"] == "SUCCESS"} >= set(ids),
+                    30, "every reversed_work call to succeed")
+    starts = events.of("task_start")
+    labels = Counter(e["label"] for e in starts)
+    assert labels == Counter([f"routed-{i}" for i in range(10)]
+                             + [f"forced-{i}" for i in range(4)]), labels
+    assert all((e["leading"], e["term"]) == (True, started["term"]) for e in starts), starts
+    # The follower ran none of them: it requeued the four sent to it.
+    ran_on = {e["hostname"] for e in events.of("task_postrun")
+              if e["task_id"] in ids and e["state"] == "SUCCESS"}
+    assert ran_on and all(host.startswith(f"{leader.name}@") for host in ran_on), ran_on

@@ -8,6 +8,7 @@ import logging
 import os
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -257,7 +258,8 @@ def test_setting_without_the_extra_fails_with_one_line(
         read_settings(app)
     message = str(error.value)
     assert "\n" not in message and "leader_django_celery_beat" in message
-    assert "pip install 'celery-leader[django]'" in message
+    assert "pip install django-celery-beat" in message
+    assert "'/path/to/celery-leader[django]'" in message
 
 
 def test_cli_schedule_lists_rows_marked_by_source(models: Any, app: Celery) -> None:
@@ -275,3 +277,55 @@ def test_cli_schedule_lists_rows_marked_by_source(models: Any, app: Celery) -> N
     assert table.splitlines()[0].split()[-1] == "source"
     assert any(line.startswith("db-row") and line.endswith("django")
                for line in table.splitlines())
+
+
+def test_a_skipped_row_is_named_once(models: Any, app: Celery,
+                                     caplog: pytest.LogCaptureFixture) -> None:
+    from celery_leader.contrib.django_beat import DjangoBeatSource
+    from celery_leader.schedule_api import ScheduleStore
+
+    every = models.IntervalSchedule.objects.create(every=5, period="seconds")
+    task(models, "bad-args", interval=every, args="[1,")
+    source = DjangoBeatSource(app, ScheduleStore.for_app(app), poll=3600)
+    with caplog.at_level(logging.ERROR, "celery_leader.django_beat"):
+        source.cycle()
+    [line] = [r.getMessage() for r in caplog.records if "bad-args" in r.getMessage()]
+    assert line.count("bad-args") == 1 and line.count("django-celery-beat task") == 1, line
+    assert line.startswith("celery-leader: skipping django-celery-beat task 'bad-args': args "
+                           "is not valid JSON"), line
+
+
+def test_rows_are_changed_in_the_admin_not_through_the_schedule_api(
+        models: Any, app: Celery) -> None:
+    from celery_leader.contrib.django_beat import SOURCE
+    from celery_leader.schedule.entries import EntryError
+    from celery_leader.schedule_api import ScheduleStore, schedule_report
+    from celery_leader.sources import DJANGO_SOURCE
+
+    assert SOURCE == DJANGO_SOURCE
+    every = models.IntervalSchedule.objects.create(every=5, period="seconds")
+    task(models, "dj-cron", interval=every)
+    assert [row["source"] for row in schedule_report(app) if row["name"] == "dj-cron"] == [
+        "django"]
+    store = ScheduleStore.for_app(app)
+    for change in (store.disable, store.enable, store.remove, store.get,
+                   lambda name: store.update(name, enabled=False)):
+        with pytest.raises(EntryError) as error:
+            change("dj-cron")
+        assert str(error.value).startswith("'dj-cron' is a django-celery-beat task"), error.value
+        assert "Django admin" in str(error.value)
+    with pytest.raises(EntryError, match="no entry named 'nothing'"):
+        store.disable("nothing")
+    assert store.remove("nothing") is False
+
+
+def test_rows_follow_the_default_catch_up_policy_the_readme_names(models: Any,
+                                                                  app: Celery) -> None:
+    """A row has no catch-up policy of its own: the leader's, "latest" by default,
+    applies (what it drops at a fail-over: tests/test_observe.py counts it)."""
+    every = models.IntervalSchedule.objects.create(every=1, period="seconds")
+    assert entry(app, task(models, "every-second", interval=every)).catch_up is None
+    assert read_settings(app).catch_up == "latest"
+    readme = " ".join((Path(__file__).resolve().parent.parent / "README.md").read_text().split())
+    assert 'default `CELERY_LEADER_CATCH_UP = "latest"` the new leader sends, of the ticks ' \
+           "each row missed meanwhile, only the last one, and drops the others" in readme

@@ -8,6 +8,7 @@ processes.  Every process is stopped by PID in teardown (SIGCONT, then SIGKILL).
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,12 +17,15 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import suppress
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 import redis
 
+from celery_leader.elector import MAX_BACKOFF_FACTOR
 from celery_leader.embedded import EmbeddedRedis
 from tests.fakes import observe, wait_until
+from tests.tcpproxy import TcpProxy
 
 pytestmark = pytest.mark.integration
 
@@ -34,6 +38,7 @@ SLACK = 0.3  # scheduling on a loaded 2-core machine
 
 ROOT = Path(__file__).resolve().parent.parent
 HELPER = ROOT / "tests" / "electorproc.py"
+T = TypeVar("T")
 
 
 class Proc:
@@ -326,3 +331,103 @@ def test_redis_outage_longer_than_renew_deadline(spawn: Spawn, election_name: st
         if revived is not None:
             revived.stop()
         server.cleanup()
+
+
+# An outage long enough for every follower to be far past the last lease expiry it
+# read, ending between two reconnects of the pub/sub listeners (their back-off runs
+# 0.1, 0.2, 0.4 ... s, so they try near 1.5, 3.1 and 6.3 s): a listener that gets
+# through wakes its elector, which must not be what brings the first lock call.
+OUTAGE = 4.5
+MAX_WAIT = RETRY * MAX_BACKOFF_FACTOR  # what "retrying every ...s at most" promises
+
+
+def test_redis_killed_no_retry_storm_and_each_elector_is_back_within_the_bound(
+        spawn: Spawn, election_name: str) -> None:
+    # A dedicated server, and one proxy per process in front of it: each proxy
+    # counts the connections its process opens, so the count is per elector.
+    server = EmbeddedRedis().start()
+    proxies = [TcpProxy("127.0.0.1", server.port) for _ in range(3)]
+    revived: EmbeddedRedis | None = None
+    try:
+        procs = [spawn(proxy.url(server.url), election_name, f"p{i}")
+                 for i, proxy in enumerate(proxies)]
+        wait_until(lambda: all(p.ready() for p in procs), 15.0, message="processes ready")
+        wait_until(lambda: sum(p.leading() for p in procs) == 1, 5.0, message="one leader")
+        leader = next(p for p in procs if p.leading())
+        # Every follower has read the leader's lease, and with it the server's TTL.
+        wait_until(lambda: all(p.saw_leader(leader.identity) for p in procs), 5.0,
+                   message="every process saw the leader")
+
+        connections = [proxy.accepted() for proxy in proxies]
+        down_at = time.monotonic()
+        server.stop(signal.SIGKILL)  # refused at once: the fastest a retry can fail
+
+        def nobody_leads_past_the_renew_deadline() -> None:
+            if time.monotonic() > down_at + RENEW + SLACK:
+                assert not any(p.leading() for p in procs), dump(procs)
+
+        observe(OUTAGE, nobody_leads_past_the_renew_deadline)  # the outage
+        during = [proxy.accepted() - before
+                  for proxy, before in zip(proxies, connections, strict=True)]
+        # Seen from outside: redis-py tries a command up to 4 times, each pub/sub
+        # listener reconnects with its own back-off, and the leader renews every
+        # retry period until its renew deadline.  Before the fix: 1044-1074 each.
+        assert all(n <= 4 * (1 + OUTAGE / RETRY) for n in during), \
+            (f"connections per elector over {OUTAGE}s: {during}", dump(procs))
+        up_at = time.monotonic()
+        revived = EmbeddedRedis(port=server.port).start()
+
+        # The first lock call after the restart came within the promised bound.
+        def first_lock_call_after(proxy: TcpProxy) -> float | None:
+            calls = [t for t, _, way, chunk in list(proxy.trace)
+                     if t >= up_at and way == ">" and b"EVAL" in chunk]
+            return min(calls) if calls else None
+
+        firsts = [wait_until_value(lambda proxy=proxy: first_lock_call_after(proxy),
+                                   MAX_WAIT + 5.0, "a lock call after the restart", procs)
+                  for proxy in proxies]
+        late = [round(t - up_at, 3) for t in firsts if t - up_at > MAX_WAIT + SLACK]
+        assert not late, (f"first lock calls {late}s after the restart", dump(procs))
+
+        # Each process says how many attempts failed once it reaches Redis again.
+        pattern = re.compile(r"reachable again after (\d+) failed attempts")
+
+        def failed_attempts() -> list[int] | None:
+            found = [pattern.findall(p.stderr.read_text(errors="replace")) for p in procs]
+            return [int(f[-1]) for f in found] if all(found) else None
+
+        attempts = wait_until_value(failed_attempts, MAX_WAIT + 5.0,
+                                    "every process reached Redis again", procs)
+        report = (f"failed attempts per elector over {OUTAGE}s: {attempts}; connections "
+                  f"per elector: {during}; first lock call after the restart: "
+                  f"{[round(t - up_at, 2) for t in firsts]}s")
+        print(report)
+        # Seen from inside: at most one attempt per retry period (the shortest
+        # wait, and the leader's renew interval until its renew deadline).
+        assert all(n <= 1 + OUTAGE / RETRY for n in attempts), (report, dump(procs))
+
+        wait_for_new_leader(procs, up_at, 5.0)
+    finally:
+        for proxy in proxies:
+            proxy.close()
+        if revived is not None:
+            revived.stop()
+        server.cleanup()
+
+
+def wait_until_value(predicate: Callable[[], T | None], timeout: float, what: str,
+                     procs: list[Proc]) -> T:
+    found: list[T] = []
+
+    def ready() -> bool:
+        value = predicate()
+        if value is not None:
+            found.append(value)
+        return value is not None
+
+    try:
+        wait_until(ready, timeout, message=what)
+    except AssertionError:
+        print(dump(procs))
+        raise
+    return found[-1]

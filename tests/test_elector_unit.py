@@ -9,10 +9,12 @@ the few threaded tests at the end run the real loop on the fake clock.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
+import redis
 
 from celery_leader import (
     ClaimResult,
@@ -23,13 +25,15 @@ from celery_leader import (
     LeaderElectionRecord,
     LeaderElector,
 )
+from celery_leader import elector as elector_module
 from celery_leader.config import JITTER_FACTOR
-from celery_leader.elector import MAX_BACKOFF_FACTOR
+from celery_leader.elector import BACKOFF_JITTER, MAX_BACKOFF_FACTOR
 from tests.fakes import (
     FakeLock,
     FakeStore,
     forget_leadership,
     lead_without_threads,
+    observe,
     wait_until,
 )
 
@@ -528,6 +532,111 @@ def test_check_rejects_a_bad_tolerance(store: FakeStore, clock: FakeClock) -> No
 # ---------------------------------------------------------------- the real loop on a fake clock
 
 
+# ---------------------------------------------------------------- an unreachable lock
+
+
+def _fix_random(monkeypatch: pytest.MonkeyPatch, value: float) -> None:
+    monkeypatch.setattr(elector_module.random, "random", lambda: value)
+
+
+def _follow_with_a_known_expiry(store: FakeStore, clock: FakeClock
+                                ) -> tuple[LeaderElector, LeaderElector, FakeLock]:
+    """a leads; b has read a's lease and the server's TTL for it (so b knows
+    when it really expires: T0 + LEASE)."""
+    a, _, _ = make(store, "a", clock)
+    b, b_lock, _ = make(store, "b", clock)
+    store.ttl = LEASE
+    lead_without_threads(a)
+    assert not b.try_acquire_or_renew()
+    return a, b, b_lock
+
+
+@pytest.mark.parametrize("draw", [0.0, 1.0 - EPS])
+def test_an_unreachable_lock_is_retried_within_the_warned_bound_past_the_lease_expiry(
+        store: FakeStore, clock: FakeClock, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture, draw: float) -> None:
+    # The lease b last saw expires at T0 + LEASE; Redis stays down well past that.
+    # Every wait, at both ends of the jitter, lies in (one retry period, the
+    # bound the warning names]: never the few milliseconds to an expiry that
+    # has long passed (a storm of connection attempts on a recovering Redis).
+    _, b, b_lock = _follow_with_a_known_expiry(store, clock)
+    _fix_random(monkeypatch, draw)
+    b_lock.fail_with = ConnectionError("redis down")
+    bound = RETRY * MAX_BACKOFF_FACTOR
+    delays = []
+    while clock.now < T0 + 10 * LEASE:
+        assert not b.try_acquire_or_renew()
+        delay = b._follower_delay()
+        assert RETRY < delay <= bound, (clock.now - T0, delay)
+        delays.append(delay)
+        clock.advance(delay)
+    # Doubling from two retry periods to the bound, jittered below the ceiling.
+    ceilings = [2 * RETRY] + [bound] * (len(delays) - 1)
+    assert delays == [c * (1 - draw * BACKOFF_JITTER) for c in ceilings]
+    assert f"retrying every {bound:.1f}s at most" in caplog.text
+    # At most one attempt per retry period over ten leases of outage.
+    assert b_lock.calls.count("get") <= 1 + 10 * LEASE / RETRY
+
+
+def test_a_follower_stops_backing_off_once_it_reads_the_lock_again(
+        store: FakeStore, clock: FakeClock, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    a, b, b_lock = _follow_with_a_known_expiry(store, clock)
+    _fix_random(monkeypatch, 0.0)
+    b_lock.fail_with = ConnectionError("redis down")
+    for _ in range(5):
+        assert not b.try_acquire_or_renew()
+        clock.advance(b._follower_delay())
+    assert b._follower_delay() == RETRY * MAX_BACKOFF_FACTOR
+    # Redis is back and a still leads: b's read succeeds though b does not win.
+    assert a.try_acquire_or_renew()
+    b_lock.fail_with = None
+    assert not b.try_acquire_or_renew()
+    assert "reachable again after 5 failed attempts" in caplog.text
+    # Back to the plain jittered retry period, shortened to the fresh expiry.
+    assert b._follower_delay() == RETRY
+    store.ttl = RETRY / 2
+    assert not b.try_acquire_or_renew()
+    assert b._follower_delay() == RETRY / 2 + 0.002
+
+
+class OffsetClock:
+    """The real monotonic clock plus an offset a test can jump."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def monotonic(self) -> float:
+        return time.monotonic() + self.offset
+
+
+def test_a_running_follower_does_not_storm_an_unreachable_lock(store: FakeStore) -> None:
+    clock = OffsetClock()
+    a, _, _ = make(store, "a", clock)  # type: ignore[arg-type]
+    b, b_lock, _ = make(store, "b", clock)  # type: ignore[arg-type]
+    store.ttl = LEASE
+    lead_without_threads(a)
+    with running(b):
+        wait_until(lambda: "get" in b_lock.calls, 5.0, message="b read a's lease")
+        b_lock.fail_with = ConnectionError("redis down")
+        clock.offset += 2 * LEASE  # the expiry b read is long past, at once
+        calls, since = len(b_lock.calls), time.monotonic()
+
+        def at_most_one_attempt_per_retry_period() -> None:
+            attempts = len(b_lock.calls) - calls
+            assert attempts <= 1 + (time.monotonic() - since) / RETRY, \
+                f"{attempts} attempts in {time.monotonic() - since:.2f}s"
+
+        observe(2 * RETRY * MAX_BACKOFF_FACTOR, at_most_one_attempt_per_retry_period)
+        # Once the lock answers, b contends within the bound the warning names.
+        assert a.try_acquire_or_renew()
+        b_lock.fail_with = None
+        calls = len(b_lock.calls)
+        took = wait_until(lambda: len(b_lock.calls) > calls, 5.0, message="b reads again")
+        assert took <= RETRY * MAX_BACKOFF_FACTOR + 0.1
+        wait_until(lambda: b._failures == 0, 5.0, message="b saw the lock answer")
+
+
 @contextmanager
 def running(elector: LeaderElector) -> Iterator[threading.Event]:
     stop = threading.Event()
@@ -665,3 +774,36 @@ def test_failing_work_steps_down_and_lets_a_follower_take_over(
         clock.advance(LEASE)
         wait_until(lambda: len(attempts) == 2, 5.0, message="a leads again")
     assert rec.events[:4] == ["started", "stopped", "started", "stopped"]
+
+
+def test_refused_credentials_fail_check_after_the_bound_but_an_outage_never_does(
+        store: FakeStore, clock: FakeClock) -> None:
+    """Pure logic of the bound (the real Redis case: tests/test_redis_credentials.py):
+    lease + tolerance of nothing but refused credentials; any other error, or a
+    success, starts the count again."""
+    a, lock, _ = make(store, "a", clock)
+    refused = redis.exceptions.AuthenticationError("invalid username-password pair")
+    lock.fail_with = refused
+    assert not a.try_acquire_or_renew()
+    assert a.stats.credentials_refused
+    clock.now = T0 + LEASE + 0.5  # within lease + tolerance
+    a.check(0.5)
+    clock.now = T0 + LEASE + 0.5 + EPS
+    with pytest.raises(HealthCheckError, match="refused the credentials"):
+        a.check(0.5)
+    # Redis goes down meanwhile: an outage is waited out, whatever came before.
+    lock.fail_with = ConnectionError("down")
+    assert not a.try_acquire_or_renew()
+    assert not a.stats.credentials_refused
+    clock.now += 10 * LEASE
+    a.check(0.5)
+    # Refused again, then accepted: healthy at once.
+    lock.fail_with = refused
+    assert not a.try_acquire_or_renew()
+    clock.now += LEASE + 1.0
+    with pytest.raises(HealthCheckError):
+        a.check(0.5)
+    lock.fail_with = None
+    assert a.try_acquire_or_renew()
+    a.check(0.5)
+    assert not a.stats.credentials_refused

@@ -107,3 +107,20 @@ def test_django_beat_variant_runs_an_admin_row_once_per_second_and_stops_when_di
     wait_until(lambda: run_count() == len(fired), 15,
                f"total_run_count {len(fired)} in the table",
                lambda: str(run_count()))
+
+
+def test_the_cli_lists_a_row_and_says_it_is_changed_in_the_admin(replicas: Replicas) -> None:
+    """`leader schedule` lists a django-celery-beat row; enabling, disabling or
+    removing it there says where it is managed, instead of "no entry named"."""
+    r = replicas
+    manage(r.env, "migrate", "--verbosity", "0")
+    manage(r.env, "shell", "-c", ADD_ROW)
+    listed = r.celery("leader", "schedule")
+    assert listed.returncode == 0, listed.stdout + listed.stderr
+    assert any(line.startswith("audit-heartbeat") and line.endswith("django")
+               for line in listed.stdout.splitlines()), listed.stdout
+    for command in ("disable", "enable", "remove"):
+        done = r.celery("leader", "schedule", command, "audit-heartbeat")
+        assert done.returncode != 0, (command, done.stdout)
+        assert "'audit-heartbeat' is a django-celery-beat task" in done.stderr, done.stderr
+        assert "in the Django admin" in done.stderr and "no entry" not in done.stderr

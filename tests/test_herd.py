@@ -165,7 +165,8 @@ def test_a_template_is_not_shared_when_its_parts_cannot_be_reproduced(rig: Rig) 
 
 
 def _pending(runner: ScheduleRunner, job: Entry, fire_ms: int, term: int, task_id: str) -> str:
-    return pending_message(job, fire_ms, term, runner.lock.name, task_id)
+    return pending_message(job, fire_ms, term, runner.lock.name, task_id,
+                           tracked=runner.lost_ticks is not None)
 
 
 def test_entries_a_template_cannot_reproduce_are_sent_by_send_task(rig: Rig) -> None:
@@ -504,7 +505,7 @@ def test_a_refused_batch_counts_only_the_entries_that_went_through(rig: Rig) -> 
     assert not runner._fire_all_due(loaded, term, FIRE + timedelta(seconds=1),
                                     FIRE + timedelta(minutes=5))
     assert runner.dispatched == runner.stats.dispatched[""] == 20
-    assert runner.stats.skipped == {("", "catch_up_policy"): 40}
+    assert runner.stats.skipped == {("", "catch_up_policy"): 40, ("", "misfire_grace"): 0}
     assert runner.stats.caught_up == {"": 20}
 
 
@@ -536,3 +537,12 @@ def test_the_loop_builds_templates_while_idle_before_the_herd(rig: Rig) -> None:
         runner.wake()
         thread.join(10)
     assert not thread.is_alive()
+
+
+def test_batches_acknowledged_by_replicas_are_not_pipelined(rig: Rig) -> None:
+    """A pipelined batch's WAIT would go on another connection and prove nothing."""
+    lock, _ = rig.lead("a")
+    runner = rig.runner(lock)
+    assert runner.herd._pipelining()
+    lock.wait_replicas = 1
+    assert not runner.herd._pipelining()

@@ -27,6 +27,7 @@ from celery_leader.leaderqueue import (
     task_claim_key,
 )
 from celery_leader.redislock import RedisLock
+from celery_leader.taskruns import done_ttl_ms
 from tests.celery_procs import Cluster, wait_until
 from tests.test_scheduler_unit import lead
 
@@ -196,6 +197,8 @@ def test_a_running_leader_task_is_in_flight_under_its_term_not_in_kombus_unacked
         cluster.events.wait_kind("task_done", 20)
         wait_until(lambda: not client.hlen(inflight_key(lock)), 10, "the record to end")
         assert client.get(task_claim_key(lock, task_id)) == b"done"
+        # Kept while a copy can still arrive (kombu's visibility timeout), not a day.
+        assert 3600_000 < client.pttl(task_claim_key(lock, task_id)) <= done_ttl_ms({})
         assert start["at"] - sent_at < 5
     finally:
         cluster.stop()

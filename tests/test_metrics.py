@@ -102,7 +102,9 @@ def test_without_the_extra_the_endpoint_says_how_to_enable_it(
     status, body = source.metrics_route()
     assert status == 501
     assert body.data.decode() == METRICS_EXTRA_MISSING
-    assert "pip install 'celery-leader[metrics]'" in METRICS_EXTRA_MISSING
+    # The package is on no index: what to install, and the extra from a checkout.
+    assert "pip install prometheus-client" in METRICS_EXTRA_MISSING
+    assert "pip install '/path/to/celery-leader[metrics]'" in METRICS_EXTRA_MISSING
 
 
 def test_task_counters_are_shared_with_forked_children() -> None:
@@ -134,3 +136,41 @@ def test_per_entry_labels_only_when_asked_for() -> None:
     [dispatched, *_] = detailed.families("s", lambda: None)
     assert dispatched.samples == {("s", "every-minute"): 1.0, ("s", "hourly"): 1.0}
     assert quiet.last_lateness == {"every-minute": 1.5, "hourly": 0.25}
+
+
+def test_every_counter_is_exported_at_zero_before_its_first_event() -> None:
+    """increase() over a series that starts absent and then reads 1 gives 0: a
+    counter that appeared at its first event hid every replica's first leadership
+    from the storm alert (tests/test_prometheus_rules.py)."""
+    exported = {(family.name, values): value
+                for family in all_families() if family.kind == "counter"
+                for values, value in family.samples.items()}
+    for reason in ("acquired", "released", "lease_lost", "renew_deadline_exceeded", "stopped"):
+        assert exported[("celery_leader_transitions_total", ("e", reason))] == 0
+    for name in ("dispatched", "caught_up", "republished"):
+        assert exported[(f"celery_leader_schedule_ticks_{name}_total", ("e",))] == 0
+    for reason in ("catch_up_policy", "misfire_grace"):
+        assert exported[("celery_leader_schedule_ticks_skipped_total", ("e", reason))] == 0
+    for name in ("started", "duplicates_refused", "requeued"):
+        assert exported[(f"celery_leader_tasks_{name}_total", ("e",))] == 0
+    # Every counter family but lock errors (its labels are exception classes, known
+    # only when one is raised) has a series.
+    assert {family.name for family in all_families()
+            if family.kind == "counter" and not family.samples} == {
+        "celery_leader_lock_errors_total"}
+    [lateness] = [f for f in all_families()
+                  if f.name == "celery_leader_schedule_dispatch_lateness_seconds"]
+    assert lateness.samples[("e",)].count == 0
+
+
+def test_per_entry_counters_start_at_zero_for_known_entries() -> None:
+    stats = ScheduleStats(per_entry=True)
+    stats.known(["hourly"])
+    families = {f.name: f for f in stats.families("s", lambda: None)}
+    assert families["celery_leader_schedule_ticks_dispatched_total"].samples == {
+        ("s", "hourly"): 0.0}
+    assert families["celery_leader_schedule_ticks_skipped_total"].samples == {
+        ("s", "hourly", "catch_up_policy"): 0.0, ("s", "hourly", "misfire_grace"): 0.0}
+    stats.sent("hourly@3600000", term=1, now=3600.5)
+    assert families["celery_leader_schedule_ticks_dispatched_total"].samples != \
+        stats.families("s", lambda: None)[0].samples

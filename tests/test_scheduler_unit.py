@@ -256,6 +256,9 @@ def test_catch_up_policy_after_a_leadership_gap(h: Harness, policy: str,
     # state ends at the last missed tick (as "skipped" when it was not sent).
     wait_until(lambda: h.last() == iso(10), 5, what="term 2 passes over the missed ticks")
     assert h.states()["every"]["skipped"] is (policy == "none")
+    # Claimed in one step; sent right after it (the memory broker: pending copies).
+    wait_until(lambda: len(sent(app).fire_times()) >= len(caught_up), 5,
+               what="term 2 sends what it caught up")
     assert sent(app).fire_times() == [iso(s) for s in caught_up]
     # Ticks after the leadership started are sent under every policy, once.
     advance(clock, runner, 11.1)

@@ -125,7 +125,7 @@ EXPECTED = {
     "sentinel-plain-redis": "unknown command `SENTINEL`",
 }
 # Paths that stop a worker at start-up (exit status 2) instead of retrying.
-FATAL = ("bad-scheme", "unparsable")
+FATAL = ("bad-scheme", "unparsable", "wrong-password", "wrong-acl-password", "noperm")
 
 
 def run_all(commands: dict[str, tuple[list[str], dict[str, str]]],

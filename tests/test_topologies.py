@@ -53,7 +53,7 @@ UTC = timezone.utc
 ACL_RULE = (
     "on >secret resetkeys ~celery-leader:* resetchannels &celery-leader:* -@all "
     "+evalsha +script|load +type +get +set +del +pttl +time +hincrby +hget +hset +hdel "
-    "+hgetall +hscan +hexists +incrby +publish +subscribe +ping +select"
+    "+hgetall +hscan +hexists +incrby +zadd +publish +subscribe +ping +select"
 )
 ACL_USER = "leader"
 ACL_PASSWORD = "secret"

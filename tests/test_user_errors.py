@@ -19,11 +19,13 @@ from typing import Any
 
 import pytest
 from celery import Celery
+from celery.schedules import crontab
 from click.testing import CliRunner, Result
 
 from celery_leader import cron
 from celery_leader import settings as settings_module
 from celery_leader.cli import leader
+from celery_leader.election.config import ConfigurationError
 from celery_leader.entries import EntryError, entry_from_config, entry_from_json
 from celery_leader.scheduler import ScheduleStore
 from celery_leader.settings import read_settings
@@ -270,3 +272,57 @@ def test_the_command_line_without_an_app_asks_for_dash_a() -> None:
     assert result.stderr.strip().splitlines()[-1] == (
         "Error: no Celery app given: name yours with -A, as in "
         "'celery -A proj leader status'")
+
+
+@pytest.mark.parametrize("spelling", ["plain", "django"])
+def test_strict_settings_make_a_misspelt_setting_an_error(spelling: str) -> None:
+    if spelling == "plain":
+        app = Celery("proj", broker=BROKER, set_as_current=False)
+        app.conf.update(leader_lease_duraton=5, leader_strict_settings=True)
+        typo, meant = "leader_lease_duraton", "leader_lease_duration"
+    else:
+        config = SimpleNamespace(CELERY_BROKER_URL=BROKER, CELERY_LEADER_RENEW_DEADLNE=3,
+                                 CELERY_LEADER_STRICT_SETTINGS="true")
+        app = Celery("proj", set_as_current=False)
+        app.config_from_object(config, namespace="CELERY")
+        typo, meant = "CELERY_LEADER_RENEW_DEADLNE", "CELERY_LEADER_RENEW_DEADLINE"
+    with pytest.raises(ConfigurationError) as caught:
+        read_settings(app)
+    assert str(caught.value) == (f"{typo!r} is not a celery-leader setting (did you mean "
+                                 f"{meant!r}?); leader_strict_settings makes this an error")
+
+
+@pytest.mark.integration
+def test_a_real_worker_with_strict_settings_stops_on_a_typo(tmp_path: Path, redis_url: str,
+                                                             election_name: str) -> None:
+    cluster = Cluster(tmp_path, redis_url, election_name, app="tests.apps.config_app")
+    try:
+        [worker] = cluster.start(1, "solo", split_stderr=True, env={"CONFIG_JSON": json.dumps(
+            {"CELERY_LEADER_STRICT_SETTINGS": True, "CELERY_LEADER_LEASE_DURATON": 5})})
+        assert worker.wait_exit(45) == 2, worker.log()
+        assert worker.stderr_path is not None
+        assert stderr_lines(worker.stderr_path.read_text()) == [
+            "celery-leader: configuration error: 'CELERY_LEADER_LEASE_DURATON' is not a "
+            "celery-leader setting (did you mean 'CELERY_LEADER_LEASE_DURATION'?); "
+            "leader_strict_settings makes this an error"]
+    finally:
+        cluster.stop()
+        cluster.events.close()
+
+
+def test_the_cli_shows_a_crontab_as_its_cron_fields(cli_app: Celery) -> None:
+    cli_app.conf.beat_schedule = {
+        "every-minute": {"task": "proj.job", "schedule": crontab()},
+        "office-hours": {"task": "proj.job", "schedule": crontab(
+            minute="*/15", hour="9-17", day_of_week="mon-fri")},
+        "twice-hourly": {"task": "proj.job", "schedule": crontab(minute={30, 0})},
+    }
+    table = leader_cli(cli_app, "schedule")
+    assert table.exit_code == 0, table.output
+    as_json = leader_cli(cli_app, "schedule", "--json")
+    rows = {row["name"]: row["schedule"] for row in json.loads(as_json.output)}
+    assert rows == {"every-minute": "* * * * *", "office-hours": "*/15 9-17 * * mon-fri",
+                    "twice-hourly": "0,30 * * * *"}
+    for text in rows.values():
+        assert f"  {text}  " in table.output, table.output
+    assert "crontab" not in table.output + as_json.output

@@ -1,5 +1,5 @@
 """django-celery-beat's tables as a source of the leader's schedule
-(``leader_django_celery_beat = True``; ``pip install 'celery-leader[django]'``).
+(``leader_django_celery_beat = True``; the ``django`` extra brings django-celery-beat).
 
 Every enabled ``django_celery_beat.models.PeriodicTask`` becomes an
 :class:`~celery_leader.schedule.entries.Entry` (``source="django"``) that the
@@ -247,6 +247,14 @@ def entry_from_row(task: Any, app: Any) -> tuple[Entry, Row]:
         once_at_ms=to_ms(once_at) if once_at is not None else None)
 
 
+def skip_reason(task: Any, exc: Exception) -> str:
+    """Why a row is skipped, naming it once: the errors made here already start
+    with "django-celery-beat task '<name>'"."""
+    what = f"django-celery-beat task {str(task.name)!r}"
+    text = str(exc)
+    return text if text.startswith(what) else f"{what}: {text}"
+
+
 def ensure_django() -> None:
     """Django set up, with django_celery_beat installed; ConfigurationError otherwise."""
     if not django_apps.ready:
@@ -428,7 +436,7 @@ class DjangoBeatSource:
         key = (str(task.name), task.date_changed)
         if key not in self._skipped:
             self._skipped.add(key)
-            log.error("celery-leader: skipping django-celery-beat task %r: %s", task.name, exc)
+            log.error("celery-leader: skipping %s", skip_reason(task, exc))
 
     def _write_back(self) -> None:
         try:

@@ -21,6 +21,12 @@ from typing import Protocol
 from .resourcelock import ResourceLock
 
 JITTER_FACTOR = 1.2
+# By how much the lock client's socket timeout must exceed the longest WAIT:
+# Redis answers that too few replicas acknowledged only at the WAIT's timeout,
+# and that answer still has to cross the network and a busy client.
+WAIT_MARGIN = 0.5
+# WAIT counts in whole milliseconds, and WAIT 0 blocks until a replica answers.
+MIN_WAIT_TIMEOUT = 0.001
 
 Seconds = float | int | timedelta
 
@@ -113,6 +119,38 @@ def validate_timings(
             f"{JITTER_FACTOR} x {retry_name} ({retry!r})"
         )
     return lease, renew, retry
+
+
+def validate_wait(
+    wait_replicas: int,
+    wait_timeout: float,
+    socket_timeout: float | None,
+    renew_deadline: float,
+    names: tuple[str, str, str] = ("wait_timeout", "socket_timeout", "renew_deadline"),
+) -> None:
+    """Refuse a WAIT that could outlast what waits for it (no-op without replicas to wait for).
+
+    ``socket_timeout`` is the lock client's, None when it has none.  A socket that
+    gives up first turns every "no replica" answer into a client timeout and a
+    retried command; a WAIT as long as the renew deadline leaves a new leader no
+    time to lead.
+    """
+    if wait_replicas <= 0:
+        return
+    wait_name, socket_name, renew_name = names
+    if wait_timeout < MIN_WAIT_TIMEOUT:
+        raise ConfigurationError(
+            f"{wait_name} must be at least {MIN_WAIT_TIMEOUT}s (Redis counts WAIT in "
+            f"milliseconds and WAIT 0 blocks forever), got {wait_timeout!r}")
+    if socket_timeout is not None and socket_timeout < wait_timeout + WAIT_MARGIN:
+        raise ConfigurationError(
+            f"{socket_name} ({socket_timeout!r}) must exceed {wait_name} ({wait_timeout!r}) "
+            f"by at least {WAIT_MARGIN}s: the client would time out before Redis answers "
+            f"that no replica acknowledged; raise {socket_name} or lower {wait_name}")
+    if wait_timeout >= renew_deadline:
+        raise ConfigurationError(
+            f"{wait_name} ({wait_timeout!r}) must be below {renew_name} "
+            f"({renew_deadline!r}): a leadership is timed from before its WAIT")
 
 
 def to_seconds(name: str, value: object) -> float:

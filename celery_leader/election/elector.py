@@ -27,6 +27,7 @@ from .clock import Clock, SystemClock
 from .config import JITTER_FACTOR, LeaderElectionConfig, to_seconds
 from .record import LeaderElectionRecord
 from .redact import secret_safe_logger
+from .redislock import credentials_refused
 from .resourcelock import LockConflictError, Observation
 
 # Logger names are part of the interface (users configure them): the old module's.
@@ -37,6 +38,10 @@ STOP_POLL_INTERVAL = 0.1
 # A follower facing an unreachable lock retries at most this many retry periods
 # apart, so it still contends within a few seconds of the lock coming back.
 MAX_BACKOFF_FACTOR = 4
+# While backing off, each wait is drawn from (1 - BACKOFF_JITTER, 1] x the
+# current ceiling: below the bound the warning names, and spread so that
+# electors cut off at the same moment do not come back in step.
+BACKOFF_JITTER = 0.5
 
 
 class HealthCheckError(Exception):
@@ -83,6 +88,9 @@ class LeaderElector:
         self._last_conflict = False  # the last attempt found someone else's bytes
         self._failures = 0  # consecutive failed lock calls (back-off, log throttling)
         self._last_failure = ""
+        # Since when (monotonic) every lock call has failed with Redis refusing
+        # this replica's credentials; None after a success or any other error.
+        self._refused_since: float | None = None
         self.last_stop_reason = ""
         self._lease_listeners: list[Callable[[int, float], None]] = []
         self.stats = metrics.ElectionStats()  # counters only; read at scrape time
@@ -170,6 +178,14 @@ class LeaderElector:
                 raise HealthCheckError(
                     f"election loop for {self._name} stalled for {now - self._last_loop:.1f}s"
                 )
+            # Refused credentials (a rotated password, a revoked ACL grant) are not
+            # an outage to wait out: a restart with the new secret fixes them.
+            refused_since = self._refused_since
+            if refused_since is not None and now - refused_since > self._lease + tolerance:
+                raise HealthCheckError(
+                    f"Redis has refused the credentials of lock {self._name} for "
+                    f"{now - refused_since:.1f}s ({self._last_failure})"
+                )
 
     # ------------------------------------------------------------------ control
 
@@ -237,9 +253,13 @@ class LeaderElector:
                 elif self._may_take(current, seen_at):
                     written = self.lock.update(desired, current.raw)
                 else:
+                    # A follower that only reads has reached the lock too: it
+                    # stops backing off without having to win the lease.
+                    self._lock_recovered()
                     return False
         except LockConflictError as conflict:
             self._last_conflict = True
+            self._lock_recovered()  # a reply, if not the one hoped for
             if own_raw is not None:
                 self.stats.renew_failures += 1
             self._observe(conflict.observation, self._clock.monotonic())
@@ -266,13 +286,29 @@ class LeaderElector:
         self._failures += 1
         self.stats.lock_error(exc)
         message = f"{type(exc).__name__}: {exc}"
+        refused = credentials_refused(exc)
+        with self._state:
+            if not refused:  # an outage is waited out, never a reason to restart
+                self._refused_since = None
+            elif self._refused_since is None:
+                self._refused_since = self._clock.monotonic()
+            self.stats.credentials_refused = refused
         if message != self._last_failure:
             self._last_failure = message
+            if refused:
+                log.error("leader election %s: Redis refuses the credentials of lock %s "
+                          "(%s): fix the password or the ACL user's grants (the health "
+                          "check fails while this lasts)", self._name, self.lock.describe(),
+                          message)
+                return
             log.warning("leader election %s: lock %s failed (%s); retrying every %.1fs at most",
                         self._name, self.lock.describe(), message,
                         self._retry * MAX_BACKOFF_FACTOR)
 
     def _lock_recovered(self) -> None:
+        with self._state:
+            self._refused_since = None
+            self.stats.credentials_refused = False
         if self._failures:
             log.warning("leader election %s: lock %s reachable again after %d failed attempts",
                         self._name, self.lock.describe(), self._failures)
@@ -358,10 +394,19 @@ class LeaderElector:
 
     def _follower_delay(self) -> float:
         """Jittered retry period, shortened to the moment the lease's server-side
-        TTL says it really expires, so a crash fails over in about one lease."""
+        TTL says it really expires, so a crash fails over in about one lease.
+
+        While the lock fails, a back-off instead: an unreachable Redis greeted by
+        every replica every few milliseconds recovers slower, and the expiry read
+        before the outage says nothing about when the lock answers again.
+        """
+        if self._failures:
+            # INVARIANT: while the lock fails, waits lie between one retry period
+            # and the MAX_BACKOFF_FACTOR retry periods the warning names (doubling
+            # per failure), and no earlier-read lease expiry shortens them.
+            ceiling = self._retry * min(2.0 ** min(self._failures, 16), MAX_BACKOFF_FACTOR)
+            return ceiling * (1 - random.random() * BACKOFF_JITTER)
         delay = self._retry * (1 + random.random() * JITTER_FACTOR)
-        if self._failures > 1:  # back off while the lock is unreachable
-            delay *= min(2 ** (self._failures - 1), MAX_BACKOFF_FACTOR)
         with self._state:
             ttl_deadline = self._observed_ttl_deadline
         if ttl_deadline is not None:
@@ -451,6 +496,7 @@ class LeaderElector:
                 return
 
     def _hand_over(self, leadership: _Leadership) -> None:
+        requested = self._step_down.is_set() and not leadership.work_failed
         voluntary = self._step_down.is_set() or leadership.work_failed
         if leadership.work_failed:
             self._step_down.set()  # like step_down(): pause before contending again
@@ -471,7 +517,9 @@ class LeaderElector:
             self.try_acquire_or_renew()
         if leadership.ended.is_set():
             return
-        self._end(leadership, "released")
+        why = ("step-down requested" if requested else
+               "on_started_leading failed" if leadership.work_failed else "stopping")
+        self._end(leadership, "released", why)
         try:
             if self.lock.release(leadership.term):
                 self.lock.record_event(f"{self._identity} released the lease "
@@ -480,7 +528,8 @@ class LeaderElector:
             log.warning("leader election %s: release failed (%r); the lease will expire",
                         self._name, exc)
 
-    def _end(self, leadership: _Leadership, reason: str) -> None:
+    def _end(self, leadership: _Leadership, reason: str, why: str = "") -> None:
+        """End ``leadership``; ``why`` (the log line's only) says what asked for it."""
         # INVARIANT: exactly once per leadership, and is_leader() is false first.
         with self._state:
             if leadership.ended.is_set():
@@ -489,8 +538,8 @@ class LeaderElector:
             self._own_raw = None
             self._notify_lease(0, 0.0)
         leadership.stop.set()
-        log.info("leader election %s: %s stopped leading (term %d): %s", self._name,
-                 self._identity, leadership.term, reason)
+        log.info("leader election %s: %s stopped leading (term %d): %s%s", self._name,
+                 self._identity, leadership.term, reason, f" ({why})" if why else "")
         metrics.provider.set_leader(self._name, False)
         self.stats.stopped(self._identity, leadership.term, reason)
         self.last_stop_reason = reason

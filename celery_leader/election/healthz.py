@@ -64,6 +64,16 @@ class Body:
 
 
 Route = Callable[[], tuple[int, Any]]
+PageRoute = Callable[[str], tuple[int, Any]]
+"""A route whose HTML links to the others: called with the ``?token=`` the page
+was opened with ('' if none), so its links keep it (a browser sends no header)."""
+
+UNAUTHORIZED = ("unauthorized: send Authorization: Bearer <token> (the token is "
+                "leader_healthz_token), or open the page as /?token=<token>\n")
+
+
+def query_token(query: str) -> str:
+    return (parse_qs(query).get("token") or [""])[0]
 
 
 def authorized(token: str | None, header: str | None, query: str) -> bool:
@@ -75,26 +85,27 @@ def authorized(token: str | None, header: str | None, query: str) -> bool:
     if header and header.lower().startswith("bearer "):
         given = header[7:].strip()
     elif query:
-        given = (parse_qs(query).get("token") or [""])[0]
+        given = query_token(query)
     return hmac.compare_digest(given.encode(), token.encode())
 
 
 class HealthzServer:
     """Serves ``GET /healthz`` (plus extra routes, JSON unless they return a
-    :class:`Body`) from a daemon thread.  With ``token``, every route but
-    ``/healthz`` (a probe carries no credentials) needs it."""
+    :class:`Body`, and ``pages``) from a daemon thread.  With ``token``, every
+    route but ``/healthz`` (a probe carries no credentials) needs it."""
 
     def __init__(self, adaptor: HealthzAdaptor, port: int, host: str = "127.0.0.1",
-                 routes: dict[str, Route] | None = None, token: str | None = None) -> None:
+                 routes: dict[str, Route] | None = None, token: str | None = None,
+                 pages: dict[str, PageRoute] | None = None) -> None:
         extra = dict(routes or {})
+        linking = dict(pages or {})
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 path, _, query = self.path.partition("?")
                 if path != "/healthz" and not authorized(
                         token, self.headers.get("Authorization"), query):
-                    self._send(401, "unauthorized: send Authorization: Bearer <token>\n",
-                               "text/plain", {"WWW-Authenticate": "Bearer"})
+                    self._send(401, UNAUTHORIZED, "text/plain", {"WWW-Authenticate": "Bearer"})
                 elif path == "/healthz":
                     try:
                         adaptor.check()
@@ -103,9 +114,17 @@ class HealthzServer:
                                    "text/plain")
                     else:
                         self._send(200, "ok\n", "text/plain")
-                elif path in extra:
+                elif path in extra or path in linking:
                     try:
-                        status, body = extra[path]()
+                        if path in linking:
+                            # The token it was opened with, only when it is the right one.
+                            given = query_token(query) if token is not None else ""
+                            if token is None or not hmac.compare_digest(given.encode(),
+                                                                        token.encode()):
+                                given = ""
+                            status, body = linking[path](given)
+                        else:
+                            status, body = extra[path]()
                     except Exception as exc:  # a read failed (Redis down): say so
                         status, body = 500, Body("text/plain; charset=utf-8",
                                                  f"error: {type(exc).__name__}\n".encode())
@@ -146,6 +165,7 @@ class HealthzServer:
 
 def serve_healthz(adaptor: HealthzAdaptor, port: int, host: str = "127.0.0.1",
                   routes: dict[str, Route] | None = None,
-                  token: str | None = None) -> HealthzServer:
+                  token: str | None = None,
+                  pages: dict[str, PageRoute] | None = None) -> HealthzServer:
     """Start serving ``/healthz``; port 0 picks a free one (see ``.port``)."""
-    return HealthzServer(adaptor, port, host, routes, token)
+    return HealthzServer(adaptor, port, host, routes, token, pages)

@@ -21,8 +21,9 @@ from typing import Any, Protocol
 
 METRICS_EXTRA_MISSING = (
     "celery-leader metrics need prometheus_client, which is not installed: "
-    "pip install 'celery-leader[metrics]' (or pip install prometheus-client), then "
-    "restart the worker\n")
+    "pip install prometheus-client (or reinstall celery-leader with its metrics extra: "
+    "pip install '/path/to/celery-leader[metrics]' from a checkout), then restart "
+    "this process\n")
 
 # Seconds; a renew is one Redis round trip (ms), a lateness a loop wake-up (ms to s).
 RENEW_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -137,10 +138,13 @@ class ElectionStats:
     """What one elector counts; read by :func:`election_families` and the status page."""
 
     def __init__(self, recent: int = 20) -> None:
-        self.transitions: dict[str, int] = {}
+        # Every known reason at 0 from start-up: increase() over a series that
+        # starts absent and then reads 1 gives 0, hiding a replica's first leadership.
+        self.transitions: dict[str, int] = dict.fromkeys((ACQUIRED, *STOP_REASONS.values()), 0)
         self.renew_seconds = Histogram(RENEW_BUCKETS)
         self.renew_failures = 0
         self.lock_errors: dict[str, int] = {}
+        self.credentials_refused = False  # the last lock call: Redis refused our credentials
         self.recent: collections.deque[Transition] = collections.deque(maxlen=recent)
         self.leading_since = 0.0  # wall clock; 0 while not leading
 
@@ -201,6 +205,9 @@ def election_families(name: str, elector: ElectionView) -> list[Family]:
                "Lock calls that raised, by exception class (Redis down, timeouts, ...)",
                ("name", "kind"),
                {(name, kind): float(n) for kind, n in sorted(stats.lock_errors.items())}),
+        Family("celery_leader_lock_credentials_refused", "gauge",
+               "1 while Redis refuses this replica's credentials for the lock (WRONGPASS, "
+               "NOAUTH, NOPERM)", ("name",), {key: 1.0 if stats.credentials_refused else 0.0}),
         Family("celery_leader_observed_holder_info", "gauge",
                "1 for the holder this replica last saw in the lease",
                ("name", "holder"), {(name, holder): 1.0} if holder else {}),
@@ -229,7 +236,8 @@ class PrometheusMetrics:
             from prometheus_client import REGISTRY, Counter, Gauge
         except ImportError as exc:  # pragma: no cover - depends on extras
             raise RuntimeError(
-                "prometheus metrics need the 'metrics' extra: pip install celery-leader[metrics]"
+                "prometheus metrics need prometheus_client: pip install prometheus-client "
+                "(or pip install '/path/to/celery-leader[metrics]' from a checkout)"
             ) from exc
         registry = REGISTRY if registry is None else registry
         self.is_leader = Gauge("celery_leader_is_leader",

@@ -16,22 +16,38 @@ from redis.cluster import RedisCluster
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
-from .config import ConfigurationError
+from .config import WAIT_MARGIN, ConfigurationError
 
 REDIS_SCHEMES = ("redis", "rediss", "unix", "sentinel", "sentinels")
 
 
+def default_socket_timeout(retry_period: float, wait_timeout: float = 0.0) -> float:
+    """The lock client's socket timeout when the options set none.
+
+    The retry period (at least 0.5 s), so a stalled connection counts as a failed
+    renewal instead of blocking the elector forever; when writes WAIT for replicas
+    (``wait_timeout`` > 0), longer than a WAIT by WAIT_MARGIN, so Redis's answer
+    that no replica acknowledged arrives before the socket gives up.
+    """
+    timeout = max(0.5, float(retry_period))
+    if wait_timeout > 0:
+        timeout = max(timeout, wait_timeout + WAIT_MARGIN)
+    return timeout
+
+
 def redis_client_from_url(url: str, options: Mapping[str, Any], retry_period: float = 2.0,
-                          transport_options: Mapping[str, Any] | None = None) -> Any:
+                          transport_options: Mapping[str, Any] | None = None,
+                          wait_timeout: float = 0.0) -> Any:
     """A redis-py client for a redis://, rediss://, unix:// or Celery-style
     ``sentinel://h1:p1;sentinel://h2:p2/db`` URL; ``options={"cluster": True}``
     makes a Redis Cluster client from any node's redis:// URL.
 
-    Socket timeouts default to the retry period so a stalled connection counts
-    as a failed renewal instead of blocking the elector forever.
+    Socket timeouts default to :func:`default_socket_timeout` (``wait_timeout``:
+    how long the client's WAITs may block, 0 when it sends none).
     """
-    timeout = max(0.5, float(retry_period))
-    kwargs: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout,
+    connect_timeout = max(0.5, float(retry_period))
+    kwargs: dict[str, Any] = {"socket_timeout": default_socket_timeout(retry_period, wait_timeout),
+                              "socket_connect_timeout": connect_timeout,
                               "health_check_interval": 30}
     kwargs.update(options)
     if url.startswith(("sentinel://", "sentinels://")):
@@ -49,6 +65,8 @@ def redis_client_from_url(url: str, options: Mapping[str, Any], retry_period: fl
             # redis-py moves on to the next sentinel, so retrying a frozen one
             # only multiplies the stall.
             sentinel_kwargs = {k: v for k, v in kwargs.items() if k.startswith("socket_")}
+            if "socket_timeout" not in options:  # sentinels never see a WAIT
+                sentinel_kwargs["socket_timeout"] = connect_timeout
             sentinel_kwargs["retry"] = Retry(NoBackoff(), 0)
         hosts: list[tuple[str, int]] = []
         db = 0

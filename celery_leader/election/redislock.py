@@ -87,6 +87,13 @@ end
 local now = redis.call('TIME')
 local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 local version = redis.pcall('HINCRBY', KEYS[2], 'version', 1)
+-- INVARIANT: only a counter that is no hash of integers is called unusable; any
+-- other refusal (NOREPLICAS, OOM, READONLY, MISCONF) is returned unchanged.
+if type(version) == 'table' and not (string.find(tostring(version.err), 'WRONGTYPE', 1, true)
+    or string.find(tostring(version.err), 'not an integer', 1, true)
+    or string.find(tostring(version.err), 'overflow', 1, true)) then
+  return version
+end
 if type(version) == 'table' then
   return redis.error_reply('celery-leader: term counter ' .. KEYS[2] .. ' is unusable (' ..
     tostring(version.err) .. '); repair it by hand: deleting it restarts terms at 1')
@@ -177,12 +184,56 @@ def acl_denied(error: BaseException) -> bool:
              or "No permissions" in str(error)))
 
 
+# Redis's replies to credentials it does not accept (a password that changed,
+# none where one is required, an ACL user without a grant): no retry fixes them.
+CREDENTIAL_ERRORS = ("WRONGPASS", "NOAUTH", "NOPERM", "invalid password",
+                     "invalid username-password pair", "Authentication required",
+                     "without any password configured")
+
+
+def credentials_refused(error: BaseException) -> bool:
+    """Redis refused this client's credentials or its ACL user's permissions."""
+    if isinstance(error, (redis.exceptions.AuthenticationError,
+                          redis.exceptions.AuthorizationError)) or acl_denied(error):
+        return True
+    return isinstance(error, redis.exceptions.ResponseError) and any(
+        marker in str(error) for marker in CREDENTIAL_ERRORS)
+
+
 def key_of(key_prefix: str, name: str, hash_tag: str, suffix: str) -> str:
     """The key ``suffix`` of election ``name`` whose keys carry ``{hash_tag}``:
     the one key format of every election, schedule and claim key."""
     if hash_tag == name:
         return f"{key_prefix}:{{{name}}}:{suffix}"
     return f"{key_prefix}:{{{hash_tag}}}:{name}:{suffix}"
+
+
+def server_of(client: Any, key: str) -> Any:
+    """The client of the one server holding ``key``: a Cluster client's node
+    for that key, any other client itself."""
+    node_of = getattr(client, "get_node_from_key", None)
+    return client if node_of is None else node_of(key).redis_connection
+
+
+def script_then_wait(client: Any, script: Any, keys: Sequence[Any], args: Sequence[Any],
+                     replicas: int, timeout: float) -> tuple[Any, bool]:
+    """Run a registered script and, when ``replicas`` > 0, WAIT for that many
+    replicas on the SAME connection; (the script's reply, acknowledged?).
+
+    Redis's WAIT counts only the writes of the connection that sends it (one
+    that wrote nothing is answered at once, acknowledged), and a pool may hand
+    a separate ``client.wait`` another connection: so both go in one pipeline
+    without MULTI.  A replica's acknowledgement covers everything before the
+    write in the replication stream (e.g. the leader's claim of the tick).
+    """
+    if replicas <= 0:
+        return script(keys=keys, args=args), True
+    # INVARIANT: the write and its WAIT travel on one connection.
+    pipe = server_of(client, str(keys[0])).pipeline(transaction=False)
+    script(keys=keys, args=args, client=pipe)
+    pipe.wait(replicas, max(1, round(timeout * 1000)))
+    reply, acknowledged = pipe.execute()
+    return reply, int(acknowledged) >= replicas
 
 
 class ReplicationError(Exception):
@@ -203,11 +254,11 @@ class FencedScript:
 
     def __call__(self, term: int, keys: Sequence[str] = (), args: Sequence[Any] = ()) -> Any:
         lock = self._lock
-        result = unfenced(self._script(
-            keys=[lock.lease_key, *keys], args=[lock.holder(), term, *args]
-        ))
-        if result is not FENCED:
-            lock.wait_for_replicas("a fenced write")
+        raw, acknowledged = lock.run_then_wait(
+            self._script, [lock.lease_key, *keys], [lock.holder(), term, *args])
+        result = unfenced(raw)
+        if result is not FENCED and not acknowledged:
+            lock.warn_unreplicated("a fenced write")
         return result
 
     # For a caller that sends several calls before reading their replies
@@ -220,11 +271,15 @@ class FencedScript:
                 lock.holder(), term, *args]
 
     def reply(self, raw: Any) -> Any:
-        """A raw reply of :meth:`command`, as a call returns it."""
-        result = unfenced(raw)
-        if result is not FENCED:
-            self._lock.wait_for_replicas("a fenced write")
-        return result
+        """A raw reply of :meth:`command`, as a call returns it (no WAIT: a caller
+        that sends several calls on its own connection must not pipeline while
+        :attr:`waits_for_replicas`)."""
+        return unfenced(raw)
+
+    @property
+    def waits_for_replicas(self) -> bool:
+        """A call follows its write with WAIT (``wait_replicas`` > 0)."""
+        return self._lock.wait_replicas > 0
 
     def load(self) -> None:
         """Make sure the server has the script (a sent command cannot reload it)."""
@@ -311,17 +366,19 @@ class RedisLock(ResourceLock):
         # as this lock's own, so it can release, claim and fence with it.
         instance = record.holder_instance or (
             self._instance if record.holder_identity == self._identity else "")
-        written, raw, ttl_ms = self._write(
-            keys=[self.lease_key, self.counter_key],
-            args=[expected, record.holder_identity, lease_ms, record.term, self.channel,
-                  instance],
-        )
+        keys = [self.lease_key, self.counter_key]
+        args: list[Any] = [expected, record.holder_identity, lease_ms, record.term, self.channel,
+                           instance]
+        if record.term == 0:
+            # An acquisition (a new term): WAIT on the write's own connection.
+            (written, raw, ttl_ms), acknowledged = self.run_then_wait(self._write, keys, args)
+        else:  # a renewal keeps its term: nothing to wait for
+            (written, raw, ttl_ms), acknowledged = self._write(keys=keys, args=args), True
         observation = _observation(raw, ttl_ms)
         if not written:
             raise LockConflictError(observation)
         stored = observation.record
-        if stored is not None and stored.term == stored.version and \
-                not self.wait_replicas_acknowledged():
+        if stored is not None and stored.term == stored.version and not acknowledged:
             # A new term nobody replicated could vanish in a fail-over and be
             # handed out again: do not lead on it (the next attempt retries).
             raise ReplicationError(
@@ -329,14 +386,18 @@ class RedisLock(ResourceLock):
                 f"term {stored.term} within {self.wait_timeout}s")
         return observation
 
-    def wait_replicas_acknowledged(self) -> bool:
-        if self.wait_replicas <= 0:
-            return True
-        acknowledged = self.client.wait(self.wait_replicas, round(self.wait_timeout * 1000))
-        return int(acknowledged) >= self.wait_replicas
+    def run_then_wait(self, script: Any, keys: Sequence[Any],
+                      args: Sequence[Any]) -> tuple[Any, bool]:
+        """A script of this lock's client, then its WAIT (script_then_wait)."""
+        return script_then_wait(self.client, script, keys, args,
+                                self.wait_replicas, self.wait_timeout)
 
-    def wait_for_replicas(self, what: str) -> None:
-        if not self.wait_replicas_acknowledged():
+    def warn_unreplicated_unless(self, acknowledged: Any, what: str) -> None:
+        if int(acknowledged) < self.wait_replicas:
+            self.warn_unreplicated(what)
+
+    def warn_unreplicated(self, what: str) -> None:
+        if self.wait_replicas > 0:
             log.warning("%s: %s was not acknowledged by %d replica(s) within %.2fs; a "
                         "fail-over now could lose it", self.describe(), what,
                         self.wait_replicas, self.wait_timeout)
@@ -371,13 +432,14 @@ class RedisLock(ResourceLock):
         self, key: str, term: int, value: str = "1", ttl: float | None = None
     ) -> ClaimResult:
         ttl_ms = 0 if ttl is None else max(1, round(ttl * 1000))
-        result = unfenced(self._claim(
-            keys=[self.lease_key, self.key(key)], args=[self.holder(), term, value, ttl_ms]
-        ))
+        raw, acknowledged = self.run_then_wait(
+            self._claim, [self.lease_key, self.key(key)], [self.holder(), term, value, ttl_ms])
+        result = unfenced(raw)
         if result is FENCED:
             return ClaimResult.FENCED
         if result == 1:
-            self.wait_for_replicas(f"claim {key!r}")
+            if not acknowledged:
+                self.warn_unreplicated(f"claim {key!r}")
             return ClaimResult.CLAIMED
         return ClaimResult.ALREADY_CLAIMED
 

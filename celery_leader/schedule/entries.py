@@ -26,11 +26,32 @@ from .cronexpr import cron
 from .options import CATCH_UP_POLICIES, app_setting, closest
 
 UTC = timezone.utc
+# What an entry's options may say: every option Celery's ``Task.apply_async``
+# documents and the kombu ``Producer.publish`` keywords it passes on (checked
+# against Celery's own list: tests/test_entry_options.py).  Each tick's
+# ``send_task`` gets them as given; ``retry``, ``retry_policy``, ``timeout`` and
+# ``confirm_timeout`` govern kombu's own publish, which a fenced publish
+# (publish.py) replaces by a Redis script call: a tick not sent stays pending
+# and the leader sends it again, whatever they say.
 OPTION_KEYS = frozenset({
     "queue", "exchange", "routing_key", "priority", "expires", "headers", "serializer",
-    "compression", "time_limit", "soft_time_limit", "countdown", "link", "link_error",
-    "immediate", "mandatory", "delivery_mode", "ignore_result", "shadow",
+    "compression", "time_limit", "soft_time_limit", "countdown", "eta", "link", "link_error",
+    "immediate", "mandatory", "delivery_mode", "ignore_result", "shadow", "add_to_parent",
+    "retry", "retry_policy", "content_type", "content_encoding", "expiration", "timeout",
+    "confirm_timeout",
 })
+# Options Celery documents that a schedule cannot carry, each with the reason
+# the start-up error gives.
+REFUSED_OPTIONS = {
+    "task_id": "every tick has its own task id (derived from the tick it sends)",
+    "producer": "a kombu object of one process: the leader publishes on its own",
+    "publisher": "a kombu object of one process: the leader publishes on its own",
+    "connection": "a kombu object of one process: the leader publishes on its own",
+    "declare": "kombu entities cannot be kept in Redis with the tick; declare the "
+               "queues in task_queues",
+    "args": "give them as the entry's own 'args'",
+    "kwargs": "give them as the entry's own 'kwargs'",
+}
 # The fields that define an entry (its spec), in one place: the API's add and
 # update, the runtime JSON and the beat_schedule keys all follow this list.
 SPEC_FIELDS = ("task", "schedule", "args", "kwargs", "options", "catch_up", "misfire_grace",
@@ -209,14 +230,29 @@ def _pinned(sched: Any, now: datetime) -> Any:
 
 
 def describe_schedule(sched: Any) -> str:
+    """How the CLI and the page show a schedule: a crontab as its five cron
+    fields (``0 */3 * * mon-fri``), not Celery's ``<crontab: ... (m/h/dM/MY/d)>``."""
     if isinstance(sched, cron):
         return repr(sched)
+    if isinstance(sched, crontab):
+        return " ".join(_cron_field(getattr(sched, f"_orig_{field}")) for field in (
+            "minute", "hour", "day_of_month", "month_of_year", "day_of_week"))
     run_every = interval_of(sched)
     if run_every is not None:
         return f"every {run_every.total_seconds():g}s"
     if isinstance(sched, schedule) and not isinstance(sched, crontab):
         return f"every {sched.run_every.total_seconds():g}s"
     return repr(sched)
+
+
+def _cron_field(value: Any) -> str:
+    """One crontab field as given: ``"*/15"``, ``0``, or a set of values."""
+    if isinstance(value, (str, int)):
+        return str(value)
+    try:
+        return ",".join(str(item) for item in sorted(value))
+    except TypeError:
+        return str(value)
 
 
 # --------------------------------------------------------------------- parsing
@@ -376,7 +412,18 @@ def _options(entry: str, options: Any, empty: dict[str, Any] | None = None) -> d
     checked: dict[str, Any] = dict(options)
     options = checked
     if not options.keys() <= _VALID_OPTION_KEYS:
+        refused = sorted(key for key in options if key in REFUSED_OPTIONS)
+        if refused:
+            raise EntryError(f"{entry}: option {refused[0]!r} cannot be used in a schedule: "
+                             f"{REFUSED_OPTIONS[refused[0]]}")
         _reject_unknown(entry, "option", options, _VALID_OPTION_KEYS)
+    for key, value in options.items():
+        # INVARIANT: a tick's options wait in Redis as JSON (its pending copy):
+        # a value that does not survive it would be sent mangled, or not at all.
+        if not _plain(value):
+            raise EntryError(f"{entry}: options[{key!r}] must be plain data (kept in Redis "
+                             f"as JSON with each tick), got {type(value).__name__}"
+                             + (": give the name instead" if hasattr(value, "name") else ""))
     if "headers" in options and not isinstance(options["headers"], dict):
         raise EntryError(f"{entry}: options['headers'] must be a dict")
     priority = options.get("priority")
@@ -387,6 +434,19 @@ def _options(entry: str, options: Any, empty: dict[str, Any] | None = None) -> d
     if expires is not None and not isinstance(expires, (int, float, datetime)):
         raise EntryError(f"{entry}: expires must be seconds or a datetime")
     return checked
+
+
+def _plain(value: Any) -> bool:
+    """JSON data as ``json`` writes it back: dicts with str keys, lists and
+    tuples, str, numbers, bools, None; datetimes and timedeltas (turned into
+    ISO strings and seconds by the pending copy)."""
+    if value is None or isinstance(value, (str, int, float, datetime, timedelta)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_plain(item) for item in value)
+    if isinstance(value, dict):  # a canvas Signature is one
+        return all(isinstance(key, str) and _plain(item) for key, item in value.items())
+    return False
 
 
 def _reject_unknown(entry: str, kind: str, given: dict[Any, Any],

@@ -87,7 +87,7 @@ time (see docs/benchmarks.md, "Herds", for the longest measured)."""
 # Runs after OWNED_LUA (fenced + owned).  KEYS[4] state, [5] pending, [6]
 # runtime entries, [7] sent, [8] sent-at, [9] the batch chain, [10..] broker
 # lists and run records' hashes; ARGV[5] look-again delay ms, [6] kombu's
-# unacked key, [7] start-marker prefix ('' = ticks not tracked), [8] term, [9]
+# unacked key, [7] '' when ticks are not tracked (tickstart.py), [8] term, [9]
 # election (JSON), [10] the chain token this batch requires in KEYS[9] ('' =
 # none), [11] the token it leaves there once applied ('' = none), [12] R, the
 # number of run records,
@@ -97,7 +97,9 @@ time (see docs/benchmarks.md, "Herds", for the longest measured)."""
 # tag or ''> <entry>" (flags: runtime '1'/'0', mode 'q' push / 'p' pending copy
 # / 'c' claim only, then the list's KEYS index) and its message (the push, or
 # the pending copy).  Claims every tick whose fire time is later than its
-# entry's recorded one (a removed runtime entry: none) and counts the run of
+# entry's recorded one (a removed runtime entry: none), writes each claimed
+# tracked tick's start token (tickstart.py: with the message it pushes, or
+# without pushes beside a pending copy), and counts the run of
 # each claimed tick with a run record, in the same step (an entry source's
 # count: a claim without its count, or a count without its claim, cannot be);
 # decided for the whole batch before anything is written (the run records'
@@ -161,8 +163,7 @@ for r = 13, first - 1, 4 do
     if tonumber(fires[j]) > tonumber(record.last) then record.last = fires[j] end
   end
 end
--- Pushes first, one LPUSH per list (in order): a user that may not push
--- fails here, before anything is written.
+-- One LPUSH per list (in order).
 local pushes, lists = {}, {}
 for j = 1, n do
   if codes[j] == '1' and string.sub(flags[j], 2, 2) == 'q' then
@@ -172,11 +173,11 @@ for j = 1, n do
     list[#list + 1] = ARGV[first - 1 + 2 * j]
   end
 end
-for _, k in ipairs(lists) do call_many('LPUSH', KEYS[k], pushes[k]) end
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local look_at = now + tonumber(ARGV[5])
-local unacked, started = cjson.encode(ARGV[6]), ARGV[7]
+local unacked, tracked = cjson.encode(ARGV[6]), ARGV[7] ~= ''
+local no_pushes = '{"pushes": [], "tags": [], "unacked": "", "copies": 0, "at": ' .. now .. '}\n'
 local term_election = ', "term": ' .. ARGV[8] .. ', "election": ' .. ARGV[9] .. ', "task_id": "'
 local states, pending, sent, sent_at, list_json = {}, {}, {}, {}, {}
 for j = 1, n do
@@ -185,31 +186,40 @@ for j = 1, n do
     states[#states + 1] = entry
     states[#states + 1] = '{"last": ' .. fire .. term_election .. ids[j]
       .. '", "skipped": ' .. (mode == 'c' and 'true' or 'false') .. '}'
-    local tick = entry .. '@' .. fire
+    local tick, record = entry .. '@' .. fire, nil
     if mode == 'p' then
       pending[#pending + 1] = tick
       pending[#pending + 1] = ARGV[first - 1 + 2 * j]
-    elseif mode == 'q' and started ~= '' then
+    end
+    -- INVARIANT: a tracked tick's start token is written by the call that claims it.
+    if mode == 'q' and tracked then
       -- The sent record (tickstart.py, READ_SENT_LUA): a JSON head, a newline,
       -- the message verbatim (not JSON-encoded a second time).
       local k = tonumber(string.sub(flags[j], 3))
       if not list_json[k] then list_json[k] = cjson.encode(KEYS[k]) end
       local message = ARGV[first - 1 + 2 * j]
-      sent[#sent + 1] = tick
-      sent[#sent + 1] = '{"pushes": [[' .. list_json[k] .. ', ' .. #message
+      record = '{"pushes": [[' .. list_json[k] .. ', ' .. #message
         .. ']], "tags": ["' .. tags[j] .. '"], "unacked": ' .. unacked
-        .. ', "started": ' .. cjson.encode(started .. tick) .. ', "copies": 0}\n' .. message
+        .. ', "copies": 0, "at": ' .. now .. '}\n' .. message
+    elseif mode == 'p' and tracked then
+      record = no_pushes  -- published after the call (another broker)
+    end
+    if record then
+      sent[#sent + 1] = tick
+      sent[#sent + 1] = record
       sent_at[#sent_at + 1] = look_at
       sent_at[#sent_at + 1] = tick
     end
   end
 end
+-- The writes a user may be refused come first, so a refusal (NOPERM) stops
+-- the call before any claim is written: the sent-at index (a member without
+-- its record is dropped by the sweep), then the pushes.
+if #sent_at > 0 then call_many('ZADD', KEYS[8], sent_at) end
+for _, k in ipairs(lists) do call_many('LPUSH', KEYS[k], pushes[k]) end
 if #states > 0 then call_many('HSET', KEYS[4], states) end
 if #pending > 0 then call_many('HSET', KEYS[5], pending) end
-if #sent > 0 then
-  call_many('HSET', KEYS[7], sent)
-  call_many('ZADD', KEYS[8], sent_at)
-end
+if #sent > 0 then call_many('HSET', KEYS[7], sent) end
 for _, k in ipairs(run_keys) do
   local values = {}
   for _, entry in ipairs(run_order[k]) do
@@ -226,6 +236,10 @@ HERD_ARGS_PER_RUN = 4  # only for the ticks of entries whose source counts runs
 HERD_BATCH_ARGS = 8  # after the election and owner record (OWNED_LUA's)
 HERD_CLAIMED, HERD_ALREADY_CLAIMED, HERD_ENTRY_REMOVED = "1", "0", "2"
 HERD_CHAIN_BROKEN = "C"
+FIRE_TIMES_KEPT = 256
+"""Fire times whose header text is kept for reuse (a herd shares a few): a
+steady schedule makes a new one every tick, so the cache is emptied past this
+(it held 4,096, ~1 MB of the leader's RSS that a soak saw growing for an hour)."""
 MAX_HERD_BATCH = 1000
 """call_many's slices hold pairs: keep a batch's commands within a few of them."""
 
@@ -249,7 +263,7 @@ class HerdKeys:
     entries: str
     sent: str
     sent_at: str
-    started_prefix: str  # '' when ticks are not tracked
+    tracked: bool  # each claimed tick gets a start token (tickstart.py)
     chain: str = ""  # the pipelined batches' chain token; '' = beside ``state``
 
     def __post_init__(self) -> None:
@@ -295,6 +309,7 @@ class HerdDispatcher:
                  sent_pending: set[str],
                  claimed: Callable[[Claim], None] = lambda claim: None,
                  sent: Callable[[str, int, float], None] = lambda tick, term, now: None,
+                 published: Callable[[bool, str], None] = lambda atomic, why: None,
                  batch_size: int = HERD_BATCH, pipeline: bool = True,
                  source: Callable[[], EntrySource | None] = lambda: None) -> None:
         self.app = app
@@ -315,6 +330,9 @@ class HerdDispatcher:
         self.sent_pending = sent_pending
         self.claimed = claimed
         self.sent = sent
+        # How ticks reach the broker, told once (the runner logs it at the first tick).
+        self.published = published
+        self._told_how = False
         # The runner's entry source, if any: its sent ticks are counted in the
         # claiming script when it keeps a count (source.RecordsRuns).
         self.source = source
@@ -414,7 +432,7 @@ class HerdDispatcher:
         """The leader_fire_time header of a fire time (a herd shares a few)."""
         text = self._fire_iso.get(fire_ms)
         if text is None:
-            if len(self._fire_iso) > 4096:
+            if len(self._fire_iso) > FIRE_TIMES_KEPT:
                 self._fire_iso.clear()
             text = self._fire_iso[fire_ms] = from_ms(fire_ms).isoformat()
         return text
@@ -440,7 +458,10 @@ class HerdDispatcher:
 
     def _pipelining(self) -> bool:
         client = self.lease_client
+        # INVARIANT: a batch that must be acknowledged by replicas goes the ordinary
+        # way, its WAIT on the connection that wrote it (FencedScript.__call__).
         return (self.pipeline and isinstance(self.script, FencedScript)
+                and not self.script.waits_for_replicas
                 and type(client) is redis.Redis and self.atomic_allowed())
 
     def _dispatch_pipelined(self, batches: list[Sequence[Claim]], term: int) -> int:
@@ -545,6 +566,9 @@ class HerdDispatcher:
                          batch[index].entry.name, ticks[index])
             elif code != HERD_ALREADY_CLAIMED:
                 raise RuntimeError(f"HERD_DISPATCH_LUA returned {code!r} for {ticks[index]}")
+        if not self._told_how and (pushes or _PUSH in modes):
+            self._told_how = True
+            self.published(*_how_published(prepared, pushes))
         if pushes:
             self._publish_pending(prepared, pushes, term)
 
@@ -555,7 +579,7 @@ class HerdDispatcher:
         broker_keys: dict[str, int] = {}
         script_keys = [keys.state, keys.pending, keys.entries, keys.sent, keys.sent_at,
                        keys.chain]
-        args: list[Any] = [self.look_after_ms, "", keys.started_prefix, term,
+        args: list[Any] = [self.look_after_ms, "", "1" if keys.tracked else "", term,
                            self._election_json, chain[0], chain[1], 0]
         source = self.source()
         run_record = source.run_record if isinstance(source, RecordsRuns) else None
@@ -596,7 +620,8 @@ class HerdDispatcher:
                         rendered[index] = (Rendered(template.key, payload, tag), template)
                 if mode != _PUSH:
                     mode, tag = _PENDING, ""
-                    message = pending_message(entry, fire_ms, term, self.election, task_id)
+                    message = pending_message(entry, fire_ms, term, self.election, task_id,
+                                              tracked=keys.tracked)
                 if run_record is not None and entry.source:
                     record = run_record(entry)
                     if record is not None:
@@ -620,7 +645,7 @@ class HerdDispatcher:
     def _escaped_fire_time(self, template: MessageTemplate, fire_ms: int) -> str:
         text = self._fire_escaped.get(fire_ms)
         if text is None:
-            if len(self._fire_escaped) > 4096:
+            if len(self._fire_escaped) > FIRE_TIMES_KEPT:
                 self._fire_escaped.clear()
             text = self._fire_escaped[fire_ms] = template.escape(self.fire_time(fire_ms))
         return text
@@ -681,6 +706,17 @@ class HerdDispatcher:
             self.sent_pending.difference_update(names)
 
 
+def _how_published(prepared: _Prepared, pushes: list[tuple[str, int]]) -> tuple[bool, str]:
+    """Whether a batch's ticks were pushed by the claiming script, and if not why."""
+    if _PUSH in prepared.modes:
+        return True, ""
+    if not prepared.atomic:
+        return False, "the push into the broker's queue was refused to the leader_redis_url user"
+    if any(index in prepared.rendered for _, index in pushes):
+        return False, "the broker is not the lease's Redis"
+    return False, "their messages are sent through send_task"
+
+
 def _group_of(entry: Entry) -> tuple[str, str] | None:
     """What entries sharing a template have in common: the task and its options
     (None: options that do not serialise plainly, not shared)."""
@@ -690,13 +726,15 @@ def _group_of(entry: Entry) -> tuple[str, str] | None:
         return None
 
 
-def pending_message(entry: Entry, fire_ms: int, term: int, election: str, task_id: str) -> str:
-    """A tick's pending copy: what any leader needs to send it (``_recover_pending``)."""
+def pending_message(entry: Entry, fire_ms: int, term: int, election: str, task_id: str,
+                    tracked: bool) -> str:
+    """A tick's pending copy: what any leader needs to send it (``_recover_pending``);
+    ``tracked``: its claim wrote its start token, so its message names the tick."""
     return json.dumps({
         "entry": entry.name, "task": entry.task, "args": list(entry.args),
         "kwargs": entry.kwargs, "options": jsonable_options(entry.options),
         "fire_ms": fire_ms, "term": term, "election": election,
-        "task_id": task_id}, default=str)
+        "task_id": task_id, "tracked": tracked}, default=str)
 
 
 def jsonable_options(options: dict[str, Any]) -> dict[str, Any]:

@@ -3,19 +3,25 @@
 Per-entry labels only when asked for (``per_entry``): a schedule of 100k
 entries must not become 100k series by default.  Without them every series
 carries the schedule's name only; the per-entry view is the status page.
+
+Every counter is exported at 0 for its known label values from start-up, not
+at its first event: Prometheus's ``increase()`` over a series that starts
+absent and then reads 1 gives 0, so a counter that appears at 1 hides its
+first event from every alert and panel built on ``increase()``/``rate()``.
 """
 
 from __future__ import annotations
 
 import collections
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from ..election.metrics import LATENESS_BUCKETS, Family, Histogram
 
 SKIPPED_POLICY = "catch_up_policy"
 SKIPPED_GRACE = "misfire_grace"
+SKIPPED_REASONS = (SKIPPED_POLICY, SKIPPED_GRACE)
 ALL_ENTRIES = ""  # the key of the totals when per-entry labels are off
 
 
@@ -47,6 +53,21 @@ class ScheduleStats:
         self.recent: collections.deque[SentTick] = collections.deque(maxlen=recent)
         # The lateness of each entry's last tick sent here, for the status page.
         self.last_lateness: dict[str, float] = {}
+        if not per_entry:
+            self.known([ALL_ENTRIES])
+
+    def known(self, entries: Iterable[str]) -> None:
+        """Export every counter of these entries at 0 until it counts (module
+        docstring).  Bounded by the schedule: per-entry keys are entry names."""
+        for entry in entries:
+            key = self._key(entry)
+            self.dispatched.setdefault(key, 0)
+            self.caught_up.setdefault(key, 0)
+            self.republished.setdefault(key, 0)
+            for reason in SKIPPED_REASONS:
+                self.skipped.setdefault((key, reason), 0)
+            if key not in self.lateness:
+                self.lateness[key] = Histogram(LATENESS_BUCKETS)
 
     def _key(self, entry: str) -> str:
         return entry if self.per_entry else ALL_ENTRIES

@@ -61,6 +61,7 @@ from .entries import (
     gc_paused,
     next_fire_after,
 )
+from .forget import FORGET_EVERY, FORGET_REMOVED_LUA, RemovedEntries
 from .herd import (
     HERD_DISPATCH_LUA,
     Claim,
@@ -71,7 +72,7 @@ from .herd import (
 from .metrics import SKIPPED_GRACE, SKIPPED_POLICY, ScheduleStats
 from .options import ScheduleOptions
 from .publish import Unsupported, capture_redis_publish
-from .source import EntrySource
+from .source import EntrySource, RunRecordsHash
 from .store import ScheduleStore, from_ms, next_fire_time, to_ms
 from .tickstart import LostTicks, TickKeys
 
@@ -126,9 +127,15 @@ return {owned and 1 or 0, previous or ''}
 # ARGV[6]; and records the tick as sent (ARGV[7], unless empty) in KEYS[5], to
 # be looked at after ARGV[8] ms (KEYS[6]), until it starts (tickstart.py).  A
 # tick is thus either published, cleared and tracked, or none of them, and only
-# by its term while it owns the schedule.
+# by its term while it owns the schedule.  A tracked tick whose start token (the
+# record its claim wrote) is gone has started: its copy is cleared, not pushed (2).
 PUBLISH_TICK_LUA = OWNED_LUA + """
 if redis.call('HGET', KEYS[4], ARGV[5]) ~= ARGV[6] then return 0 end
+if ARGV[7] ~= '' and redis.call('HEXISTS', KEYS[5], ARGV[5]) == 0 then
+  -- INVARIANT: a tracked tick whose token is consumed started: no copy is pushed.
+  redis.call('HDEL', KEYS[4], ARGV[5])
+  return 2
+end
 for i = 7, #KEYS do redis.call('LPUSH', KEYS[i], ARGV[i + 2]) end
 redis.call('HDEL', KEYS[4], ARGV[5])
 if ARGV[7] ~= '' then
@@ -284,14 +291,18 @@ class ScheduleRunner:
         self._adopt = lock.fenced_script(ADOPT_PENDING_LUA)
         self._publish_tick = lock.fenced_script(PUBLISH_TICK_LUA)
         self._herd_script = lock.fenced_script(OWNED_LUA + HERD_DISPATCH_LUA)
+        self.removed_entries = RemovedEntries(
+            self.store.client, lock.fenced_script(OWNED_LUA + FORGET_REMOVED_LUA), self._owned,
+            (self.store.state_key, self.store.first_seen_key, self.store.entries_key))
         # Ticks are tracked from their push to their start (tickstart.py).
         self.ticks = TickKeys(self.store.sent_key, self.store.sent_at_key,
-                              self.store.started_prefix)
+                              self.store.started_key)
         self.tick_look_after = max(10.0, 2 * settings.lease_duration)
         self.lost_ticks = (LostTicks(lock, self.ticks, self.tick_look_after)
                            if settings.tick_run_once else None)
         # None until the first publish tells whether the broker is the lease's Redis.
         self.atomic_publish: bool | None = None
+        self._told_how = False  # _tell_how_published
         self._warned_unsupported: set[str] = set()
         self._wake = threading.Event()
         self._unsent = False
@@ -305,12 +316,14 @@ class ScheduleRunner:
         self._warm_horizon: datetime | None = None
         self._dispatched = 0
         self.stats = ScheduleStats(per_entry=per_entry_metrics)
+        if per_entry_metrics:  # beat_schedule's entries at 0 from start-up (metrics.py)
+            self.stats.known(self.config_entries)
         # Ticks due now are claimed and published in fenced batches (herd.py).
         self.herd = HerdDispatcher(
             app, self.store.client, self._herd_script,
             HerdKeys(self.store.state_key, self.store.pending_key, self.store.entries_key,
                      self.ticks.sent, self.ticks.sent_at,
-                     self.store.started_prefix if self.lost_ticks is not None else ""),
+                     tracked=self.lost_ticks is not None),
             settings.name, lock.name, round(self.tick_look_after * 1000), TASK_ID_NAMESPACE,
             owned=lambda script, term, keys, args: self._owned(script, term, keys, args),
             publish_one=lambda tick, message, term: self._publish(tick, message, term),
@@ -321,6 +334,7 @@ class ScheduleRunner:
             sent_pending=self._sent_pending,
             claimed=self._herd_claimed,
             sent=self.stats.sent,
+            published=self._tell_how_published,
             source=lambda: self.source)
 
     @property
@@ -508,13 +522,22 @@ class ScheduleRunner:
         source_version = self.source.version() if self.source is not None else None
         loaded: Loaded | None = self._load_in_term(started_at, None, term)
         next_check = time.monotonic() + self.settings.retry_period
+        forget_at = time.monotonic()
         while loaded is not None and not stop.is_set():
             changed = False  # the entries: runtime ones or overrides, or the source's
+            if time.monotonic() >= forget_at:
+                forget_at = time.monotonic() + FORGET_EVERY
+                if not self._forget_removed(loaded, term):
+                    log.info("celery-leader: term %d is over (seen while forgetting "
+                             "removed entries)", term)
+                    return
             if time.monotonic() >= next_check:
                 next_check = time.monotonic() + self.settings.retry_period
                 if self._unsent and not self._recover_pending(term):
                     return
                 if self.lost_ticks is not None and not self.lost_ticks.repush(term):
+                    log.info("celery-leader: term %d is over (seen by the sweep of ticks "
+                             "not started)", term)
                     return
                 current = self.store.version()
                 changed, version = current != version, current
@@ -541,6 +564,15 @@ class ScheduleRunner:
             self._wake.clear()
             if timeout > 0:
                 self._wake.wait(timeout)
+
+    def _forget_removed(self, loaded: Loaded, term: int) -> bool:
+        """Forget the progress of entries the schedule no longer has (forget.py);
+        False when the term is over."""
+        source = self.source
+        runs_key = source.runs_key if isinstance(source, RunRecordsHash) else None
+        config, held = self.config_entries, loaded.held
+        return self.removed_entries.forget(
+            term, lambda name: name in config or name in held, runs_key)
 
     def _look_ahead(self, loaded: Loaded, now: datetime) -> None:
         """Queue the templates of the entries that came within TEMPLATES_AHEAD
@@ -848,7 +880,7 @@ class ScheduleRunner:
             self._send_task(data, producer, from_ms(data["fire_ms"]).isoformat(), term, tick)
 
         if self.atomic_publish is not False and self._publish_atomically(
-                tick, message, term, data["entry"], send):
+                tick, message, term, data["entry"], bool(data.get("tracked")), send):
             return
         try:
             send()
@@ -869,7 +901,7 @@ class ScheduleRunner:
         options = dict(data["options"])
         headers = dict(options.pop("headers", None) or {})
         headers.update(leader_fire_time=fire_time, leader_term=term)
-        if self.lost_ticks is not None:
+        if data.get("tracked"):
             headers.update(self.ticks.headers(tick))
         extra = {} if producer is None else {"producer": producer}
         self.app.send_task(data["task"], args=data["args"], kwargs=data["kwargs"],
@@ -879,9 +911,22 @@ class ScheduleRunner:
                            sentinels: dict[str, Any]) -> None:
         """Send ``entry``'s message as a tick's publish would, with the template's
         sentinels for the task id, fire time, term and tick (template.py)."""
-        data = json.loads(pending_message(entry, 0, 0, self.lock.name, task_id))
+        data = json.loads(pending_message(entry, 0, 0, self.lock.name, task_id,
+                                          tracked=self.lost_ticks is not None))
         self._send_task(data, producer, sentinels["leader_fire_time"],
                         sentinels["leader_term"], sentinels["__tick__"])
+
+    def _tell_how_published(self, atomic: bool, why: str) -> None:
+        """The one line, at the first tick sent (one at a time or in a herd), that
+        says whether ticks are pushed in the step that clears their claim."""
+        if self._told_how:
+            return
+        self._told_how = True
+        if atomic:
+            log.info("celery-leader: ticks are published in the same atomic step as their "
+                     "claim is cleared")
+        else:
+            log.info("celery-leader: ticks are published after their claim (%s)", why)
 
     def _forbid_atomic(self, error: Exception) -> None:
         self.atomic_publish = False
@@ -891,7 +936,7 @@ class ScheduleRunner:
                     "publish)", error)
 
     def _publish_atomically(self, tick: str, message: str, term: int, entry: str,
-                            send: Callable[[Any], None]) -> bool:
+                            tracked: bool, send: Callable[[Any], None]) -> bool:
         """Publish through PUBLISH_TICK_LUA when the broker allows it; False means
         nothing was sent and the caller must publish the ordinary way."""
         try:
@@ -901,13 +946,12 @@ class ScheduleRunner:
                                            broker_keys=broker_keys)
             if self.atomic_publish is None:
                 self.atomic_publish = pushes is not None
-                log.info("celery-leader: ticks are published %s", "in the same atomic step "
-                         "as their claim is cleared" if pushes is not None else
-                         "after their claim (the broker is not the lease's Redis)")
+                self._tell_how_published(pushes is not None,
+                                         "the broker is not the lease's Redis")
             if pushes is None:
                 return False
-            sent = ("" if self.lost_ticks is None else
-                    self.ticks.sent_record(tick, pushes, broker_keys.get("unacked", "")))
+            sent = (self.ticks.sent_record(pushes, broker_keys.get("unacked", ""))
+                    if tracked else "")
             result = self._owned(
                 self._publish_tick, term,
                 keys=[self.store.pending_key, self.ticks.sent, self.ticks.sent_at,
@@ -938,6 +982,8 @@ class ScheduleRunner:
         elif result == 1:
             self._dispatched += 1
             self.stats.sent(tick, term)
+        elif result == 2:
+            log.info("celery-leader: %s already started; not sending it again", tick)
         else:
             log.info("celery-leader: %s was already sent", tick)
         return True

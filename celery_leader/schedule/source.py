@@ -64,3 +64,13 @@ class RecordsRuns(Protocol):
     def run_record(self, entry: Entry) -> RunRecord | None:
         """Where a sent tick of ``entry`` is counted (None: not counted); called
         while the claim is prepared, so cheap and never waiting on the outside."""
+
+
+@runtime_checkable
+class RunRecordsHash(Protocol):
+    """A :class:`RecordsRuns` source whose run records all live in one hash
+    (optional): the leader forgets there the records of entries gone from the
+    schedule for a day (forget.py), so the hash does not keep every row that
+    ever existed."""
+
+    runs_key: str

@@ -171,7 +171,7 @@ class ScheduleStore:
         self.migrated_key = key("migrated")
         self.sent_key = key("sent")  # tickstart.py: pushed, not started yet
         self.sent_at_key = key("sent-at")
-        self.started_prefix = key("started:")
+        self.started_key = key("started")
         # The standalone beat's own progress before both modes shared one.
         legacy = f"{self.name}-beat"
         self.legacy_beat_election = legacy
@@ -299,13 +299,23 @@ class ScheduleStore:
         kept until enable(); beat_schedule itself is not changed)."""
         return self._set_enabled(name, False)
 
+    def managed_elsewhere(self, name: str) -> str | None:
+        """Where an entry of this name that is neither a runtime nor a beat_schedule
+        entry is managed (an entry source's, e.g. django-celery-beat's admin), for
+        the error that says so; None: nowhere this store knows of."""
+        return None
+
+    def _no_entry(self, name: str, message: str) -> EntryError:
+        where = self.managed_elsewhere(name)
+        return EntryError(message if where is None else f"{name!r} is {where}")
+
     def _set_enabled(self, name: str, enabled: bool) -> Entry:
         if self.client.hexists(self.entries_key, name):
             return self.update(name, enabled=enabled)
         entry = self._configured().get(name)
         if entry is None:
-            raise EntryError(f"no entry named {name!r}: neither a runtime entry nor in "
-                             "beat_schedule")
+            raise self._no_entry(name, f"no entry named {name!r}: neither a runtime entry "
+                                       "nor in beat_schedule")
         # The same as beat_schedule says: no override.
         override = "" if enabled == entry.enabled else json.dumps({"enabled": enabled})
         self._write_override(keys=[self.overrides_key, self.version_key], args=[name, override])
@@ -321,6 +331,8 @@ class ScheduleStore:
         if not removed and static:
             raise EntryError(f"{name!r} is a beat_schedule entry: remove it from beat_schedule, "
                              f"or disable it (`celery leader schedule disable {name}`)")
+        if not removed and self.managed_elsewhere(name) is not None:
+            raise self._no_entry(name, "")
         return bool(removed)
 
     def get(self, name: str) -> Entry:
@@ -330,7 +342,7 @@ class ScheduleStore:
                 raise EntryError(f"{name!r} is a beat_schedule entry, not a runtime one: "
                                  "change it in beat_schedule (it can only be disabled and "
                                  "enabled at runtime)")
-            raise EntryError(f"no runtime entry named {name!r}")
+            raise self._no_entry(name, f"no runtime entry named {name!r}")
         return entry_from_json(name, raw, self.app)
 
     def _write(self, name: str, encoded: str) -> None:

@@ -1,7 +1,8 @@
 """A Celery app with a per-second schedule whose task records each tick in Redis.
 
 Env: REDIS_URL, LEADER_NAME, LEADER_CATCH_UP (latest|all|none), LEADER_BEAT (1/0),
-LEADER_LEASE / LEADER_RENEW / LEADER_RETRY.
+LEADER_LEASE / LEADER_RENEW / LEADER_RETRY, LEADER_HEALTHZ_PORT and
+LEADER_HEALTHZ_TOKEN (the health port and its token, when set).
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ app.conf.update(
     broker_connection_retry_on_startup=True,
     worker_hijack_root_logger=False,
 )
+if os.environ.get("LEADER_HEALTHZ_PORT"):
+    app.conf.leader_healthz_port = int(os.environ["LEADER_HEALTHZ_PORT"])
+if os.environ.get("LEADER_HEALTHZ_TOKEN"):
+    app.conf.leader_healthz_token = os.environ["LEADER_HEALTHZ_TOKEN"]
 celery_leader.install(app)
 
 _client = redis.Redis.from_url(REDIS_URL)

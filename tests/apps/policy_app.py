@@ -15,7 +15,7 @@ import celery_leader
 from celery_leader import leader_only
 from tests.apps.leader_app import app, leader_work, record
 
-__all__ = ["app", "leader_raise", "leader_skip", "leader_work", "probe"]
+__all__ = ["app", "leader_raise", "leader_skip", "leader_work", "probe", "reversed_work"]
 
 
 @leader_only(on_follower="skip")
@@ -30,6 +30,16 @@ def leader_skip(self: Any, label: str) -> str:
 @app.task(bind=True)
 def leader_raise(self: Any, label: str) -> str:
     record("task_start", label=label, term=self.request.leader_term,
+           leading=celery_leader.is_leader(), task_id=self.request.id)
+    return label
+
+
+# The order opposite to the README's: @app.task above @leader_only.  (Acked
+# early: a follower sends a message it was given back to the leader queue.)
+@app.task(bind=True)
+@leader_only
+def reversed_work(self: Any, label: str) -> str:
+    record("task_start", label=label, term=getattr(self.request, "leader_term", None),
            leading=celery_leader.is_leader(), task_id=self.request.id)
     return label
 
