@@ -1,16 +1,41 @@
 # Everything a fresh machine needs comes from here: `make test`, `make demo`.
+# Every Python package they install comes from uv.lock (`make lock` refreshes it).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+UV := $(VENV)/bin/uv
+UV_STAMP := $(VENV)/.uv-installed
 STAMP := $(VENV)/.installed
+# uv uses $(PYTHON)'s interpreter, never one it would download.
+export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: test lint typecheck tls-redis unit demo bench clean chromium postgres promtool rabbitmq
+.PHONY: test lint typecheck tls-redis unit demo bench clean chromium postgres promtool rabbitmq \
+	lock test-oldest test-latest
 
-$(STAMP): pyproject.toml
+# uv itself, at the version uv.lock pins and checked against the lock's hashes of it;
+# pip (from the venv module) installs it, then uv installs everything else.
+$(UV_STAMP): uv.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	awk '/^\[\[package\]\]/ { uv = 0 } /^name = "uv"$$/ { uv = 1 } \
+	  uv && /^version = / { gsub(/"/, "", $$3); req = "uv==" $$3 } \
+	  uv { while (match($$0, /sha256:[0-9a-f]+/)) { \
+	    req = req " --hash=" substr($$0, RSTART, RLENGTH); $$0 = substr($$0, RSTART + RLENGTH) } } \
+	  END { print req }' uv.lock > $(VENV)/uv-requirement.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --require-hashes \
+	  -r $(VENV)/uv-requirement.txt
+	touch $(UV_STAMP)
+
+# The venv is exactly the lock (--locked: it fails, saying so, when pyproject.toml
+# changed and uv.lock was not refreshed): the dev extra for the tests and the demo,
+# the bench extra for benchmarks/; the project itself is installed editable.
+$(STAMP): pyproject.toml uv.lock $(UV_STAMP)
+	UV_PROJECT_ENVIRONMENT=$(VENV) $(UV) sync --quiet --locked --extra dev --extra bench \
+	  --python $(PY)
 	touch $(STAMP)
+
+# Refresh uv.lock to the newest versions pyproject.toml allows; `make` then installs it.
+lock: $(UV_STAMP)
+	$(UV) lock --upgrade
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -70,5 +95,40 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/failover.py
 
+# The versions pyproject.toml declares, tested: the lowest it allows for each direct
+# dependency (the library's, its extras' and the dev tools'), resp. the newest, each in
+# a venv of its own, not from the lock: the unit tests and the worker, schedule,
+# leader-queue, metrics, Django, Sentinel, Cluster and TLS integration tests.
+# test-latest also type-checks against the newest versions (what the next `make lock`
+# brings); the oldest are not type-checked (redis-py 5.x types every reply as
+# maybe-awaitable).
+# Outside `make test`'s time budget: 6-10 min each on 2 shared cores.
+COMPAT_TESTS := tests/test_scheduler_unit.py tests/test_elector_unit.py tests/test_config.py \
+	tests/test_settings.py tests/test_cron.py tests/test_record.py tests/test_user_errors.py \
+	tests/test_redislock.py tests/test_elector_redis.py tests/test_celery_worker.py \
+	tests/test_worker_identity.py tests/test_worker_events.py tests/test_tick_start.py \
+	tests/test_schedule_modes.py tests/test_schedule_shared.py tests/test_runtime_entries.py \
+	tests/test_beat_stop.py tests/test_herd.py tests/test_herd_runs.py \
+	tests/test_leader_queue.py tests/test_leader_only_claims.py tests/test_metrics.py \
+	tests/test_django_beat.py tests/test_django_beat_procs.py tests/test_django_beat_standalone.py \
+	tests/test_topologies.py tests/test_tls.py
+COMPAT_EXTRAS := dev,metrics,django
+# The packages whose resolved versions each run prints first.
+COMPAT_SHOW := celery kombu redis croniter django-celery-beat prometheus-client django psycopg \
+	psycopg-binary billiard click pytest mypy
+
+test-oldest: RESOLUTION := lowest-direct
+test-latest: RESOLUTION := highest
+test-oldest test-latest: $(STAMP) tls-redis postgres
+	$(UV) venv --quiet --clear --python $(PYTHON) $(VENV)-$(@:test-%=%)
+	$(UV) pip install --quiet --python $(VENV)-$(@:test-%=%)/bin/python \
+	  --resolution $(RESOLUTION) -e '.[$(COMPAT_EXTRAS)]'
+	@$(UV) pip list --python $(VENV)-$(@:test-%=%)/bin/python --format freeze | \
+	  grep -iE '^($(shell echo $(COMPAT_SHOW) | tr ' ' '|'))=='
+	$(if $(filter test-latest,$@),$(VENV)/bin/mypy --strict --cache-dir $(VENV)-latest/.mypy_cache \
+	  --python-executable $(VENV)-latest/bin/python celery_leader)
+	$(VENV)-$(@:test-%=%)/bin/python -m pytest -q -p no:cacheprovider -n $(TEST_PROCS) \
+	  $(COMPAT_TESTS) $(PYTEST_ARGS)
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(VENV)-oldest $(VENV)-latest .pytest_cache .mypy_cache .ruff_cache

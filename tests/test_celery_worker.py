@@ -214,7 +214,10 @@ def _without_root_warning(stderr: str) -> list[str]:
     lines = [line for line in stderr.splitlines() if line.strip()]
     if any("SecurityWarning" in line for line in lines):
         first = next(i for i, line in enumerate(lines) if "SecurityWarning" in line)
-        last = next(i for i, line in enumerate(lines) if "_warn_or_raise_security_error" in line)
+        # The block ends with the source line warnings shows: the call that warned
+        # (Celery 5.3: warnings.warn(SecurityWarning(...; later: its helper's call).
+        last = next(i for i, line in enumerate(lines) if i > first and (
+            "_warn_or_raise_security_error" in line or "warnings.warn(SecurityWarning" in line))
         lines = lines[:first] + lines[last + 1:]
     return lines
 

@@ -21,6 +21,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
+import celery
 import pytest
 import redis
 from celery import Celery
@@ -594,7 +595,8 @@ def test_stock_celery_beat_runs_a_per_second_cron(
     assert len(messages) <= elapsed + 1, (len(messages), elapsed)
     for message in messages:
         assert message["headers"]["task"] == "celery_cron_app.tick"
-        assert message["headers"].get("celery_beat_task") is True
+        if celery.VERSION >= (5, 7):  # stock beat marks what it sends from Celery 5.7 on
+            assert message["headers"].get("celery_beat_task") is True
     assert len({m["headers"]["id"] for m in messages}) == len(messages)
 
     # The entry went through beat's shelve (pickle) and came back equal.

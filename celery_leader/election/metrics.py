@@ -87,10 +87,13 @@ def render(collectors: Iterable[Collect]) -> bytes:
         GaugeMetricFamily,
         HistogramMetricFamily,
     )
+    from prometheus_client.registry import Collector
 
     families = [family for collect in collectors for family in collect()]
 
-    class _Snapshot:
+    # A Collector by name: prometheus-client 0.17 types it as an ABC, later ones as a
+    # Protocol, and register() wants one.
+    class _Snapshot(Collector):
         def collect(self) -> Iterable[Any]:
             for family in families:
                 labels = list(family.labels)

@@ -11,6 +11,10 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 import redis
+from redis.backoff import NoBackoff
+from redis.cluster import RedisCluster
+from redis.retry import Retry
+from redis.sentinel import Sentinel
 
 from .config import WAIT_MARGIN, ConfigurationError
 
@@ -47,8 +51,6 @@ def redis_client_from_url(url: str, options: Mapping[str, Any], retry_period: fl
                               "health_check_interval": 30}
     kwargs.update(options)
     if url.startswith(("sentinel://", "sentinels://")):
-        from redis.sentinel import Sentinel
-
         sentinel_opts = dict(transport_options or {})
         master_name = kwargs.pop("master_name", None) or sentinel_opts.get("master_name")
         if not master_name:
@@ -62,9 +64,6 @@ def redis_client_from_url(url: str, options: Mapping[str, Any], retry_period: fl
             # Same timeouts as the data connections and no retries: on a timeout
             # redis-py moves on to the next sentinel, so retrying a frozen one
             # only multiplies the stall.
-            from redis.backoff import NoBackoff
-            from redis.retry import Retry
-
             sentinel_kwargs = {k: v for k, v in kwargs.items() if k.startswith("socket_")}
             if "socket_timeout" not in options:  # sentinels never see a WAIT
                 sentinel_kwargs["socket_timeout"] = connect_timeout
@@ -83,10 +82,11 @@ def redis_client_from_url(url: str, options: Mapping[str, Any], retry_period: fl
             kwargs.setdefault("password", password)
         if url.startswith("sentinels://"):
             kwargs.setdefault("ssl", True)
-        sentinel = Sentinel(hosts, sentinel_kwargs=sentinel_kwargs, **kwargs)  # type: ignore[no-untyped-call]
-        return sentinel.master_for(master_name, db=db, **kwargs)  # type: ignore[no-untyped-call]
+        # redis-py types Sentinel from 8.2 on, not before: through an untyped name the
+        # type check passes alike on every redis-py pyproject.toml allows.
+        make_sentinel: Any = Sentinel
+        sentinel = make_sentinel(hosts, sentinel_kwargs=sentinel_kwargs, **kwargs)
+        return sentinel.master_for(master_name, db=db, **kwargs)
     if kwargs.pop("cluster", False):
-        from redis.cluster import RedisCluster
-
         return RedisCluster.from_url(url, **kwargs)
     return redis.Redis.from_url(url, **kwargs)

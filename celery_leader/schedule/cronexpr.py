@@ -40,7 +40,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import click
 from celery.schedules import BaseSchedule, schedstate
-from croniter import CroniterBadDateError, CroniterError, croniter
+from croniter import CroniterBadDateError, croniter
 
 from ..election.config import ConfigurationError
 
@@ -72,7 +72,13 @@ _MAX_CANDIDATES = 100_000
 _FIELDS = (("second", "0-59"), ("minute", "0-59"), ("hour", "0-23"),
            ("day-of-month", "1-31"), ("month", "1-12 or jan-dec"),
            ("day-of-week", "0-7 or sun-sat"))
-_CRONITER_ERRORS = (CroniterError, ValueError, TypeError, KeyError, IndexError)
+# Each field's numbers, as _FIELDS names them: checked here, as croniter before 7.0
+# takes a day-of-month 0 in its six-field form and calls a step 0 a range error.
+_BOUNDS = ((0, 59), (0, 59), (0, 23), (1, 31), (1, 12), (0, 7))
+_NUMBER = re.compile(r"\d+")
+# What croniter raises for an expression it cannot take: its own errors are
+# ValueErrors (croniter 2.0 does not export their base class), the rest slip out.
+_CRONITER_ERRORS = (ValueError, TypeError, KeyError, IndexError)
 
 
 class CronError(ConfigurationError, click.ClickException):
@@ -255,6 +261,9 @@ def _parse(expr: str) -> tuple[str, str, str]:
     if len(fields) == 5:
         fields = ["0", *fields]
     canonical = " ".join(fields)
+    bounds = _bounds_error(fields)
+    if bounds is not None:
+        raise CronError(f"invalid cron expression {expr!r}: {bounds}")
     croniter_form = _croniter_order(fields)
     try:
         croniter.expand(croniter_form)
@@ -262,6 +271,22 @@ def _parse(expr: str) -> tuple[str, str, str]:
         raise CronError(f"invalid cron expression {expr!r}: {_field_error(fields, exc)}") \
             from exc
     return shown, canonical, croniter_form
+
+
+def _bounds_error(fields: list[str]) -> str | None:
+    """The first field with a number out of its range or a step of 0, in the user's
+    words; None when every number is in range (croniter judges the rest)."""
+    for index, value in enumerate(fields):
+        name, allowed = _FIELDS[index]
+        low, high = _BOUNDS[index]
+        for part in value.split(","):
+            span, _, step = part.partition("/")
+            if step.isdigit() and int(step) == 0:
+                return f"{name} field {value!r} has an invalid step ({allowed})"
+            span = span.partition("#")[0]  # day-of-week "5#2": the 2 counts weeks
+            if any(not low <= int(number) <= high for number in _NUMBER.findall(span)):
+                return f"{name} field {value!r} is out of range ({allowed})"
+    return None
 
 
 def _croniter_order(fields: list[str]) -> str:

@@ -194,7 +194,9 @@ def _next_fire_after(sched: Any, after: datetime) -> datetime:
         run_every: timedelta = sched.run_every
         return after + run_every
     if isinstance(sched, crontab):
-        start, delta, _ = sched.remaining_delta(after)
+        # Pinned "now": Celery before 5.7 fires within the hour only when last_run_at
+        # is today by the wall clock, so a time on another day would skip its hour.
+        start, delta, _ = _pinned(sched, after).remaining_delta(after)
         nxt = (start + delta).astimezone(UTC)
         # remaining_delta works at minute precision; never return a time <= after.
         return nxt if nxt > after else _next_fire_after(sched, after + timedelta(minutes=1)

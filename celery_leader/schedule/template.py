@@ -41,11 +41,11 @@ import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from celery.utils.saferepr import saferepr
-from celery.utils.time import add_seconds_to_datetime, maybe_make_aware
+from celery.utils.time import is_naive, maybe_make_aware
 from kombu.transport import redis as kombu_redis
 from kombu.utils import json as kombu_json
 
@@ -173,10 +173,18 @@ class MessageTemplate:
                                keep_pieces=False)
 
 
+# celery.utils.saferepr's default depth, what Celery used before task_repr_maxlevels.
+SAFEREPR_MAXLEVELS = 3
+
+
 def _seconds_after(now: datetime, seconds: float) -> str:
-    # Celery's own formula (app/amqp.py, as_task_v2), so the strings match.
-    return str(maybe_make_aware(add_seconds_to_datetime(now, seconds),
-                                tz=now.tzinfo).isoformat())
+    # Celery's own formula (app/amqp.py, as_task_v2), so the strings match: the
+    # seconds added in UTC, the same instant across a DST change. Written out (it is
+    # celery.utils.time.add_seconds_to_datetime) as Celery 5.3 does not have it.
+    delta = timedelta(seconds=seconds)
+    later = now + delta if is_naive(now) else \
+        (now.astimezone(timezone.utc) + delta).astimezone(now.tzinfo)
+    return str(maybe_make_aware(later, tz=now.tzinfo).isoformat())
 
 
 def build_template(app: Any, send: Callable[[Any, str, dict[str, Any]], None],
@@ -297,8 +305,9 @@ def _entry_parts(app: Any, payload: str,
         embed = body[2]
     except (ValueError, KeyError, TypeError, IndexError):
         return None
+    # Celery before 5.7 has no task_repr_maxlevels: its saferepr's default, 3, applies.
     parts = EntryParts(embed, int(app.amqp.argsrepr_maxsize), int(app.amqp.kwargsrepr_maxsize),
-                       int(app.conf.task_repr_maxlevels))
+                       int(app.conf.get("task_repr_maxlevels", SAFEREPR_MAXLEVELS)))
     try:
         filled = parts.fill(*shared)
     except (TypeError, ValueError):
