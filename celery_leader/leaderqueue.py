@@ -166,8 +166,13 @@ class FinishRun:
         self._script = lock.client.register_script(FINISH_RUN_LUA)
 
     def __call__(self, task_id: str, done: bool, ttl_ms: int, delivery: str | None) -> None:
-        self._script(keys=[task_claim_key(self._lock, task_id), inflight_key(self._lock)],
-                     args=["1" if done else "0", ttl_ms, delivery or ""])
+        # With leader_wait_replicas, the end is acknowledged by replicas before the
+        # message is: a Redis fail-over then keeps the 'done' that refuses a copy.
+        _, acknowledged = self._lock.run_then_wait(
+            self._script, [task_claim_key(self._lock, task_id), inflight_key(self._lock)],
+            ["1" if done else "0", ttl_ms, delivery or ""])
+        if not acknowledged:
+            self._lock.warn_unreplicated(f"the end of leader-only task {task_id}")
 
 
 class _InflightChannel:

@@ -19,6 +19,7 @@ import redis
 
 from celery_leader import ClaimResult, LeaderElectionRecord, RedisLock, ReplicationError
 from celery_leader.embedded import EmbeddedRedis
+from celery_leader.leaderqueue import FinishRun, task_claim_key
 from celery_leader.schedule.tickstart import TickStartClaim
 from tests.tcpproxy import TcpProxy
 from tests.topologies import ClusterTopology
@@ -143,3 +144,21 @@ def test_on_a_cluster_the_write_and_its_wait_go_to_the_key_s_node(
             assert not client.hexists(keys[1], "tick-3")
         finally:
             client.close()
+
+
+def test_the_end_of_a_leader_only_run_returns_only_once_the_replica_has_it(
+        lagging_replica: tuple[redis.Redis, redis.Redis, TcpProxy]) -> None:
+    """A fail-over must keep the 'done' that refuses a copy of a finished run."""
+    client, replica_client, proxy = lagging_replica
+    lock = RedisLock(client, f"test-{uuid.uuid4().hex[:8]}", "a", wait_replicas=1,
+                     wait_timeout=5.0)
+    finish = FinishRun(lock)
+    proxy.partition()
+    thread, out = _in_thread(lambda: finish("task-1", True, 60_000, None))
+    time.sleep(0.5)  # the fault's length
+    assert "at" not in out, "the end returned while the replica lacked it"
+    healed = time.monotonic()
+    proxy.heal()
+    thread.join(10.0)
+    assert float(out["at"]) >= healed  # type: ignore[arg-type]
+    assert replica_client.get(task_claim_key(lock, "task-1")) == b"done"
