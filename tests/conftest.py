@@ -11,6 +11,7 @@ import itertools
 import os
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import redis
@@ -18,6 +19,7 @@ import redis
 from celery_leader.embedded import EmbeddedRedis
 from tests.django_db import postgres_db, postgres_server, sqlite_db  # noqa: F401 - fixtures
 from tests.rabbitmq import rabbitmq_server, rabbitmq_url  # noqa: F401 - fixtures
+from tests.sched_procs import Replicas
 from tests.tlsredis import Certificates, TLSRedis, new_certificates, remove_certificates
 
 DATABASES = 256
@@ -103,3 +105,15 @@ def mtls_server(tls_certificates: Certificates) -> Iterator[TLSRedis]:
         yield server
     finally:
         server.cleanup()
+
+
+@pytest.fixture
+def replicas(tmp_path: Path, redis_url: str, election_name: str) -> Iterator[Replicas]:
+    """Real worker and beat processes of tests.apps.beat_app (tests/sched_procs.py),
+    each stopped by PID at the end; their logs shown when the test failed."""
+    procs = Replicas(tmp_path, redis_url, election_name)
+    try:
+        yield procs
+    finally:
+        procs.stop()
+        print(procs.logs())  # shown by pytest only when the test failed

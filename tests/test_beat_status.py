@@ -15,8 +15,6 @@ import json
 import re
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -30,15 +28,6 @@ pytestmark = pytest.mark.integration
 
 TOKEN = "beat-page-token"
 
-
-@pytest.fixture
-def replicas(tmp_path: Path, redis_url: str, election_name: str) -> Iterator[Replicas]:
-    procs = Replicas(tmp_path, redis_url, election_name)
-    try:
-        yield procs
-    finally:
-        procs.stop()
-        print(procs.logs())  # shown by pytest only when the test failed
 
 
 def get(port: int, path: str, token: str | None = TOKEN) -> tuple[int, str]:

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -21,15 +19,6 @@ from tests.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
-
-@pytest.fixture
-def replicas(tmp_path: Path, redis_url: str, election_name: str) -> Iterator[Replicas]:
-    procs = Replicas(tmp_path, redis_url, election_name)
-    try:
-        yield procs
-    finally:
-        procs.stop()
-        print(procs.logs())  # shown by pytest only when the test failed
 
 
 def test_a_paused_beat_exits_within_seconds_of_sigcont_then_sigterm(

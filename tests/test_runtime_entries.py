@@ -260,15 +260,6 @@ def test_cli_schedule_table_and_commands_on_beat_schedule_entries(
 # ---------------------------------------------------------------- live replicas
 
 
-@pytest.fixture
-def replicas(tmp_path: Path, redis_url: str, election_name: str) -> Iterator[Replicas]:
-    procs = Replicas(tmp_path, redis_url, election_name)
-    try:
-        yield procs
-    finally:
-        procs.stop()
-        print(procs.logs())  # shown by pytest only when the test failed
-
 
 def label_ticks(r: Replicas, label: str) -> list[dict[str, Any]]:
     return [t for t in r.ticks() if t["label"] == label]

@@ -22,8 +22,6 @@ from __future__ import annotations
 import json
 import signal
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -33,16 +31,6 @@ pytestmark = pytest.mark.integration
 
 STEADY = 2.5  # seconds of normal operation after each fail-over
 
-
-@pytest.fixture
-def replicas(tmp_path: Path, redis_url: str, election_name: str) -> Iterator[Replicas]:
-    procs = Replicas(tmp_path, redis_url, election_name)
-    try:
-        yield procs
-    finally:
-        procs.stop()
-        # Shown by pytest only when the test failed.
-        print(procs.logs())
 
 
 def fail_over(r: Replicas, election: str, fault: str, log: list[str]) -> Proc:

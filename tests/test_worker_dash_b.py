@@ -8,7 +8,6 @@ leader's dispatcher (three runs per fire time with two replicas).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,15 +21,6 @@ BOOT = 45.0  # two interpreters importing Celery on a loaded 2-core machine
 EXPECTED = ("celery-leader: configuration error: celery worker -B starts Celery's own beat "
             "beside celery-leader's dispatcher (leader_beat is on)")
 
-
-@pytest.fixture
-def replicas(tmp_path: Path, redis_url: str, election_name: str) -> Iterator[Replicas]:
-    procs = Replicas(tmp_path, redis_url, election_name)
-    try:
-        yield procs
-    finally:
-        procs.stop()
-        print(procs.logs())  # shown by pytest only when the test failed
 
 
 def test_worker_dash_b_with_the_leader_dispatcher_refuses_to_start(
