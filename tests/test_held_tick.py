@@ -46,19 +46,26 @@ def fire_ms(record: dict[str, Any]) -> int:
     return round(datetime.fromisoformat(record["fire_time"]).timestamp() * 1000)
 
 
+def busy_worker(r: Replicas) -> Any:
+    """A beat dispatching, and a one-process worker busy with a long task: the next
+    tick it takes from the queue waits, held, behind that task."""
+    r.beat()
+    busy = r.worker("-c", "1")
+    r.wait_workers_ready()
+    r.wait_ticks(1, label="every-2s", timeout=60)
+    sent = r.celery("call", "tests.apps.held_tick_app.block", "--args", "[600]")
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    wait_until(lambda: r.client.lrange("test:blocked", 0, -1), 20,
+               "the busy worker to start its long task", r.logs)
+    return busy
+
+
 def test_a_tick_held_by_a_killed_worker_runs_once_after_the_visibility_timeout(
         tmp_path: Path, redis_url: str, election_name: str) -> None:
     r = Replicas(tmp_path, redis_url, election_name, app="tests.apps.held_tick_app",
                  env={"VISIBILITY_TIMEOUT": str(VISIBILITY_TIMEOUT)})
     try:
-        r.beat()
-        busy = r.worker("-c", "1")
-        r.wait_workers_ready()
-        r.wait_ticks(1, label="every-2s", timeout=60)
-        sent = r.celery("call", "tests.apps.held_tick_app.block", "--args", "[600]")
-        assert sent.returncode == 0, sent.stdout + sent.stderr
-        wait_until(lambda: r.client.lrange("test:blocked", 0, -1), 20,
-                   "the busy worker to start its long task", r.logs)
+        busy = busy_worker(r)
         tick, delivered_at = wait_until(lambda: held_tick(r.client), 20,
                                         "the busy worker to hold a tick", r.logs)
         busy.signal(signal.SIGKILL)
@@ -105,14 +112,7 @@ def test_a_tick_held_by_a_killed_worker_runs_once_on_rabbitmq(
     r = Replicas(tmp_path, redis_url, election_name, app="tests.apps.held_tick_app",
                  env={"VISIBILITY_TIMEOUT": str(VISIBILITY_TIMEOUT), "BROKER_URL": rabbitmq_url})
     try:
-        r.beat()
-        busy = r.worker("-c", "1")
-        r.wait_workers_ready()
-        r.wait_ticks(1, label="every-2s", timeout=60)
-        sent = r.celery("call", "tests.apps.held_tick_app.block", "--args", "[600]")
-        assert sent.returncode == 0, sent.stdout + sent.stderr
-        wait_until(lambda: r.client.lrange("test:blocked", 0, -1), 20,
-                   "the busy worker to start its long task", r.logs)
+        busy = busy_worker(r)
         ran = {fire_ms(t) for t in r.ticks()}
 
         def held() -> str | None:
