@@ -522,7 +522,9 @@ class ScheduleRunner:
         source_version = self.source.version() if self.source is not None else None
         loaded: Loaded | None = self._load_in_term(started_at, None, term)
         next_check = time.monotonic() + self.settings.retry_period
-        forget_at = time.monotonic()
+        # Not before the new leadership's first dispatch and catch-up: the sweep
+        # reads every entry's name, which a fail-over at 100k entries must not wait on.
+        forget_at = time.monotonic() + self.settings.lease_duration
         while loaded is not None and not stop.is_set():
             changed = False  # the entries: runtime ones or overrides, or the source's
             if time.monotonic() >= forget_at:
